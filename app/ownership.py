@@ -1,0 +1,369 @@
+"""Who holds which prefix: the `OwnershipStore` protocol, in memory and in Redis.
+
+Records (both stores):
+    conversation_key -> (backend, prompt tokens it has seen)   refreshed on use, idle TTL
+    system_key       -> {backend: last used}                    the homes of a system prompt
+A first claim is atomic (`SET NX` in Redis), so router replicas sharing one Redis agree on an owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from app.config import redact_url
+from app.prefix import PrefixKeys
+from app.routing import Ownership
+
+log = logging.getLogger("kvroute.ownership")
+
+MAX_SYSTEM_HOMES = 4
+
+
+class OwnershipStore(Protocol):
+    async def lookup(self, keys: PrefixKeys) -> Ownership: ...
+
+    async def record(self, keys: PrefixKeys, backend: str, tokens: int, *, claim: bool) -> str:
+        """Make `backend` the owner (or, with `claim`, only if there is none); return the owner."""
+        ...
+
+    async def forget_backend(self, backend: str) -> None: ...
+
+    def owned_counts(self) -> dict[str, int]: ...
+
+    def describe(self) -> dict[str, object]: ...
+
+
+@dataclass(slots=True)
+class _Owner:
+    backend: str
+    tokens: int
+    expires_s: float
+
+
+class MemoryStore:
+    """Process-local ownership with idle expiry and an LRU bound on the number of keys."""
+
+    def __init__(
+        self,
+        ttl_s: float,
+        *,
+        max_keys: int = 1_000_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.max_keys = max_keys
+        self._clock = clock
+        self._owners: OrderedDict[str, _Owner] = OrderedDict()
+        self._systems: OrderedDict[str, dict[str, float]] = OrderedDict()
+        self._counts: dict[str, int] = {}
+
+    def lookup_now(self, keys: PrefixKeys) -> Ownership:
+        now = self._clock()
+        self._expire(now)
+        owner = self._owners.get(keys.conversation)
+        homes = self._systems.get(keys.system)
+        holders: tuple[str, ...] = ()
+        if homes:
+            live = [(t, b) for b, t in homes.items() if t > now]
+            holders = tuple(b for _, b in sorted(live, reverse=True))
+        if owner is None:
+            return Ownership(system_holders=holders)
+        return Ownership(owner=owner.backend, owner_tokens=owner.tokens, system_holders=holders)
+
+    async def lookup(self, keys: PrefixKeys) -> Ownership:
+        return self.lookup_now(keys)
+
+    def record_now(self, keys: PrefixKeys, backend: str, tokens: int, *, claim: bool) -> str:
+        now = self._clock()
+        expires = now + self.ttl_s
+        current = self._owners.get(keys.conversation)
+        if claim and current is not None and current.expires_s > now:
+            return current.backend
+        if current is not None:
+            self._counts[current.backend] -= 1
+        self._owners[keys.conversation] = _Owner(backend, tokens, expires)
+        self._owners.move_to_end(keys.conversation)
+        self._counts[backend] = self._counts.get(backend, 0) + 1
+        homes = self._systems.setdefault(keys.system, {})
+        homes[backend] = expires
+        if len(homes) > MAX_SYSTEM_HOMES:
+            del homes[min(homes, key=homes.__getitem__)]
+        self._systems.move_to_end(keys.system)
+        self._trim()
+        return backend
+
+    async def record(self, keys: PrefixKeys, backend: str, tokens: int, *, claim: bool) -> str:
+        return self.record_now(keys, backend, tokens, claim=claim)
+
+    async def forget_backend(self, backend: str) -> None:
+        for key in [k for k, o in self._owners.items() if o.backend == backend]:
+            del self._owners[key]
+        for homes in self._systems.values():
+            homes.pop(backend, None)
+        self._counts.pop(backend, None)
+
+    def owned_counts(self) -> dict[str, int]:
+        return {b: n for b, n in self._counts.items() if n > 0}
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": "memory", "keys": len(self._owners), "system_keys": len(self._systems)}
+
+    def _expire(self, now: float) -> None:
+        # Refreshed keys move to the end, so expired ones gather at the front.
+        while self._owners:
+            key, owner = next(iter(self._owners.items()))
+            if owner.expires_s > now:
+                break
+            del self._owners[key]
+            self._counts[owner.backend] -= 1
+        while self._systems:
+            key, homes = next(iter(self._systems.items()))
+            if max(homes.values(), default=0.0) > now:
+                break
+            del self._systems[key]
+
+    def _trim(self) -> None:
+        while len(self._owners) > self.max_keys:
+            _, owner = self._owners.popitem(last=False)
+            self._counts[owner.backend] -= 1
+        while len(self._systems) > self.max_keys:
+            self._systems.popitem(last=False)
+
+
+# Record one use: claim the conversation key (only if free when `claim`), else take it over;
+# add the backend to the system prompt's homes; refresh both TTLs. Returns the owner record.
+_RECORD_SCRIPT = """
+local value = ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[5]
+local owner = value
+if ARGV[4] == '1' then
+  if not redis.call('SET', KEYS[1], value, 'NX', 'PX', ARGV[3]) then
+    owner = redis.call('GET', KEYS[1])
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  end
+else
+  redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return owner
+"""
+
+
+def _parse_owner(value: object) -> tuple[str, int, int] | None:
+    """`backend|tokens|claimed_ms` -> parts, or None for a missing or foreign value."""
+    if isinstance(value, bytes):
+        value = value.decode()
+    if not isinstance(value, str):
+        return None
+    parts = value.split("|")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return parts[0], int(parts[1]), int(parts[2])
+
+
+class RedisStore:
+    """Ownership shared through Redis, with memory as the fallback and a short read-through cache.
+
+    On the request path: a look-up is one pipelined round trip, or none when the key was seen in
+    the last `cache_s`. Records are written by one background task in pipelined batches. When Redis
+    errs or takes longer than `timeout_s`, that request is served from memory, the fallback is
+    counted, and Redis is tried again after `retry_s`. No request ever fails because of Redis.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl_s: float,
+        timeout_s: float,
+        retry_s: float,
+        cache_s: float = 1.0,
+        prefix: str = "kvroute:",
+        clock: Callable[[], float] = time.monotonic,
+        wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        import redis.asyncio as redis_asyncio
+
+        self._redis = redis_asyncio.Redis.from_url(
+            url,
+            socket_timeout=max(timeout_s * 4, 0.5),
+            socket_connect_timeout=max(timeout_s * 4, 0.5),
+        )
+        self.url = url
+        self.ttl_ms = int(ttl_s * 1000)
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.cache_s = cache_s
+        self.prefix = prefix
+        self._clock = clock
+        self._wall_ms = wall_ms
+        self.memory = MemoryStore(ttl_s, clock=clock)
+        self._cache: OrderedDict[str, tuple[float, Ownership]] = OrderedDict()
+        self._forgotten_ms: dict[str, int] = {}  # backend -> wall ms of its restart
+        self._queue: asyncio.Queue[tuple[PrefixKeys, str, int, bool]] = asyncio.Queue(
+            maxsize=100_000
+        )
+        self._writer: asyncio.Task[None] | None = None
+        self._script = self._redis.register_script(_RECORD_SCRIPT)
+        self.down_until = 0.0
+        self.fallbacks = 0
+        self.errors = 0
+        self.last_error = ""
+
+    # --- state ---------------------------------------------------------------------------
+    def is_up(self) -> bool:
+        return self._clock() >= self.down_until
+
+    def _failed(self, exc: BaseException) -> None:
+        was_up = self.down_until == 0.0
+        self.errors += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.down_until = self._clock() + self.retry_s
+        if was_up:
+            log.warning(
+                "Redis at %s failed (%s): ownership served from memory, retrying every %.0f s",
+                redact_url(self.url),
+                self.last_error,
+                self.retry_s,
+            )
+
+    def _succeeded(self) -> None:
+        if self.down_until != 0.0:
+            log.info("Redis at %s is back: ownership shared again", redact_url(self.url))
+            self.down_until = 0.0
+
+    # --- OwnershipStore --------------------------------------------------------------------
+    async def lookup(self, keys: PrefixKeys) -> Ownership:
+        now = self._clock()
+        if now < self.down_until:
+            self.fallbacks += 1
+            return self.memory.lookup_now(keys)
+        cached = self._cache.get(keys.conversation)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.get(self.prefix + "c:" + keys.conversation)
+                    pipe.hgetall(self.prefix + "s:" + keys.system)
+                    owner_value, homes = await pipe.execute()
+        except Exception as exc:  # any Redis trouble: serve from memory
+            self._failed(exc)
+            self.fallbacks += 1
+            return self.memory.lookup_now(keys)
+        self._succeeded()
+        ownership = self._ownership(owner_value, homes)
+        self._remember(keys.conversation, ownership, now)
+        return ownership
+
+    def _ownership(self, owner_value: object, homes: object) -> Ownership:
+        holders: list[tuple[int, str]] = []
+        if isinstance(homes, dict):
+            for raw_backend, raw_ms in homes.items():
+                backend = (
+                    raw_backend.decode() if isinstance(raw_backend, bytes) else str(raw_backend)
+                )
+                try:
+                    ms = int(raw_ms)
+                except ValueError:
+                    continue
+                if ms > self._forgotten_ms.get(backend, -1):
+                    holders.append((ms, backend))
+        system_holders = tuple(b for _, b in sorted(holders, reverse=True)[:MAX_SYSTEM_HOMES])
+        parsed = _parse_owner(owner_value)
+        if parsed is None or parsed[2] <= self._forgotten_ms.get(parsed[0], -1):
+            return Ownership(system_holders=system_holders)
+        return Ownership(owner=parsed[0], owner_tokens=parsed[1], system_holders=system_holders)
+
+    def _remember(self, conversation: str, ownership: Ownership, now: float) -> None:
+        self._cache[conversation] = (now + self.cache_s, ownership)
+        self._cache.move_to_end(conversation)
+        while len(self._cache) > 100_000:
+            self._cache.popitem(last=False)
+
+    async def record(self, keys: PrefixKeys, backend: str, tokens: int, *, claim: bool) -> str:
+        owner = self.memory.record_now(keys, backend, tokens, claim=claim)
+        cached = self._cache.get(keys.conversation)
+        holders = cached[1].system_holders if cached else ()
+        if backend not in holders:
+            holders = (backend, *holders)[:MAX_SYSTEM_HOMES]
+        self._remember(
+            keys.conversation,
+            Ownership(owner=owner, owner_tokens=tokens, system_holders=holders),
+            self._clock(),
+        )
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_loop())
+        with contextlib.suppress(asyncio.QueueFull):  # memory already has it
+            self._queue.put_nowait((keys, backend, tokens, claim))
+        return owner
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty() and len(batch) < 512:
+                batch.append(self._queue.get_nowait())
+            if not self.is_up():
+                continue  # memory holds these; Redis catches up on the next uses
+            try:
+                async with asyncio.timeout(max(self.timeout_s * 10, 1.0)):
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for keys, backend, tokens, claim in batch:
+                            await self._script(
+                                keys=[
+                                    self.prefix + "c:" + keys.conversation,
+                                    self.prefix + "s:" + keys.system,
+                                ],
+                                args=[
+                                    backend,
+                                    tokens,
+                                    self.ttl_ms,
+                                    "1" if claim else "0",
+                                    self._wall_ms(),
+                                ],
+                                client=pipe,
+                            )
+                        results = await pipe.execute()
+            except Exception as exc:  # any Redis trouble: memory keeps serving
+                self._failed(exc)
+                continue
+            self._succeeded()
+            for (keys, backend, _tokens, claim), result in zip(batch, results, strict=True):
+                parsed = _parse_owner(result)
+                if claim and parsed is not None and parsed[0] != backend:
+                    # Another replica claimed this conversation first: follow it.
+                    self.memory.record_now(keys, parsed[0], parsed[1], claim=False)
+                    self._cache.pop(keys.conversation, None)
+
+    async def forget_backend(self, backend: str) -> None:
+        self._forgotten_ms[backend] = self._wall_ms()
+        self._cache.clear()
+        await self.memory.forget_backend(backend)
+
+    def owned_counts(self) -> dict[str, int]:
+        return self.memory.owned_counts()
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "kind": "redis",
+            "url": redact_url(self.url),
+            "state": "up" if self.is_up() else "down (serving from memory)",
+            "fallbacks": self.fallbacks,
+            "errors": self.errors,
+            "last_error": self.last_error or None,
+            "local_keys": self.memory.describe()["keys"],
+        }
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._writer
+        await self._redis.aclose()

@@ -1,0 +1,190 @@
+"""Backend selection: policies are pure functions of (request, backends, ownership).
+
+`StickyBounded` is the default: one cost for every candidate, no mode switches,
+
+    cost(b) = w_prefill * (prompt_tokens - cached(b)) + w_load * load(b)
+    load(b) = in-flight dispatched by this router + w_waiting * vLLM's waiting queue
+
+where cached(b) is what b is believed to hold (the conversation's previous prompt if b owns the
+conversation, else the system prompt if b holds it). A backend whose load would pass
+max(load_cap_factor * mean, load_cap_floor) is not a candidate (bounded loads), and ties go to the
+highest rendezvous hash of the conversation key, so adding or removing a backend moves few keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from app.backends import BackendView
+from app.prefix import PrefixKeys
+
+CacheOutcome = Literal["hit", "miss", "spill", "reassigned"]
+Affinity = Literal["conversation", "system", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    model: str
+    keys: PrefixKeys
+    prompt_tokens: int  # estimated
+    system_tokens: int  # estimated
+
+
+@dataclass(frozen=True, slots=True)
+class Ownership:
+    """What the ownership store knows about a request's keys."""
+
+    owner: str | None = None  # backend that owns the conversation key
+    owner_tokens: int = 0  # prompt tokens it has seen of this conversation
+    system_holders: tuple[str, ...] = ()  # backends that hold the system prompt
+
+
+NO_OWNERSHIP = Ownership()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    backend: str
+    outcome: CacheOutcome
+    affinity: Affinity
+    cached_tokens: int  # the router's estimate of what `backend` holds for this request
+
+
+@dataclass(frozen=True, slots=True)
+class CostWeights:
+    w_prefill: float = 1.0
+    w_load: float = 256.0
+    w_waiting: float = 2.0
+    cap_factor: float = 1.25
+    cap_floor: float = 4.0
+
+
+class Policy(Protocol):
+    """Picks one backend among `candidates` (healthy, serving the model, not yet tried)."""
+
+    def choose(
+        self, request: RouteRequest, candidates: Sequence[BackendView], ownership: Ownership
+    ) -> Decision: ...
+
+
+def candidates_for(
+    snapshot: Sequence[BackendView], model: str, exclude: frozenset[str] = frozenset()
+) -> list[BackendView]:
+    return [b for b in snapshot if b.healthy and b.serves(model) and b.name not in exclude]
+
+
+def rendezvous(key: str, backend: str) -> int:
+    digest = hashlib.blake2b(f"{key}|{backend}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def outcome_for(
+    ownership: Ownership, chosen: str, candidates: Sequence[BackendView]
+) -> CacheOutcome:
+    if ownership.owner is None:
+        return "miss"
+    if ownership.owner == chosen:
+        return "hit"
+    if any(b.name == ownership.owner for b in candidates):
+        return "spill"
+    return "reassigned"
+
+
+def _affinity(ownership: Ownership, chosen: str) -> Affinity:
+    if ownership.owner == chosen:
+        return "conversation"
+    if chosen in ownership.system_holders:
+        return "system"
+    return "none"
+
+
+def _cached(request: RouteRequest, ownership: Ownership, backend: str) -> int:
+    if ownership.owner == backend:
+        return min(ownership.owner_tokens, request.prompt_tokens)
+    if backend in ownership.system_holders:
+        return min(request.system_tokens, request.prompt_tokens)
+    return 0
+
+
+class StickyBounded:
+    def __init__(self, weights: CostWeights) -> None:
+        self.weights = weights
+
+    def load(self, backend: BackendView) -> float:
+        return backend.in_flight + self.weights.w_waiting * backend.waiting
+
+    def choose(
+        self, request: RouteRequest, candidates: Sequence[BackendView], ownership: Ownership
+    ) -> Decision:
+        w = self.weights
+        loads = [self.load(b) for b in candidates]
+        cap = max(w.cap_factor * (sum(loads) + 1) / len(candidates), w.cap_floor)
+        eligible = [(b, load) for b, load in zip(candidates, loads, strict=True) if load + 1 <= cap]
+        if not eligible:  # everyone is over the cap: the least loaded takes it
+            least = min(loads)
+            eligible = [
+                (b, load) for b, load in zip(candidates, loads, strict=True) if load == least
+            ]
+        key = request.keys.conversation
+
+        def score(item: tuple[BackendView, float]) -> tuple[float, int]:
+            backend, load = item
+            cached = _cached(request, ownership, backend.name)
+            cost = w.w_prefill * (request.prompt_tokens - cached) + w.w_load * load
+            return (cost, -rendezvous(key, backend.name))
+
+        chosen = min(eligible, key=score)[0].name
+        return Decision(
+            backend=chosen,
+            outcome=outcome_for(ownership, chosen, candidates),
+            affinity=_affinity(ownership, chosen),
+            cached_tokens=_cached(request, ownership, chosen),
+        )
+
+
+class LeastLoaded:
+    """Fewest in-flight requests; ties by rendezvous hash of the key (baseline policy)."""
+
+    def choose(
+        self, request: RouteRequest, candidates: Sequence[BackendView], ownership: Ownership
+    ) -> Decision:
+        key = request.keys.conversation
+        chosen = min(candidates, key=lambda b: (b.in_flight, -rendezvous(key, b.name))).name
+        return Decision(
+            backend=chosen,
+            outcome=outcome_for(ownership, chosen, candidates),
+            affinity=_affinity(ownership, chosen),
+            cached_tokens=_cached(request, ownership, chosen),
+        )
+
+
+class RoundRobin:
+    """Each backend in turn (baseline policy)."""
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def choose(
+        self, request: RouteRequest, candidates: Sequence[BackendView], ownership: Ownership
+    ) -> Decision:
+        chosen = candidates[next(self._counter) % len(candidates)].name
+        return Decision(
+            backend=chosen,
+            outcome=outcome_for(ownership, chosen, candidates),
+            affinity=_affinity(ownership, chosen),
+            cached_tokens=_cached(request, ownership, chosen),
+        )
+
+
+def make_policy(name: str, weights: CostWeights) -> Policy:
+    if name == "sticky":
+        return StickyBounded(weights)
+    if name == "least_loaded":
+        return LeastLoaded()
+    if name == "round_robin":
+        return RoundRobin()
+    raise ValueError(f"unknown routing policy {name!r}")

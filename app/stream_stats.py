@@ -1,0 +1,195 @@
+"""SSE scanner for relayed streams, and the `router.stream_stats` event (sans-IO).
+
+`StreamScanner.feed(bytes)` returns the bytes to forward now: whole events, untouched, minus the
+usage chunk the router injected (when the client did not ask for it) and minus `data: [DONE]`,
+which the proxy sends itself after the stats event. Chunks are not JSON-decoded: the first content
+chunk is found by a byte pattern, the usage chunk by its shape (`"choices":[]` and `"usage"`); only
+the first event (for id/created/model) and the usage chunk are parsed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+EVENT_END = b"\n\n"
+DONE_EVENT = b"data: [DONE]\n\n"
+# A delta or text that carries something: content, reasoning, tool calls, or completion text.
+_CONTENT_MARKERS = (
+    b'"content":"',
+    b'"text":"',
+    b'"reasoning_content":"',
+    b'"reasoning":"',
+    b'"tool_calls":[{',
+)
+
+TokenSource = Literal["backend", "estimate"]
+
+
+def _has_content(event: bytes) -> bool:
+    for marker in _CONTENT_MARKERS:
+        pos = event.find(marker)
+        # An empty string ("content":"") is vLLM's role-only first chunk, not content.
+        if pos >= 0 and event[pos + len(marker) : pos + len(marker) + 1] != b'"':
+            return True
+    return False
+
+
+def _payload(event: bytes) -> Any:
+    start = event.find(b"data:")
+    if start < 0:
+        return None
+    try:
+        return orjson.loads(event[start + 5 :].strip())
+    except orjson.JSONDecodeError:
+        return None
+
+
+class StreamScanner:
+    def __init__(
+        self, *, strip_usage: bool, start_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.strip_usage = strip_usage
+        self.start_s = start_s
+        self._clock = clock
+        self._tail = b""
+        self.meta: dict[str, Any] | None = None  # id, created, model, object of the stream
+        self.first_content_s: float | None = None
+        self.last_content_s: float | None = None
+        self.content_events = 0
+        self.usage: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        self.done = False
+        self.bytes_in = 0
+
+    def feed(self, data: bytes) -> bytes:
+        self.bytes_in += len(data)
+        buffer = self._tail + data if self._tail else data
+        end = buffer.rfind(EVENT_END)
+        if end < 0:
+            self._tail = buffer
+            return b""
+        complete = buffer[: end + 2]
+        self._tail = buffer[end + 2 :]
+        if complete.count(EVENT_END) == 1:
+            return complete if self._inspect(complete) else b""
+        kept = [event + EVENT_END for event in complete.split(EVENT_END)[:-1]]
+        flags = [self._inspect(event) for event in kept]
+        if all(flags):
+            return complete
+        return b"".join(event for event, keep in zip(kept, flags, strict=True) if keep)
+
+    def flush(self) -> bytes:
+        """What is left when upstream ends (an event without its blank line)."""
+        tail, self._tail = self._tail, b""
+        if tail.strip() and self._inspect(tail):
+            return tail if tail.endswith(EVENT_END) else tail.rstrip(b"\n") + EVENT_END
+        return b""
+
+    def _inspect(self, event: bytes) -> bool:
+        """Record what the event says; return whether to forward it."""
+        if event.startswith(b"data: [DONE]"):
+            self.done = True
+            return False
+        if self.meta is None:
+            payload = _payload(event)
+            if isinstance(payload, dict) and "error" not in payload:
+                self.meta = {k: payload.get(k) for k in ("id", "created", "model", "object")}
+        if b'"choices":[]' in event and b'"usage"' in event:
+            payload = _payload(event)
+            if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
+                self.usage = payload["usage"]
+                return not self.strip_usage
+        if event.startswith(b'data: {"error"'):
+            payload = _payload(event)
+            if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+                self.error = payload["error"]
+            return True
+        if self.first_content_s is None:
+            if _has_content(event):
+                self.first_content_s = self.last_content_s = self._clock()
+                self.content_events = 1
+        elif b'"choices":[{' in event:
+            self.content_events += 1
+            self.last_content_s = self._clock()
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFigures:
+    ttft_ms: float | None
+    tps: float | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    novel_tokens: int
+    token_source: TokenSource
+
+
+def usage_figures(usage: dict[str, Any]) -> tuple[int, int, int]:
+    """(prompt, completion, cached) from an OpenAI usage object; missing details mean 0 cached."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    return (
+        prompt if isinstance(prompt, int) else 0,
+        completion if isinstance(completion, int) else 0,
+        cached if isinstance(cached, int) else 0,
+    )
+
+
+def figures(
+    scanner: StreamScanner, *, estimated_prompt_tokens: int, estimated_cached_tokens: int
+) -> StreamFigures:
+    """Exact figures from vLLM's usage chunk when it came, else the router's estimates."""
+    ttft_ms = None
+    if scanner.first_content_s is not None:
+        ttft_ms = round((scanner.first_content_s - scanner.start_s) * 1000, 3)
+    if scanner.usage is not None:
+        prompt, completion, cached = usage_figures(scanner.usage)
+        source: TokenSource = "backend"
+    else:
+        prompt, completion = estimated_prompt_tokens, scanner.content_events
+        cached = min(estimated_cached_tokens, prompt)
+        source = "estimate"
+    tps = None
+    if scanner.first_content_s is not None and scanner.last_content_s is not None:
+        span = scanner.last_content_s - scanner.first_content_s
+        if span > 0 and completion > 1:
+            tps = round((completion - 1) / span, 2)
+    return StreamFigures(
+        ttft_ms=ttft_ms,
+        tps=tps,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cached_tokens=cached,
+        novel_tokens=max(prompt - cached, 0),
+        token_source=source,
+    )
+
+
+def render_stats_event(
+    meta: dict[str, Any] | None, default_object: str, stats: dict[str, Any]
+) -> bytes:
+    """The extra event, shaped as a chunk (same id/created/model, `choices: []`) for OpenAI clients."""
+    meta = meta or {}
+    body: dict[str, Any] = {
+        "id": meta.get("id") or "",
+        "object": meta.get("object") or default_object,
+        "created": meta.get("created") or int(time.time()),
+        "model": meta.get("model") or "",
+        "choices": [],
+        "router_stats": stats,
+    }
+    return b"event: router.stream_stats\ndata: " + orjson.dumps(body) + EVENT_END
+
+
+def render_error_event(message: str, *, code: int = 502, type_: str = "upstream_error") -> bytes:
+    """An OpenAI-style error event for failures after the first byte (vLLM sends the same shape)."""
+    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return b"data: " + orjson.dumps(body) + EVENT_END

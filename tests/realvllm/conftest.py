@@ -1,0 +1,30 @@
+"""Real vLLM servers for tests/realvllm: built once per machine, started once per test run.
+
+Every test here gets the `realvllm` marker (deselect with `-m "not realvllm"`). Nothing is
+skipped: a missing torch +cpu wheel or a server that does not start fails the tests, loudly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.devtools.realvllm import RealVllmServers, serving_pair
+
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.is_relative_to(HERE):
+            item.add_marker(pytest.mark.realvllm)
+
+
+@pytest.fixture(scope="session")
+def real_vllm_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealVllmServers]:
+    """Two real vLLM servers (the second with --max-num-seqs 4) serving the tiny model."""
+    log_dir = tmp_path_factory.mktemp("vllm-logs")
+    with serving_pair(log_dir=log_dir, timeout_s=360.0) as servers:
+        yield servers

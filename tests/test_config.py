@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+
+from app.config import Settings, SettingsError, load_settings
+
+
+def test_backend_urls_from_comma_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BACKEND_URLS", " http://a:8000/ , http://b:8000")
+    monkeypatch.setenv("SERVED_MODEL", "llama")
+    s = load_settings()
+    assert s.backend_urls == ["http://a:8000", "http://b:8000"]
+    assert s.served_model == "llama" and s.port == 8080
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "named"),
+    [
+        ("BACKEND_URLS", "a:8000", "BACKEND_URLS"),
+        ("PORT", "eighty", "PORT"),
+        ("POOL_IDLE_TIMEOUT_S", "6", "POOL_IDLE_TIMEOUT_S"),
+        ("REDIS_URL", "http://x", "REDIS_URL"),
+        ("ROUTING_POLICY", "random", "ROUTING_POLICY"),
+    ],
+)
+def test_bad_setting_is_named_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, named: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert str(info.value).startswith(f"invalid setting {named}:")
+    assert "\n" not in str(info.value)
+
+
+def test_missing_backends_is_explained() -> None:
+    with pytest.raises(SettingsError, match="BACKEND_URLS is not set"):
+        Settings(backend_urls=[]).require_backends()
+
+
+def test_public_view_hides_secrets() -> None:
+    s = Settings(
+        backend_urls=["http://u:pw@a:1"],
+        backend_api_key="sk-secret",
+        redis_url="redis://:pw@r:6379/0",
+    )
+    text = repr(s.public_view())
+    assert "sk-secret" not in text and "pw" not in text

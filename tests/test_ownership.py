@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from app.ownership import MemoryStore
+from app.prefix import PrefixKeys
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def keys(conv: str, system: str = "s") -> PrefixKeys:
+    return PrefixKeys(conversation=conv, system=system, prompt_chars=0, system_chars=0)
+
+
+async def test_first_claim_wins_and_refresh_moves() -> None:
+    store = MemoryStore(ttl_s=10)
+    assert await store.record(keys("a"), "b0", 100, claim=True) == "b0"
+    assert await store.record(keys("a"), "b1", 100, claim=True) == "b0"
+    found = await store.lookup(keys("a"))
+    assert (found.owner, found.owner_tokens) == ("b0", 100)
+    assert await store.record(keys("a"), "b1", 200, claim=False) == "b1"
+    assert store.owned_counts() == {"b1": 1}
+
+
+async def test_idle_keys_expire_and_use_refreshes() -> None:
+    clock = Clock()
+    store = MemoryStore(ttl_s=10, clock=clock)
+    await store.record(keys("a"), "b0", 1, claim=True)
+    await store.record(keys("b", "s2"), "b1", 1, claim=True)
+    clock.t += 8
+    await store.record(keys("a"), "b0", 1, claim=False)  # refresh a only
+    clock.t += 5
+    assert (await store.lookup(keys("a"))).owner == "b0"
+    assert (await store.lookup(keys("b", "s2"))).owner is None
+    assert store.owned_counts() == {"b0": 1}
+    clock.t += 11
+    assert (await store.lookup(keys("a"))).owner is None
+    assert (await store.lookup(keys("a"))).system_holders == ()
+
+
+async def test_system_prompt_gets_several_homes() -> None:
+    clock = Clock()
+    store = MemoryStore(ttl_s=10, clock=clock)
+    await store.record(keys("a"), "b0", 1, claim=True)
+    clock.t += 1
+    await store.record(keys("b"), "b1", 1, claim=True)
+    found = await store.lookup(keys("c"))
+    assert found.owner is None and found.system_holders == ("b1", "b0")
+
+
+async def test_forget_backend_drops_its_keys() -> None:
+    store = MemoryStore(ttl_s=10)
+    await store.record(keys("a"), "b0", 1, claim=True)
+    await store.record(keys("b"), "b1", 1, claim=True)
+    await store.forget_backend("b0")
+    assert (await store.lookup(keys("a"))).owner is None
+    assert (await store.lookup(keys("a"))).system_holders == ("b1",)
+    assert store.owned_counts() == {"b1": 1}
+
+
+async def test_key_count_is_bounded() -> None:
+    store = MemoryStore(ttl_s=10, max_keys=3)
+    for i in range(10):
+        await store.record(keys(f"k{i}", f"s{i}"), "b0", 1, claim=True)
+    assert store.describe()["keys"] == 3
+    assert store.owned_counts() == {"b0": 3}
+    assert (await store.lookup(keys("k9", "s9"))).owner == "b0"

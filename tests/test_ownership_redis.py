@@ -1,0 +1,132 @@
+"""RedisStore against a real Redis server (`KVROUTE_TEST_REDIS_URL`, default db 13 on :6379)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+
+from app.ownership import RedisStore
+from app.prefix import PrefixKeys
+from tests.conftest import missing_service
+from tests.integration.redis_server import RedisProcess, free_port
+
+REDIS_URL = os.environ.get("KVROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+pytestmark = pytest.mark.redis
+
+
+def keys(conv: str, system: str = "sys") -> PrefixKeys:
+    return PrefixKeys(conversation=conv, system=system, prompt_chars=0, system_chars=0)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.flushdb()
+    except redis.ConnectionError as exc:
+        missing_service(f"no Redis at {REDIS_URL} ({exc}); start one or set KVROUTE_TEST_REDIS_URL")
+    return REDIS_URL
+
+
+@pytest.fixture
+async def replicas(redis_url: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    a = RedisStore(redis_url, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=0.0)
+    b = RedisStore(redis_url, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=0.0)
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+async def settle(*stores: RedisStore) -> None:
+    for store in stores:
+        for _ in range(200):
+            if store._queue.empty():
+                break
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.02)
+
+
+async def test_two_replicas_agree_on_the_owner(replicas: tuple[RedisStore, RedisStore]) -> None:
+    a, b = replicas
+    await a.record(keys("conv1"), "b2", 500, claim=True)
+    await settle(a)
+    seen = await b.lookup(keys("conv1"))
+    assert (seen.owner, seen.owner_tokens, seen.system_holders) == ("b2", 500, ("b2",))
+
+
+async def test_first_claim_is_atomic(replicas: tuple[RedisStore, RedisStore]) -> None:
+    a, b = replicas
+    # Both replicas claim the same new key for different backends at the same time.
+    await asyncio.gather(
+        a.record(keys("race"), "b0", 1, claim=True), b.record(keys("race"), "b1", 1, claim=True)
+    )
+    await settle(a, b)
+    owner_a = (await a.lookup(keys("race"))).owner
+    owner_b = (await b.lookup(keys("race"))).owner
+    assert owner_a == owner_b and owner_a in {"b0", "b1"}
+    # The loser follows the winner in its own memory too (its fallback view).
+    assert (
+        a.memory.lookup_now(keys("race")).owner
+        == b.memory.lookup_now(keys("race")).owner
+        == owner_a
+    )
+
+
+async def test_takeover_and_ttl(redis_url: str) -> None:
+    store = RedisStore(redis_url, ttl_s=0.3, timeout_s=0.5, retry_s=0.2, cache_s=0.0)
+    await store.record(keys("k"), "b0", 1, claim=True)
+    await store.record(keys("k"), "b1", 2, claim=False)
+    await settle(store)
+    assert (await store.lookup(keys("k"))).owner == "b1"
+    await asyncio.sleep(0.5)
+    assert (await store.lookup(keys("k"))).owner is None
+    await store.close()
+
+
+async def test_restarted_backend_loses_its_keys(replicas: tuple[RedisStore, RedisStore]) -> None:
+    a, _ = replicas
+    await a.record(keys("k"), "b0", 1, claim=True)
+    await settle(a)
+    await asyncio.sleep(0.01)
+    await a.forget_backend("b0")
+    found = await a.lookup(keys("k"))
+    assert found.owner is None and found.system_holders == ()
+
+
+async def test_unreachable_redis_serves_from_memory_and_counts() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", ttl_s=60, timeout_s=0.05, retry_s=30)
+    await store.record(keys("k"), "b1", 7, claim=True)
+    found = await store.lookup(keys("other"))
+    assert found.owner is None and not store.is_up()
+    assert (await store.lookup(keys("k"))).owner == "b1"
+    assert store.fallbacks >= 1 and store.describe()["state"].startswith("down")
+    await store.close()
+
+
+async def test_redis_stopped_mid_run_then_back() -> None:
+    if shutil.which("redis-server") is None:
+        missing_service("redis-server is not installed (apt-get install redis-server)")
+    server = RedisProcess().start()
+    store = RedisStore(server.url, ttl_s=60, timeout_s=0.2, retry_s=0.2, cache_s=0.0)
+    try:
+        await store.record(keys("k"), "b0", 1, claim=True)
+        await settle(store)
+        assert (await store.lookup(keys("k"))).owner == "b0" and store.is_up()
+        server.stop()
+        for i in range(20):  # every look-up answers, from memory
+            assert (await store.lookup(keys("k"))).owner == "b0"
+            await store.record(keys(f"n{i}"), "b1", 1, claim=True)
+        assert store.fallbacks >= 1
+        server = RedisProcess(port=server.port).start()
+        await asyncio.sleep(0.3)
+        await store.record(keys("after"), "b2", 1, claim=True)
+        await settle(store)
+        assert (await store.lookup(keys("after"))).owner == "b2" and store.is_up()
+    finally:
+        await store.close()
+        server.stop()

@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from app.backends import BackendView
+from app.prefix import PrefixKeys
+from app.routing import (
+    CostWeights,
+    LeastLoaded,
+    Ownership,
+    RoundRobin,
+    RouteRequest,
+    StickyBounded,
+    candidates_for,
+)
+
+
+def view(
+    name: str,
+    in_flight: int = 0,
+    waiting: float = 0.0,
+    healthy: bool = True,
+    models: frozenset[str] = frozenset({"m"}),
+) -> BackendView:
+    return BackendView(
+        name=name,
+        url=f"http://{name}",
+        healthy=healthy,
+        models=models,
+        in_flight=in_flight,
+        waiting=waiting,
+        running=0.0,
+        kv_usage=0.0,
+    )
+
+
+def request(key: str = "k", prompt: int = 1000, system: int = 0) -> RouteRequest:
+    keys = PrefixKeys(
+        conversation=key, system="s", prompt_chars=prompt * 4, system_chars=system * 4
+    )
+    return RouteRequest(model="m", keys=keys, prompt_tokens=prompt, system_tokens=system)
+
+
+POLICY = StickyBounded(
+    CostWeights(w_prefill=1.0, w_load=256.0, w_waiting=2.0, cap_factor=1.25, cap_floor=4.0)
+)
+
+
+def test_owner_serves_its_key_while_not_overloaded() -> None:
+    backends = [view("b0", 2), view("b1", 0), view("b2", 0)]
+    d = POLICY.choose(request(), backends, Ownership(owner="b0", owner_tokens=900))
+    assert (d.backend, d.outcome, d.affinity, d.cached_tokens) == ("b0", "hit", "conversation", 900)
+
+
+def test_owner_over_the_cap_spills() -> None:
+    backends = [view("b0", 10), view("b1", 1), view("b2", 1)]
+    d = POLICY.choose(request(), backends, Ownership(owner="b0", owner_tokens=900))
+    assert d.outcome == "spill" and d.backend != "b0"
+
+
+def test_gone_owner_is_reassigned() -> None:
+    d = POLICY.choose(request(), [view("b1"), view("b2")], Ownership(owner="b0", owner_tokens=900))
+    assert d.outcome == "reassigned" and d.backend in {"b1", "b2"} and d.cached_tokens == 0
+
+
+def test_new_key_prefers_a_system_prompt_holder() -> None:
+    backends = [view("b0", 1), view("b1", 0), view("b2", 0)]
+    d = POLICY.choose(request(system=800), backends, Ownership(system_holders=("b0",)))
+    assert (d.backend, d.outcome, d.affinity, d.cached_tokens) == ("b0", "miss", "system", 800)
+
+
+def test_short_cached_prefix_does_not_beat_a_big_load_gap() -> None:
+    # 100 cached tokens are worth less than 3 requests of load: one cost, no mode switch.
+    backends = [view("b0", 3), view("b1", 0)]
+    d = POLICY.choose(request(prompt=120), backends, Ownership(owner="b0", owner_tokens=100))
+    assert d.backend == "b1" and d.outcome == "spill"
+
+
+def test_new_keys_spread_and_are_deterministic() -> None:
+    backends = [view("b0"), view("b1"), view("b2")]
+    picks = [POLICY.choose(request(key=f"k{i}"), backends, Ownership()).backend for i in range(300)]
+    counts = Counter(picks)
+    assert set(counts) == {"b0", "b1", "b2"} and min(counts.values()) > 60
+    again = [POLICY.choose(request(key=f"k{i}"), backends, Ownership()).backend for i in range(300)]
+    assert picks == again
+
+
+def test_removing_a_backend_moves_only_its_keys() -> None:
+    three = [view("b0"), view("b1"), view("b2")]
+    two = [view("b0"), view("b2")]
+    before = {
+        i: POLICY.choose(request(key=f"k{i}"), three, Ownership()).backend for i in range(300)
+    }
+    after = {i: POLICY.choose(request(key=f"k{i}"), two, Ownership()).backend for i in range(300)}
+    moved = [i for i in before if before[i] != after[i]]
+    assert all(before[i] == "b1" for i in moved)
+
+
+def test_waiting_queue_counts_as_load() -> None:
+    backends = [view("b0", 0, waiting=5), view("b1", 1)]
+    d = POLICY.choose(request(key="x"), backends, Ownership())
+    assert d.backend == "b1"
+
+
+def test_bounded_load_under_one_hot_key() -> None:
+    # Everyone asks for keys owned by b0: the cap keeps b0 near the mean.
+    loads = {"b0": 0, "b1": 0, "b2": 0}
+    for _ in range(60):
+        backends = [view(n, loads[n]) for n in loads]
+        d = POLICY.choose(request(), backends, Ownership(owner="b0", owner_tokens=1000))
+        loads[d.backend] += 1
+    mean = sum(loads.values()) / 3
+    assert loads["b0"] <= 1.25 * mean + 2
+    assert loads["b0"] == max(loads.values())
+
+
+def test_candidates_filter_health_model_and_tried() -> None:
+    snap = [
+        view("b0"),
+        view("b1", healthy=False),
+        view("b2", models=frozenset({"other"})),
+        view("b3"),
+    ]
+    assert [b.name for b in candidates_for(snap, "m", frozenset({"b3"}))] == ["b0"]
+
+
+@pytest.mark.parametrize("policy", [LeastLoaded(), RoundRobin()])
+def test_baselines_report_outcomes(policy: LeastLoaded | RoundRobin) -> None:
+    backends = [view("b0", 5), view("b1", 0)]
+    d = policy.choose(request(), backends, Ownership(owner="b1", owner_tokens=10))
+    assert d.backend in {"b0", "b1"}
+    assert d.outcome == ("hit" if d.backend == "b1" else "spill")
+
+
+def test_round_robin_cycles() -> None:
+    rr = RoundRobin()
+    backends = [view("b0"), view("b1"), view("b2")]
+    assert [rr.choose(request(), backends, Ownership()).backend for _ in range(6)] == [
+        "b0",
+        "b1",
+        "b2",
+    ] * 2

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import orjson
+
+from app.stream_stats import StreamScanner, figures, render_stats_event
+
+ROLE = b'data: {"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+TOKEN = b'data: {"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+USAGE = b'data: {"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","choices":[],"usage":{"prompt_tokens":40,"completion_tokens":2,"total_tokens":42,"prompt_tokens_details":{"cached_tokens":32}}}\n\n'
+DONE = b"data: [DONE]\n\n"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        self.t += 0.01
+        return self.t
+
+
+def test_relays_events_untouched_and_strips_injected_usage() -> None:
+    scanner = StreamScanner(strip_usage=True, start_s=0.0, clock=Clock())
+    out = b"".join(scanner.feed(e) for e in (ROLE, TOKEN, TOKEN, USAGE, DONE))
+    assert out == ROLE + TOKEN + TOKEN
+    assert scanner.done
+    assert scanner.usage is not None and scanner.usage["prompt_tokens"] == 40
+    assert scanner.meta == {
+        "id": "c1",
+        "created": 7,
+        "model": "m",
+        "object": "chat.completion.chunk",
+    }
+
+
+def test_keeps_usage_when_the_client_asked() -> None:
+    scanner = StreamScanner(strip_usage=False, start_s=0.0)
+    out = scanner.feed(ROLE + TOKEN + USAGE + DONE)
+    assert out == ROLE + TOKEN + USAGE
+
+
+def test_events_split_across_chunks_at_any_byte() -> None:
+    stream = ROLE + TOKEN + TOKEN + USAGE + DONE
+    for cut in range(1, len(stream)):
+        scanner = StreamScanner(strip_usage=True, start_s=0.0)
+        out = scanner.feed(stream[:cut]) + scanner.feed(stream[cut:]) + scanner.flush()
+        assert out == ROLE + TOKEN + TOKEN, cut
+        assert scanner.done
+
+
+def test_ttft_is_the_first_content_not_the_role_chunk() -> None:
+    clock = Clock()
+    scanner = StreamScanner(strip_usage=True, start_s=0.0, clock=clock)
+    scanner.feed(ROLE)
+    assert scanner.first_content_s is None
+    scanner.feed(TOKEN)
+    assert scanner.first_content_s == clock.t
+    scanner.feed(TOKEN)
+    fig = figures(scanner, estimated_prompt_tokens=10, estimated_cached_tokens=5)
+    assert fig.token_source == "estimate"
+    assert fig.completion_tokens == 2
+    assert fig.prompt_tokens == 10 and fig.cached_tokens == 5 and fig.novel_tokens == 5
+
+
+def test_exact_figures_from_usage() -> None:
+    scanner = StreamScanner(strip_usage=True, start_s=0.0, clock=Clock())
+    scanner.feed(ROLE + TOKEN + TOKEN + USAGE + DONE)
+    fig = figures(scanner, estimated_prompt_tokens=999, estimated_cached_tokens=999)
+    assert (fig.prompt_tokens, fig.completion_tokens, fig.cached_tokens, fig.novel_tokens) == (
+        40,
+        2,
+        32,
+        8,
+    )
+    assert fig.token_source == "backend"
+    assert fig.ttft_ms is not None and fig.ttft_ms > 0
+
+
+def test_error_event_is_forwarded_and_recorded() -> None:
+    err = b'data: {"error": {"message": "boom", "type": "InternalServerError", "code": 500}}\n\n'
+    scanner = StreamScanner(strip_usage=True, start_s=0.0)
+    assert scanner.feed(err + DONE) == err
+    assert scanner.error is not None and scanner.error["message"] == "boom"
+
+
+def test_completion_text_counts_as_content() -> None:
+    chunk = b'data: {"id":"x","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"a"}]}\n\n'
+    scanner = StreamScanner(strip_usage=True, start_s=0.0)
+    scanner.feed(chunk)
+    assert scanner.first_content_s is not None
+
+
+def test_stats_event_is_a_chunk_with_no_choices() -> None:
+    event = render_stats_event(
+        {"id": "c1", "created": 7, "model": "m", "object": None},
+        "chat.completion.chunk",
+        {"backend": "b0"},
+    )
+    assert event.startswith(b"event: router.stream_stats\ndata: ")
+    body = orjson.loads(event.split(b"data: ", 1)[1])
+    assert (
+        body["choices"] == [] and body["id"] == "c1" and body["object"] == "chat.completion.chunk"
+    )
+    assert body["router_stats"] == {"backend": "b0"}
