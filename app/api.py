@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any, Literal
 
 import orjson
@@ -25,7 +26,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.backends import BackendPool
-from app.config import Settings
+from app.config import Settings, load_settings
 from app.errors import (
     BadRequest,
     KvrouteError,
@@ -335,6 +336,8 @@ class Router:
             system_tokens=int(keys.system_chars / per_token),
         )
         ownership = await self.store.lookup(keys)
+        if not self.settings.system_affinity and ownership.system_holders:
+            ownership = replace(ownership, system_holders=())
 
         stream = body.get("stream") is True
         options = body.get("stream_options") or {}
@@ -378,11 +381,8 @@ class Router:
                 return error_response(error, request_id)
             self.pool.release(decision.backend)
             upstream.release()
-            return await self._answer_whole(
-                endpoint, attempt, route, ownership, data, response_headers
-            )
+            return self._answer_whole(endpoint, attempt, data, response_headers)
 
-        await self._remember(route.keys, ownership, decision.backend, route.prompt_tokens)
         want_stats = self.settings.stream_stats and request.headers.get(
             "x-router-stream-stats", "1"
         ).strip().lower() not in ("0", "false", "off", "no")
@@ -441,14 +441,8 @@ class Router:
 
         return RelayResponse(upstream, scanner, {**SSE_HEADERS, **response_headers}, finish)
 
-    async def _answer_whole(
-        self,
-        endpoint: str,
-        attempt: Attempt,
-        route: RouteRequest,
-        ownership: Ownership,
-        data: bytes,
-        headers: dict[str, str],
+    def _answer_whole(
+        self, endpoint: str, attempt: Attempt, data: bytes, headers: dict[str, str]
     ) -> Response:
         decision = attempt.decision
         status = attempt.response.status
@@ -461,7 +455,6 @@ class Router:
             bytes_out=len(data),
         )
         if status == 200:
-            await self._remember(route.keys, ownership, decision.backend, route.prompt_tokens)
             record.outcome, record.affinity = decision.outcome, decision.affinity
             with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
                 usage = orjson.loads(data).get("usage")
@@ -473,11 +466,6 @@ class Router:
             record.error_kind = f"backend_{status}"
         self.metrics.record(record)
         return BytesResponse(status, data, {"content-type": content_type, **headers})
-
-    async def _remember(
-        self, keys: PrefixKeys, ownership: Ownership, backend: str, tokens: int
-    ) -> None:
-        await self.store.record(keys, backend, tokens, claim=ownership.owner is None)
 
     # --- passthrough ---------------------------------------------------------------------
     async def passthrough(self, request: Request) -> Response:
@@ -502,6 +490,7 @@ class Router:
                 headers,
                 request_id,
                 policy=self.passthrough_policy,
+                remember=False,
             )
         except KvrouteError as exc:
             self.metrics.record(
@@ -635,6 +624,11 @@ class _NotImplementedYet:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await error_response(self.error)(scope, receive, send)
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for uvicorn worker processes (`WORKERS` > 1): settings from the environment."""
+    return create_app(load_settings())
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -24,8 +24,16 @@ def _run_uvicorn(settings: Settings) -> None:
     from app.api import create_app
 
     loop = "uvloop" if sys.platform != "win32" else "asyncio"
+    if settings.workers > 1:
+        # Each worker process builds its app from the same environment.
+        os.environ.update(settings.environment())
+        target: object = "app.api:create_app_from_env"
+    else:
+        target = create_app(settings)
     uvicorn.run(
-        create_app(settings),
+        target,  # type: ignore[arg-type]
+        factory=settings.workers > 1,
+        workers=settings.workers,
         host=settings.host,
         port=settings.port,
         loop=loop,
@@ -47,6 +55,11 @@ def serve(overrides: dict[str, object]) -> int:
     try:
         settings = load_settings(**overrides)
         settings.require_backends()
+        if settings.workers > 1 and not settings.redis_url:
+            raise SettingsError(
+                "invalid setting WORKERS: more than one worker needs REDIS_URL, "
+                "so that the workers agree on prefix ownership"
+            )
     except SettingsError as exc:
         print(f"kvroute: {exc}", file=sys.stderr)
         return 2

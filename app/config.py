@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Router worker processes on one port; more than one needs REDIS_URL to share ownership.
+    workers: int = Field(default=1, ge=1, le=64)
 
     # --- upstream connections -------------------------------------------------------------
     connect_timeout_s: float = Field(default=3.0, gt=0)
@@ -72,12 +74,14 @@ class Settings(BaseSettings):
     redis_retry_s: float = Field(default=5.0, gt=0)
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     prefix_window_chars: int = Field(default=2048, ge=16)
+    # Second level of affinity: a new conversation prefers a backend holding its system prompt.
+    system_affinity: bool = True
     ownership_ttl_s: float = Field(default=600.0, gt=0)
     # One-cost selection: cost = w_prefill * uncached_tokens + w_load * load.
     w_prefill: float = Field(default=1.0, ge=0)
-    w_load: float = Field(default=256.0, ge=0)
+    w_load: float = Field(default=64.0, ge=0)
     w_waiting: float = Field(default=2.0, ge=0)
-    load_cap_factor: float = Field(default=1.25, ge=1.0)
+    load_cap_factor: float = Field(default=2.0, ge=1.0)
     load_cap_floor: float = Field(default=4.0, ge=0)
     chars_per_token: float = Field(default=4.0, gt=0)
 
@@ -114,6 +118,17 @@ class Settings(BaseSettings):
                 "e.g. BACKEND_URLS=http://10.0.0.5:8000,http://10.0.0.6:8000 "
                 "(or run `kvroute demo` to try the router on simulated backends)"
             )
+
+    def environment(self) -> dict[str, str]:
+        """The settings as environment variables (for worker processes that read them again)."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, list):
+                value = ",".join(value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[name.upper()] = str(value)
+        return env
 
     def public_view(self) -> dict[str, object]:
         """The configuration without secrets, for /architecture."""

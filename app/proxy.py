@@ -87,6 +87,7 @@ class Dispatcher:
         headers: Mapping[str, str],
         request_id: str,
         policy: Policy | None = None,
+        remember: bool = True,
     ) -> Attempt:
         """Returns an attempt holding one in-flight slot on its backend; the caller releases it."""
         tried: list[str] = []
@@ -100,6 +101,15 @@ class Dispatcher:
             backend = self.pool.get(decision.backend)
             tried.append(backend.name)
             self.pool.acquire(backend.name)
+            if remember:
+                # Recorded at dispatch, not at the answer, so that requests arriving meanwhile
+                # (the next conversations on the same system prompt) already see this home.
+                await self.ownership.record(
+                    route.keys,
+                    backend.name,
+                    route.prompt_tokens,
+                    claim=ownership.owner is None and attempt == 0,
+                )
             # vLLM wants ids unique among its in-flight requests: a retry gets a fresh one.
             attempt_headers = {
                 **headers,
@@ -187,7 +197,10 @@ class RelayResponse(Response):
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             scanner = self.scanner
-            async for chunk in self.upstream.content.iter_any():
+            # readany() hands over everything buffered in one piece; b"" is the end. (iter_any()
+            # is the same wrapped in an async iterator, one more frame per chunk.)
+            read = self.upstream.content.readany
+            while chunk := await read():
                 out = scanner.feed(chunk)
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})

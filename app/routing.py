@@ -57,9 +57,9 @@ class Decision:
 @dataclass(frozen=True, slots=True)
 class CostWeights:
     w_prefill: float = 1.0
-    w_load: float = 256.0
+    w_load: float = 64.0
     w_waiting: float = 2.0
-    cap_factor: float = 1.25
+    cap_factor: float = 2.0
     cap_floor: float = 4.0
 
 

@@ -27,6 +27,11 @@ _CONTENT_MARKERS = (
     b'"tool_calls":[{',
 )
 
+_CHOICES_OPEN = b'"choices":[{'
+_CHOICES_EMPTY = b'"choices":[]'
+_DONE_DATA = b"data: [DONE]"
+_ERROR_DATA = b'data: {"error"'
+
 TokenSource = Literal["backend", "estimate"]
 
 
@@ -73,8 +78,25 @@ class StreamScanner:
         if end < 0:
             self._tail = buffer
             return b""
-        complete = buffer[: end + 2]
-        self._tail = buffer[end + 2 :]
+        if end + 2 == len(buffer):
+            complete, self._tail = buffer, b""
+        else:
+            complete, self._tail = buffer[: end + 2], buffer[end + 2 :]
+        if (
+            self.first_content_s is not None
+            and self.meta is not None
+            and _CHOICES_EMPTY not in complete
+            and _DONE_DATA not in complete
+            and _ERROR_DATA not in complete
+        ):
+            # Steady state: only content chunks, relayed whole. Each event holds at most one
+            # `"choices":[{` outside its strings (JSON escapes quotes inside them), so a count
+            # of the block is the count of its content events; one clock read stands for all.
+            events = complete.count(_CHOICES_OPEN)
+            if events:
+                self.content_events += events
+                self.last_content_s = self._clock()
+            return complete
         if complete.count(EVENT_END) == 1:
             return complete if self._inspect(complete) else b""
         kept = [event + EVENT_END for event in complete.split(EVENT_END)[:-1]]
@@ -92,19 +114,19 @@ class StreamScanner:
 
     def _inspect(self, event: bytes) -> bool:
         """Record what the event says; return whether to forward it."""
-        if event.startswith(b"data: [DONE]"):
+        if event.startswith(_DONE_DATA):
             self.done = True
             return False
         if self.meta is None:
             payload = _payload(event)
             if isinstance(payload, dict) and "error" not in payload:
                 self.meta = {k: payload.get(k) for k in ("id", "created", "model", "object")}
-        if b'"choices":[]' in event and b'"usage"' in event:
+        if _CHOICES_EMPTY in event and b'"usage"' in event:
             payload = _payload(event)
             if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
                 self.usage = payload["usage"]
                 return not self.strip_usage
-        if event.startswith(b'data: {"error"'):
+        if event.startswith(_ERROR_DATA):
             payload = _payload(event)
             if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
                 self.error = payload["error"]
@@ -113,7 +135,7 @@ class StreamScanner:
             if _has_content(event):
                 self.first_content_s = self.last_content_s = self._clock()
                 self.content_events = 1
-        elif b'"choices":[{' in event:
+        elif _CHOICES_OPEN in event:
             self.content_events += 1
             self.last_content_s = self._clock()
         return True

@@ -34,7 +34,7 @@ class RouterServer:
             log_level="warning",
             access_log=False,
             http="httptools",
-            loop="asyncio",
+            loop="uvloop",  # sets TCP_NODELAY on accepted sockets; asyncio does not here
             lifespan="on",
         )
         self.server = uvicorn.Server(config)

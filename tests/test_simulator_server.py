@@ -552,6 +552,13 @@ async def test_fail_next(sim: str, http: aiohttp.ClientSession) -> None:
             assert error["code"] == 503 and error["type"] == "ServiceUnavailableError"
     assert statuses == [503, 503, 200]
     assert (await stats(http, sim))["failed"] == 2
+    control(sim, fail_next=1, status=429)
+    async with http.post(sim + "/v1/completions", json={"prompt": "hi"}) as response:
+        assert response.status == 429
+        assert (await response.json())["error"]["type"] == "RateLimitError"
+    control(sim, fail_next=1)  # status back to 503 when not given
+    async with http.post(sim + "/v1/completions", json={"prompt": "hi"}) as response:
+        assert response.status == 503
 
 
 async def test_fail_mid_stream_cuts_the_connection(sim: str, http: aiohttp.ClientSession) -> None:

@@ -287,6 +287,7 @@ class Engine:
                 self._pump()
             elif waiter in self._waiters:
                 self._waiters.remove(waiter)
+                self._pump()  # the next in line may fit where this one did not
             raise
 
     def _pump(self) -> None:

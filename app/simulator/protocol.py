@@ -349,7 +349,7 @@ def completion_body(request: SimRequest, text: str, usage_info: dict[str, Any]) 
     if request.endpoint == "chat":
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": text, "tool_calls": []},
+            "message": {"role": "assistant", "content": text},
             "logprobs": None,
             "finish_reason": "length",
             "stop_reason": None,

@@ -10,14 +10,21 @@ Test controls (never in vLLM):
   their cached_tokens, outcome and the forwarded headers (authorization, x-request-id,
   traceparent, tracestate, any other `x-*`).
 - `GET /sim/control`: the failure modes now set.
-- `POST /sim/control` with a JSON object, any of:
-  `{"healthy": false}` (/health answers 503), `{"fail_next": N, "status": 503}` (next N generation
-  requests get that status and a vLLM error body before any byte), `{"fail_mid_stream_after": K}`
-  (next stream is cut, connection closed, after K content chunks), `{"error_mid_stream_after": K}`
-  (next stream sends vLLM's mid-stream error event and `[DONE]` after K chunks), `{"delay_s": x}`
-  (extra delay before the first byte of every generation response), `{"restart": true}` (empty KV
-  cache, zero counters, new process_start_time_seconds), `{"reset": true}` (controls back to
-  defaults, empty KV cache, zero counters; same start time). Reset and restart apply first.
+- `POST /sim/control` with a JSON object of any of these keys; answers the new control state.
+  Reset and restart apply first.
+    `{"healthy": false}`             /health answers 503 (true: 200 again)
+    `{"fail_next": N, "status": S}`  next N generation requests get status S (503 when not
+                                     given) and a vLLM error body, before any byte
+    `{"fail_mid_stream_after": K}`   next stream is cut (connection closed, no [DONE]) after K
+                                     content chunks
+    `{"error_mid_stream_after": K}`  next stream sends vLLM's mid-stream error event and
+                                     `data: [DONE]` after K content chunks
+    `{"delay_s": x}`                 extra delay before the first byte of every generation
+                                     response, until set back to 0
+    `{"restart": true}`              empty KV cache, zero counters and log, later
+                                     process_start_time_seconds (a restarted vLLM)
+    `{"reset": true}`                controls back to defaults, empty KV cache, zero counters
+                                     and log; same start time
 
 A client that goes away (mid-stream or before the first token) aborts its request at once:
 slot and KV blocks are freed and `aborted` counts it.
@@ -58,7 +65,7 @@ from app.simulator.protocol import (
 VLLM_VERSION = "0.32.0"
 _RECORDED_HEADERS = frozenset({"authorization", "traceparent", "tracestate"})
 _JSON = [(b"content-type", b"application/json")]
-_SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+_SSE = [(b"content-type", b"text/event-stream; charset=utf-8")]
 _METRICS = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -389,6 +396,8 @@ class SimulatorApp:
             # Strictly later, so a router comparing start times always sees the restart.
             self.start_time_s = max(time.time(), self.start_time_s + 0.01)
             self._created = int(self.start_time_s)
+        if "fail_next" in data and "status" not in data:
+            self.controls.status = 503
         for key in (
             "healthy",
             "fail_next",

@@ -1,0 +1,439 @@
+"""KV-cache locality benchmark: `uv run python -m bench.locality`.
+
+Replays one seeded multi-tenant, multi-turn chat workload through the router in front of N
+simulated vLLM backends (finite KV cache, a cap on running requests so a hot spot queues as on a
+GPU), once per routing policy, and prints side by side: the cached-token ratio measured by the
+backends, that ratio as a share of the workload's ideal (one backend with unlimited KV cache: every
+prompt token that an earlier request already sent, or that an earlier answer produced, counts as
+cached), TTFT p50/p99 seen by the client, and the load spread (max/mean requests per backend).
+Loopback only; each policy run is bounded by --timeout-s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from app.simulator.config import SimConfig
+from app.simulator.prompt import render_chat, tokenize
+from app.simulator.runner import SimulatorProcess
+
+MODEL = "bench-model"
+WORDS = [
+    "cache",
+    "prefix",
+    "token",
+    "block",
+    "router",
+    "backend",
+    "latency",
+    "tenant",
+    "system",
+    "prompt",
+    "stream",
+    "decode",
+    "prefill",
+    "queue",
+    "memory",
+    "model",
+    "request",
+    "answer",
+    "question",
+    "engine",
+    "batch",
+    "schedule",
+    "expert",
+    "layer",
+    "attention",
+    "vector",
+    "matrix",
+    "context",
+    "window",
+    "history",
+    "summary",
+    "policy",
+    "contract",
+    "invoice",
+    "ticket",
+    "customer",
+    "order",
+]
+
+
+@dataclass(frozen=True)
+class Workload:
+    seed: int
+    tenants: int
+    systems_per_tenant: int
+    conversations: int
+    min_turns: int
+    max_turns: int
+    system_words: tuple[int, int]
+    user_words: tuple[int, int]
+    max_tokens: int
+
+
+@dataclass
+class Conversation:
+    tenant: str
+    system: str
+    user_turns: list[str]
+
+
+def build_conversations(w: Workload) -> list[Conversation]:
+    rng = random.Random(w.seed)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    systems = {
+        (t, s): f"You are assistant {s} of tenant {t}. " + text(rng.randint(*w.system_words))
+        for t in range(w.tenants)
+        for s in range(w.systems_per_tenant)
+    }
+    conversations = []
+    for _ in range(w.conversations):
+        tenant = rng.randrange(w.tenants)
+        system = systems[(tenant, rng.randrange(w.systems_per_tenant))]
+        turns = [
+            text(rng.randint(*w.user_words)) for _ in range(rng.randint(w.min_turns, w.max_turns))
+        ]
+        conversations.append(Conversation(f"tenant-{tenant}", system, turns))
+    return conversations
+
+
+@dataclass
+class Sent:
+    """One request as sent, in send order, and what came back."""
+
+    messages: list[dict[str, str]]
+    answer: str = ""
+    ttft_s: float | None = None
+    status: int = 0
+
+
+@dataclass
+class RunResult:
+    policy: str
+    requests: int
+    failed: int
+    cached_ratio: float
+    ideal_ratio: float
+    share_of_ideal: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    max_over_mean: float
+    per_backend: list[int]
+    wall_s: float
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+def ideal_ratio(sent: Sequence[Sent], block_size: int = 16) -> float:
+    """Cached share with one unlimited cache: full blocks already seen, in send order."""
+    seen: set[int] = set()
+    prompt_total = cached_total = 0
+    for request in sent:
+        prompt = render_chat(request.messages)
+        tokens = tokenize(prompt)
+        prompt_total += len(tokens)
+        parent = 0
+        matched = 0
+        for start in range(0, len(tokens) - block_size + 1, block_size):
+            parent = hash((parent, tokens[start : start + block_size]))
+            if parent not in seen:
+                break
+            matched += block_size
+        cached_total += matched
+        # The prompt and its answer are cached afterwards, as the backend's blocks are.
+        full = tokenize(prompt + request.answer)
+        parent = 0
+        for start in range(0, len(full) - block_size + 1, block_size):
+            parent = hash((parent, full[start : start + block_size]))
+            seen.add(parent)
+    return cached_total / prompt_total if prompt_total else 0.0
+
+
+async def stream_chat(
+    session: aiohttp.ClientSession,
+    url: str,
+    tenant: str,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+) -> tuple[int, str, float | None]:
+    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "stream": True}
+    start = time.monotonic()
+    ttft = None
+    pieces: list[str] = []
+    async with session.post(url, json=body, headers={"X-Tenant-ID": tenant}) as resp:
+        if resp.status != 200:
+            await resp.read()
+            return resp.status, "", None
+        buffer = b""
+        async for chunk in resp.content.iter_any():
+            buffer += chunk
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                if not event.startswith(b"data: {"):
+                    continue
+                payload = orjson.loads(event[6:])
+                for choice in payload.get("choices") or []:
+                    content = (choice.get("delta") or {}).get("content")
+                    if content:
+                        if ttft is None:
+                            ttft = time.monotonic() - start
+                        pieces.append(content)
+    return 200, "".join(pieces), ttft
+
+
+async def drive(
+    url: str, conversations: list[Conversation], concurrency: int, max_tokens: int
+) -> list[Sent]:
+    sent: list[Sent] = []
+    queue: asyncio.Queue[Conversation] = asyncio.Queue()
+    for conversation in conversations:
+        queue.put_nowait(conversation)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def worker() -> None:
+            while not queue.empty():
+                conv = queue.get_nowait()
+                messages = [{"role": "system", "content": conv.system}]
+                for turn in conv.user_turns:
+                    messages = [*messages, {"role": "user", "content": turn}]
+                    record = Sent(messages=messages)
+                    sent.append(record)
+                    status, answer, ttft = await stream_chat(
+                        session, url, conv.tenant, messages, max_tokens
+                    )
+                    record.status, record.answer, record.ttft_s = status, answer, ttft
+                    if status != 200:
+                        break
+                    messages = [*messages, {"role": "assistant", "content": answer}]
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return sent
+
+
+def start_router(
+    backends: list[str], port: int, env_extra: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "BACKEND_URLS": ",".join(backends),
+        "SERVED_MODEL": MODEL,
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "LOG_LEVEL": "warning",
+        "METRICS_INTERVAL_S": "0.25",
+        "HEALTH_INTERVAL_S": "1",
+        "REDIS_URL": "",
+        **env_extra,
+    }
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.Popen(
+        [sys.executable, str(root / "main.py")], env=env, cwd=root, start_new_session=True
+    )
+
+
+async def wait_ready(url: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(f"{url}/health") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"router at {url} did not become ready")
+
+
+async def sim_stats(urls: list[str]) -> list[dict[str, Any]]:
+    async with aiohttp.ClientSession() as session:
+        out = []
+        for url in urls:
+            async with session.get(f"{url}/sim/stats") as resp:
+                out.append(await resp.json())
+        return out
+
+
+async def restart_sims(urls: list[str]) -> None:
+    async with aiohttp.ClientSession() as session:
+        for url in urls:
+            async with session.post(f"{url}/sim/control", json={"restart": True}) as resp:
+                resp.raise_for_status()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+POLICIES: dict[str, dict[str, str]] = {
+    "round_robin": {"ROUTING_POLICY": "round_robin"},
+    "least_loaded": {"ROUTING_POLICY": "least_loaded"},
+    "conversation_key_only": {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "false"},
+    "kvroute (both levels)": {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true"},
+}
+
+
+async def run_policy(
+    name: str,
+    env_extra: dict[str, str],
+    sims: list[str],
+    conversations: list[Conversation],
+    args: argparse.Namespace,
+) -> RunResult:
+    await restart_sims(sims)
+    port = free_port()
+    router = start_router(sims, port, env_extra)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(url)
+        start = time.monotonic()
+        sent = await asyncio.wait_for(
+            drive(f"{url}/v1/chat/completions", conversations, args.concurrency, args.max_tokens),
+            timeout=args.timeout_s,
+        )
+        wall = time.monotonic() - start
+        async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
+            outcomes = (await resp.json())["cache_outcomes"]
+    finally:
+        os.killpg(router.pid, signal.SIGTERM)
+        router.wait(timeout=30)
+    stats = await sim_stats(sims)
+    prompt = sum(s["prompt_tokens_total"] for s in stats)
+    cached = sum(s["cached_tokens_total"] for s in stats)
+    per_backend = [s["completed"] for s in stats]
+    ttfts = sorted(r.ttft_s * 1000 for r in sent if r.ttft_s is not None)
+    ratio = cached / prompt if prompt else 0.0
+    ideal = ideal_ratio([r for r in sent if r.status == 200])
+    mean = statistics.mean(per_backend) if per_backend else 0
+    return RunResult(
+        policy=name,
+        requests=len(sent),
+        failed=sum(1 for r in sent if r.status != 200),
+        cached_ratio=round(ratio, 4),
+        ideal_ratio=round(ideal, 4),
+        share_of_ideal=round(ratio / ideal, 4) if ideal else 0.0,
+        ttft_p50_ms=round(ttfts[len(ttfts) // 2], 1) if ttfts else 0.0,
+        ttft_p99_ms=round(ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))], 1) if ttfts else 0.0,
+        max_over_mean=round(max(per_backend) / mean, 3) if mean else 0.0,
+        per_backend=per_backend,
+        wall_s=round(wall, 1),
+        outcomes=outcomes,
+    )
+
+
+def print_table(results: list[RunResult], w: Workload, args: argparse.Namespace) -> None:
+    print(
+        f"\nKV locality: {args.backends} simulated backends ({args.capacity_blocks} blocks x 16 tokens, "
+        f"max_num_seqs {args.max_num_seqs}), {w.conversations} conversations of {w.min_turns}-{w.max_turns} "
+        f"turns, {w.tenants} tenants x {w.systems_per_tenant} system prompts, concurrency {args.concurrency}, "
+        f"seed {w.seed}"
+    )
+    header = f"{'policy':24} {'reqs':>5} {'fail':>4} {'cached':>7} {'ideal':>6} {'share':>6} {'ttft p50':>9} {'ttft p99':>9} {'max/mean':>8}  per backend"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(
+            f"{r.policy:24} {r.requests:5d} {r.failed:4d} {r.cached_ratio:7.1%} {r.ideal_ratio:6.1%} "
+            f"{r.share_of_ideal:6.1%} {r.ttft_p50_ms:7.1f}ms {r.ttft_p99_ms:7.1f}ms {r.max_over_mean:8.2f}  {r.per_backend}"
+        )
+
+
+async def main_async(args: argparse.Namespace) -> list[RunResult]:
+    workload = Workload(
+        seed=args.seed,
+        tenants=args.tenants,
+        systems_per_tenant=args.systems_per_tenant,
+        conversations=args.conversations,
+        min_turns=2,
+        max_turns=6,
+        system_words=(250, 700),
+        user_words=(20, 120),
+        max_tokens=args.max_tokens,
+    )
+    conversations = build_conversations(workload)
+    config = SimConfig(
+        model=MODEL,
+        capacity_blocks=args.capacity_blocks,
+        max_num_seqs=args.max_num_seqs,
+        prefill_s_per_token=args.prefill_s_per_token,
+        base_ttft_s=0.002,
+        decode_tokens_per_s=args.decode_tokens_per_s,
+    )
+    sims = [SimulatorProcess(config) for _ in range(args.backends)]
+    results: list[RunResult] = []
+    try:
+        for sim in sims:
+            sim.start()
+        urls = [s.url for s in sims]
+        wanted = [p.strip() for p in args.policies.split(",")] if args.policies else list(POLICIES)
+        for name in wanted:
+            results.append(await run_policy(name, POLICIES[name], urls, conversations, args))
+            print(f"  done: {name} ({results[-1].wall_s} s)", file=sys.stderr)
+    finally:
+        for sim in sims:
+            sim.stop()
+    print_table(results, workload, args)
+    write_json(
+        Path(args.json),
+        {"workload": asdict(workload), "args": vars(args), "results": [asdict(r) for r in results]},
+    )
+    print(f"\nJSON: {args.json}")
+    return results
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.locality", description=__doc__.split("\n")[0])
+    p.add_argument("--backends", type=int, default=3)
+    p.add_argument("--conversations", type=int, default=96)
+    p.add_argument("--tenants", type=int, default=6)
+    p.add_argument("--systems-per-tenant", type=int, default=2)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--capacity-blocks", type=int, default=3000, help="KV capacity per backend")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="running requests per backend")
+    p.add_argument("--prefill-s-per-token", type=float, default=0.0001)
+    p.add_argument("--decode-tokens-per-s", type=float, default=200.0)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--policies", default="", help="comma-separated subset of: " + ", ".join(POLICIES)
+    )
+    p.add_argument("--timeout-s", type=float, default=300.0, help="bound on each policy's run")
+    p.add_argument("--json", default="bench/results/locality.json")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    asyncio.run(main_async(parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""KV locality end to end: routers, simulated backends with finite KV caches, real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import threading
+from collections import Counter
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import redis
+
+from bench.locality import Workload, build_conversations, drive, ideal_ratio
+from tests.conftest import missing_service, running_router, running_simulators, wait_for
+from tests.integration.redis_server import RedisProcess
+from tests.integration.router_process import RouterProcess
+
+REDIS_URL = os.environ.get("KVROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+SIM = {"base_ttft_s": 0.001, "prefill_s_per_token": 0.00002, "decode_tokens_per_s": 2000.0}
+
+
+def stats_of(raw: bytes) -> dict[str, Any]:
+    events = [e for e in raw.split(b"\n\n") if e.strip()]
+    assert events[-1] == b"data: [DONE]" and events[-2].startswith(b"event: router.stream_stats")
+    return orjson.loads(events[-2].split(b"data: ", 1)[1])["router_stats"]  # type: ignore[no-any-return]
+
+
+CLIENT = httpx.Client()
+
+
+def turn(url: str, tenant: str, messages: list[dict[str, str]]) -> dict[str, Any]:
+    body = {"model": "sim-model", "stream": True, "max_tokens": 4, "messages": messages}
+    resp = CLIENT.post(
+        f"{url}/v1/chat/completions", json=body, headers={"X-Tenant-ID": tenant}, timeout=30
+    )
+    assert resp.status_code == 200, resp.text
+    return stats_of(resp.content)
+
+
+def conversation(i: int) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": f"System prompt {i % 3}. " * 40},
+        {"role": "user", "content": f"Conversation {i} opens here. " * 10},
+    ]
+
+
+def test_multi_turn_workload_lands_close_to_ideal_within_the_load_bound() -> None:
+    workload = Workload(
+        seed=3,
+        tenants=3,
+        systems_per_tenant=2,
+        conversations=30,
+        min_turns=2,
+        max_turns=5,
+        system_words=(150, 300),
+        user_words=(10, 40),
+        max_tokens=8,
+    )
+    with (
+        running_simulators(
+            3, model="bench-model", capacity_blocks=20000, max_num_seqs=4, **SIM
+        ) as sims,
+        running_router([s.url for s in sims], served_model="bench-model") as router,
+    ):
+        sent = asyncio.run(
+            drive(f"{router.url}/v1/chat/completions", build_conversations(workload), 8, 8)
+        )
+        assert all(r.status == 200 for r in sent)
+        stats = [httpx.get(f"{s.url}/sim/stats").json() for s in sims]
+    prompt = sum(s["prompt_tokens_total"] for s in stats)
+    cached = sum(s["cached_tokens_total"] for s in stats)
+    ideal = ideal_ratio(sent)
+    per_backend = [s["completed"] for s in stats]
+    mean = sum(per_backend) / 3
+    assert cached / prompt >= 0.9 * ideal, (cached / prompt, ideal)
+    assert max(per_backend) <= 1.5 * mean, per_backend
+
+
+def test_killing_the_owner_moves_the_key_and_the_conversation_goes_on() -> None:
+    with (
+        running_simulators(3, **SIM) as sims,
+        running_router([s.url for s in sims], served_model="sim-model", retries=2) as router,
+    ):
+        messages = conversation(1)
+        first = turn(router.url, "t", messages)
+        owner = int(first["backend"][1:])
+        sims[owner].stop()
+        messages += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "next"}]
+        second = turn(router.url, "t", messages)
+        assert second["backend"] != first["backend"]
+        assert second["cache_outcome"] in ("reassigned", "spill")
+        messages += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "again"}]
+        third = turn(router.url, "t", messages)
+        assert third["backend"] == second["backend"] and third["cache_outcome"] == "hit"
+        assert third["cached_tokens"] > 0
+
+
+@pytest.fixture
+def redis_db() -> str:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.flushdb()
+    except redis.ConnectionError as exc:
+        missing_service(f"no Redis at {REDIS_URL} ({exc})")
+    return REDIS_URL
+
+
+def test_two_router_processes_sharing_redis_agree_on_owners(redis_db: str) -> None:
+    with running_simulators(3, **SIM) as sims:
+        env = {
+            "BACKEND_URLS": ",".join(s.url for s in sims),
+            "SERVED_MODEL": "sim-model",
+            "REDIS_URL": redis_db,
+        }
+        a, b = RouterProcess(env).start(), RouterProcess(env).start()
+        try:
+            for i in range(12):
+                messages = conversation(i)
+                backends = []
+                for t in range(4):
+                    router = (a, b)[(i + t) % 2]  # turns alternate between the replicas
+                    stats = turn(router.url, f"tenant{i % 4}", messages)
+                    backends.append(stats["backend"])
+                    if t:
+                        assert stats["cache_outcome"] == "hit", (i, t, stats)
+                        assert stats["cached_tokens"] > 0
+                    messages = [
+                        *messages,
+                        {"role": "assistant", "content": "x"},
+                        {"role": "user", "content": f"turn {t}"},
+                    ]
+                assert len(set(backends)) == 1, backends
+            for router in (a, b):
+                assert httpx.get(f"{router.url}/metrics").json()["ownership"]["state"] == "up"
+        finally:
+            a.stop()
+            b.stop()
+
+
+def test_redis_stopped_mid_run_costs_no_request() -> None:
+    if shutil.which("redis-server") is None:
+        missing_service("redis-server is not installed")
+    server = RedisProcess().start()
+    with running_simulators(2, **SIM) as sims:
+        env = {
+            "BACKEND_URLS": ",".join(s.url for s in sims),
+            "SERVED_MODEL": "sim-model",
+            "REDIS_URL": server.url,
+            "REDIS_RETRY_S": "0.5",
+        }
+        routers = [RouterProcess(env).start(), RouterProcess(env).start()]
+        statuses: Counter[int] = Counter()
+        stop = threading.Event()
+
+        def load(router: RouterProcess, n: int) -> None:
+            i = 0
+            client = httpx.Client()
+            while not stop.is_set():
+                body = {
+                    "model": "sim-model",
+                    "max_tokens": 2,
+                    "stream": True,
+                    "messages": [{"role": "user", "content": f"load {n} {i % 7}"}],
+                }
+                try:
+                    statuses[
+                        client.post(
+                            f"{router.url}/v1/chat/completions", json=body, timeout=10
+                        ).status_code
+                    ] += 1
+                except httpx.HTTPError:
+                    statuses[0] += 1
+                i += 1
+
+        threads = [threading.Thread(target=load, args=(r, n)) for n, r in enumerate(routers * 2)]
+        try:
+            for t in threads:
+                t.start()
+            while sum(statuses.values()) < 40:
+                stop.wait(0.05)
+            server.stop()
+            before = sum(statuses.values())
+            while sum(statuses.values()) < before + 80:
+                stop.wait(0.05)
+            states = [httpx.get(f"{r.url}/metrics").json()["ownership"] for r in routers]
+            assert all(s["fallbacks"] > 0 for s in states), states
+            server = RedisProcess(port=server.port).start()
+            before = sum(statuses.values())
+            while sum(statuses.values()) < before + 40:
+                stop.wait(0.05)
+            # Back on Redis once it answers again.
+            wait_for(
+                lambda: all(
+                    httpx.get(f"{r.url}/metrics").json()["ownership"]["state"] == "up"
+                    for r in routers
+                ),
+                timeout_s=10,
+            )
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+            for r in routers:
+                r.stop()
+            server.stop()
+    assert set(statuses) == {200}, statuses
