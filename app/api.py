@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, Literal
 
+import aiohttp
 import orjson
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -25,22 +26,28 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from app.admission import Admission, Limits, RateLimits
 from app.backends import BackendPool
 from app.config import Settings, load_settings
+from app.dashboard import SeriesRecorder, TenantTags, dashboard_data, page_headers, page_html
 from app.errors import (
     BadRequest,
     KvrouteError,
     ModelNotFound,
     NoHealthyBackend,
     PayloadTooLarge,
+    UpstreamBroken,
 )
-from app.metrics import RequestRecord, RouterMetrics
+from app.logs import RequestLog, configure_logging
+from app.metrics import RequestRecord, RequestScope, RouterMetrics
 from app.ownership import MemoryStore, OwnershipStore, RedisStore
 from app.prefix import PrefixKeys, chat_keys, completion_keys, effective_tenant
 from app.proxy import Attempt, BytesResponse, Dispatcher, RelayResponse, make_session
 from app.routing import CostWeights, LeastLoaded, Ownership, RouteRequest, make_policy
+from app.security import KeyRing, tenant_salt
 from app.stream_stats import StreamScanner, figures, render_stats_event, usage_figures
 from app.tenancy import parse_networks, tenant_from
+from app.tracing import tracing_from_settings
 
 log = logging.getLogger("kvroute.api")
 
@@ -68,7 +75,11 @@ PASSTHROUGH_PATHS = (
 )
 PIPELINE = [
     {"stage": "client", "does": "OpenAI-compatible request to the router"},
-    {"stage": "admission", "does": "body size and shape checks; errors are OpenAI-style 4xx"},
+    {
+        "stage": "admission",
+        "does": "API key, size and shape checks (OpenAI-style 4xx), tenant rates, in-flight "
+        "limits and a queue that is fair across tenants (429 + Retry-After past it)",
+    },
     {
         "stage": "prefix key",
         "does": "tenant + model + system prompt + conversation opening -> keys",
@@ -132,19 +143,33 @@ _TYPED_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
 }
 
 
-def check_fields(body: Mapping[str, Any], kind: Kind) -> None:
+def check_fields(
+    body: Mapping[str, Any], kind: Kind, max_messages: int, max_tokens_cap: int
+) -> None:
     for name, (types, words) in _TYPED_FIELDS.items():
         value = body.get(name)
         if value is None:
             continue
         if not isinstance(value, types) or (types is int and isinstance(value, bool)):
             raise BadRequest(f"'{name}' must be {words}", param=name)
+    if max_tokens_cap:
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = body.get(name)
+            if isinstance(value, int) and value > max_tokens_cap:
+                raise BadRequest(
+                    f"'{name}' is {value}; this router allows at most {max_tokens_cap}", param=name
+                )
     if kind == "chat":
         messages = body.get("messages")
         if messages is None:
             raise BadRequest("'messages' is required", param="messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty array", param="messages")
+        if len(messages) > max_messages:
+            raise BadRequest(
+                f"'messages' has {len(messages)} entries; the limit is {max_messages}",
+                param="messages",
+            )
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise BadRequest(
@@ -187,7 +212,9 @@ class Router:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(on_record=self._observed)
+        self.request_log = RequestLog()
+        self.tracing = tracing_from_settings(settings)
         self.trusted = parse_networks(settings.trusted_proxies)
         self.store: OwnershipStore = (
             RedisStore(
@@ -203,6 +230,8 @@ class Router:
             settings.backend_urls,
             default_model=settings.served_model,
             unhealthy_after_failures=settings.unhealthy_after_failures,
+            breaker_failures=settings.breaker_failures,
+            breaker_cooldown_s=settings.breaker_cooldown_s,
             on_restart=self._backend_restarted,
         )
         self.weights = CostWeights(
@@ -213,6 +242,17 @@ class Router:
             cap_floor=settings.load_cap_floor,
         )
         self.policy = make_policy(settings.routing_policy, self.weights)
+        self.keyring = KeyRing(settings.router_api_keys)
+        self.admission = Admission(
+            Limits(
+                max_in_flight=settings.max_in_flight,
+                max_in_flight_per_tenant=settings.max_in_flight_per_tenant,
+                max_queue=settings.max_queue,
+                max_queue_per_tenant=settings.max_queue_per_tenant,
+                queue_timeout_s=settings.queue_timeout_s,
+            )
+        )
+        self.rates = RateLimits(settings.tenant_rpm, settings.tenant_tpm)
         self.passthrough_policy = LeastLoaded()
         self.dispatcher: Dispatcher | None = None
         self.started_at = int(time.time())
@@ -221,8 +261,11 @@ class Router:
             self.metrics.collector(
                 self._prom_gauges,
                 lambda: self.store.fallbacks if isinstance(self.store, RedisStore) else 0,
+                lambda: self.admission.stats.rejected,
             )
         )
+        self.series = SeriesRecorder(self.metrics, self.pool)
+        self.tenant_tags = TenantTags()
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- lifespan ------------------------------------------------------------------------
@@ -241,6 +284,8 @@ class Router:
             session=session,
             read_timeout_s=s.read_timeout_s,
             retries=s.retries,
+            retry_budget_s=s.retry_budget_s,
+            max_in_flight_per_backend=s.max_in_flight_per_backend,
         )
         await self.pool.probe_health(session, s.probe_timeout_s)
         await self.pool.probe_metrics(session, s.probe_timeout_s)
@@ -256,6 +301,7 @@ class Router:
                 )
             )
         )
+        self._tasks.append(asyncio.create_task(self.series.run()))
         try:
             yield
         finally:
@@ -263,11 +309,18 @@ class Router:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await session.close()
+            self.tracing.shutdown()
             if isinstance(self.store, RedisStore):
                 await self.store.close()
 
     def _backend_restarted(self, backend: str) -> None:
         self._tasks.append(asyncio.create_task(self.store.forget_backend(backend)))
+
+    def _observed(self, rec: RequestRecord) -> None:
+        """A request is over (called once, from `metrics.record`): its log line and trace."""
+        self.request_log.emit(rec)
+        if rec.scope is not None and rec.scope.trace is not None:
+            rec.scope.trace.end(rec)
 
     # --- generation ----------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
@@ -292,11 +345,46 @@ class Router:
             )
         return str(model)
 
+    def route_for(
+        self, kind: Kind, tenant: str, model: str, body: Mapping[str, Any]
+    ) -> RouteRequest:
+        keyed_tenant = effective_tenant(tenant, body.get("cache_salt"))
+        window = self.settings.prefix_window_chars
+        keys = (
+            chat_keys(keyed_tenant, model, body["messages"], window)
+            if kind == "chat"
+            else completion_keys(keyed_tenant, model, body["prompt"], window)
+        )
+        per_token = self.settings.chars_per_token
+        return RouteRequest(
+            model=model,
+            keys=keys,
+            prompt_tokens=int(keys.prompt_chars / per_token) + 1,
+            system_tokens=int(keys.system_chars / per_token),
+        )
+
+    def ready_for(self, model: str) -> Callable[[], bool]:
+        """Whether some healthy backend serving `model` can take one more request now."""
+        per_backend = self.settings.max_in_flight_per_backend
+        max_waiting = self.settings.max_backend_waiting
+
+        def ready() -> bool:
+            return any(
+                b.healthy
+                and model in b.models
+                and b.in_flight < per_backend
+                and (b.metrics is None or b.metrics.waiting <= max_waiting)
+                for b in self.pool.backends
+            )
+
+        return ready
+
     def upstream_headers(self, request: Request) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
         if self.settings.backend_api_key:
             headers["Authorization"] = f"Bearer {self.settings.backend_api_key}"
-        elif "authorization" in request.headers:
+        elif "authorization" in request.headers and not self.keyring.enabled:
+            # Without router keys the client's key is meant for vLLM; with them it is ours.
             headers["Authorization"] = request.headers["authorization"]
         traceparent = request.headers.get("traceparent")
         if traceparent:
@@ -307,58 +395,76 @@ class Router:
         start = time.monotonic()
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         endpoint = "chat" if kind == "chat" else "completions"
+        trace = self.tracing.start("POST", path, request.headers)
+        scope = RequestScope(request_id, start, trace)
         try:
+            trace.phase("admission")
+            bound_tenant = self.keyring.authenticate(request.headers.get("authorization"))
             raw = await read_body(request, self.settings.max_body_bytes)
             body = parse_json_object(raw)
-            check_fields(body, kind)
-            model = self.resolve_model(body)
-        except KvrouteError as exc:
-            self.metrics.record(
-                RequestRecord(endpoint=endpoint, status=exc.status, error_kind=type(exc).__name__)
-            )
-            return error_response(exc, request_id)
-
-        peer = request.client.host if request.client else None
-        tenant = effective_tenant(
-            tenant_from(request.headers, peer, self.trusted), body.get("cache_salt")
-        )
-        window = self.settings.prefix_window_chars
-        keys = (
-            chat_keys(tenant, model, body["messages"], window)
-            if kind == "chat"
-            else completion_keys(tenant, model, body["prompt"], window)
-        )
-        per_token = self.settings.chars_per_token
-        route = RouteRequest(
-            model=model,
-            keys=keys,
-            prompt_tokens=int(keys.prompt_chars / per_token) + 1,
-            system_tokens=int(keys.system_chars / per_token),
-        )
-        ownership = await self.store.lookup(keys)
-        if not self.settings.system_affinity and ownership.system_holders:
-            ownership = replace(ownership, system_holders=())
-
-        stream = body.get("stream") is True
-        options = body.get("stream_options") or {}
-        client_wants_usage = stream and options.get("include_usage") is True
-        if stream and not client_wants_usage:
-            body["stream_options"] = {**options, "include_usage": True}
-            raw = orjson.dumps(body)
-        if not body.get("model"):
+            check_fields(body, kind, self.settings.max_messages, self.settings.max_tokens_cap)
+            model = scope.model = self.resolve_model(body)
+            peer = request.client.host if request.client else None
+            tenant = bound_tenant or tenant_from(request.headers, peer, self.trusted)
+            scope.tenant = tenant
+            rewrite = not body.get("model")
             body["model"] = model
-            raw = orjson.dumps(body)
-
-        assert self.dispatcher is not None
-        try:
-            attempt = await self.dispatcher.open(
-                route, ownership, path, raw, self.upstream_headers(request), request_id
-            )
+            if self.settings.tenant_cache_salt:
+                body["cache_salt"] = tenant_salt(self.settings.cache_salt_secret, tenant)
+                rewrite = True
+            route = self.route_for(kind, tenant, model, body)
+            max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+            self.rates.check(tenant, route.prompt_tokens + int(max_tokens))
+            slot = await self.admission.acquire(tenant, self.ready_for(model))
         except KvrouteError as exc:
             self.metrics.record(
-                RequestRecord(endpoint=endpoint, status=exc.status, error_kind=type(exc).__name__)
+                RequestRecord(
+                    endpoint=endpoint,
+                    status=exc.status,
+                    error_kind=type(exc).__name__,
+                    scope=scope,
+                )
             )
             return error_response(exc, request_id)
+
+        try:
+            trace.phase("selection")
+            ownership = await self.store.lookup(route.keys)
+            if not self.settings.system_affinity and ownership.system_holders:
+                ownership = replace(ownership, system_holders=())
+            stream = body.get("stream") is True
+            options = body.get("stream_options") or {}
+            client_wants_usage = stream and options.get("include_usage") is True
+            if stream and not client_wants_usage:
+                body["stream_options"] = {**options, "include_usage": True}
+                rewrite = True
+            if rewrite:
+                raw = orjson.dumps(body)
+            assert self.dispatcher is not None
+            attempt = await self.dispatcher.open(
+                route,
+                ownership,
+                path,
+                raw,
+                self.upstream_headers(request),
+                request_id,
+                start,
+                trace=trace,
+            )
+        except KvrouteError as exc:
+            slot.release()
+            self.metrics.record(
+                RequestRecord(
+                    endpoint=endpoint,
+                    status=exc.status,
+                    error_kind=type(exc).__name__,
+                    scope=scope,
+                )
+            )
+            return error_response(exc, request_id)
+        except BaseException:
+            slot.release()
+            raise
 
         decision = attempt.decision
         response_headers = {
@@ -370,18 +476,23 @@ class Router:
         if upstream.status != 200 or not stream:
             try:
                 data = await upstream.read()
-            except Exception as exc:
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                self.metrics.record(
+                    RequestRecord(
+                        endpoint=endpoint,
+                        status=502,
+                        backend=decision.backend,
+                        error_kind="UpstreamBroken",
+                        scope=scope,
+                    )
+                )
+                reason = f"backend {decision.backend} failed while answering: {exc}"
+                return error_response(UpstreamBroken(reason, backend=decision.backend), request_id)
+            finally:
+                slot.release()
                 self.pool.release(decision.backend)
                 upstream.release()
-                error = KvrouteError(f"backend {decision.backend} failed: {exc}")
-                error.status, error.type = 502, "upstream_error"
-                self.metrics.record(
-                    RequestRecord(endpoint=endpoint, status=502, error_kind="UpstreamBroken")
-                )
-                return error_response(error, request_id)
-            self.pool.release(decision.backend)
-            upstream.release()
-            return self._answer_whole(endpoint, attempt, data, response_headers)
+            return self._answer_whole(endpoint, attempt, data, response_headers, scope)
 
         want_stats = self.settings.stream_stats and request.headers.get(
             "x-router-stream-stats", "1"
@@ -390,6 +501,7 @@ class Router:
         default_object = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
         async def finish(scan: StreamScanner, aborted: bool, error: str | None) -> bytes:
+            slot.release()
             self.pool.release(decision.backend)
             fig = figures(
                 scan,
@@ -414,6 +526,7 @@ class Router:
                     retries=attempt.retries,
                     error_kind="UpstreamBroken" if error else None,
                     stream=True,
+                    scope=scope,
                 )
             )
             if not want_stats:
@@ -432,7 +545,7 @@ class Router:
                 "prefix_key": route.keys.conversation,
                 "tenant": tenant,
                 "retries": attempt.retries,
-                "queue_ms": 0.0,
+                "queue_ms": round(slot.queue_ms, 3),
                 "request_id": request_id,
             }
             if error:
@@ -442,7 +555,12 @@ class Router:
         return RelayResponse(upstream, scanner, {**SSE_HEADERS, **response_headers}, finish)
 
     def _answer_whole(
-        self, endpoint: str, attempt: Attempt, data: bytes, headers: dict[str, str]
+        self,
+        endpoint: str,
+        attempt: Attempt,
+        data: bytes,
+        headers: dict[str, str],
+        scope: RequestScope | None = None,
     ) -> Response:
         decision = attempt.decision
         status = attempt.response.status
@@ -453,6 +571,7 @@ class Router:
             backend=decision.backend,
             retries=attempt.retries,
             bytes_out=len(data),
+            scope=scope,
         )
         if status == 200:
             record.outcome, record.affinity = decision.outcome, decision.affinity
@@ -471,13 +590,18 @@ class Router:
     async def passthrough(self, request: Request) -> Response:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         endpoint = request.url.path
+        start = time.monotonic()
+        trace = self.tracing.start("POST", endpoint, request.headers)
+        scope = RequestScope(request_id, start, trace)
         try:
+            self.keyring.authenticate(request.headers.get("authorization"))
             raw = await read_body(request, self.settings.max_body_bytes)
             content_type = request.headers.get("content-type", "application/json")
             if content_type.startswith("application/json"):
                 model = self.resolve_model(parse_json_object(raw))
             else:
                 model = self.resolve_model({})
+            scope.model = model
             keys = PrefixKeys(conversation=request_id, system="", prompt_chars=0, system_chars=0)
             route = RouteRequest(model=model, keys=keys, prompt_tokens=0, system_tokens=0)
             headers = {**self.upstream_headers(request), "Content-Type": content_type}
@@ -489,12 +613,19 @@ class Router:
                 raw,
                 headers,
                 request_id,
+                start,
                 policy=self.passthrough_policy,
                 remember=False,
+                trace=trace,
             )
         except KvrouteError as exc:
             self.metrics.record(
-                RequestRecord(endpoint=endpoint, status=exc.status, error_kind=type(exc).__name__)
+                RequestRecord(
+                    endpoint=endpoint,
+                    status=exc.status,
+                    error_kind=type(exc).__name__,
+                    scope=scope,
+                )
             )
             return error_response(exc, request_id)
         try:
@@ -508,6 +639,7 @@ class Router:
                 status=attempt.response.status,
                 backend=attempt.decision.backend,
                 bytes_out=len(data),
+                scope=scope,
             )
         )
         return BytesResponse(
@@ -522,6 +654,10 @@ class Router:
 
     # --- fleet and introspection ---------------------------------------------------------
     async def models(self, request: Request) -> Response:
+        try:
+            self.keyring.authenticate(request.headers.get("authorization"))
+        except KvrouteError as exc:
+            return error_response(exc)
         data = []
         for model, max_len in sorted(self.pool.models().items()):
             card: dict[str, Any] = {
@@ -584,7 +720,31 @@ class Router:
             "backend_in_flight": {b.name: b.in_flight for b in self.pool.backends},
             "backend_healthy": {b.name: float(b.healthy) for b in self.pool.backends},
             "backend_owned_keys": {b.name: owned.get(b.name, 0) for b in self.pool.backends},
+            # As each backend's vLLM last reported them (none before its first scrape).
+            "backend_waiting_requests": {
+                b.name: b.metrics.waiting for b in self.pool.backends if b.metrics is not None
+            },
+            "backend_running_requests": {
+                b.name: b.metrics.running for b in self.pool.backends if b.metrics is not None
+            },
+            "backend_kv_cache_usage_ratio": {
+                b.name: b.metrics.kv_usage for b in self.pool.backends if b.metrics is not None
+            },
         }
+
+    async def dashboard(self, request: Request) -> Response:
+        return BytesResponse(200, page_html(), page_headers())
+
+    async def dashboard_data(self, request: Request) -> Response:
+        data = dashboard_data(
+            now_s=time.time(),
+            samples=self.series.samples,
+            backends=self.backend_status(),
+            metrics=self.metrics,
+            tags=self.tenant_tags,
+            policy=self.settings.routing_policy,
+        )
+        return BytesResponse(200, orjson.dumps(data), {**JSON_HEADERS, "cache-control": "no-store"})
 
     async def metrics_endpoint(self, request: Request) -> Response:
         accept = request.headers.get("accept", "")
@@ -596,6 +756,7 @@ class Router:
             "in_flight": {b.name: b.in_flight for b in self.pool.backends},
             "backends": self.backend_status(),
             "ownership": self.store.describe(),
+            "admission": self.admission.snapshot(),
             "policy": self.settings.routing_policy,
         }
         return BytesResponse(200, orjson.dumps(self.metrics.snapshot(extra)), JSON_HEADERS)
@@ -628,7 +789,9 @@ class _NotImplementedYet:
 
 def create_app_from_env() -> FastAPI:
     """Factory for uvicorn worker processes (`WORKERS` > 1): settings from the environment."""
-    return create_app(load_settings())
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -657,6 +820,8 @@ def create_app(settings: Settings) -> FastAPI:
     route("/live", router.live, ["GET"])
     route("/metrics", router.metrics_endpoint, ["GET"])
     route("/architecture", router.architecture, ["GET"])
+    route("/dashboard", router.dashboard, ["GET"])
+    route("/dashboard/data", router.dashboard_data, ["GET"])
     app.mount(
         "/v1/responses",
         _NotImplementedYet(

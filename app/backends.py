@@ -116,6 +116,9 @@ class Backend:
     generation: int = 0  # bumped when vLLM restarts: its cache is gone
     dispatched: int = 0
     last_probe_s: float = 0.0
+    next_probe_s: float = 0.0
+    live_failures: int = 0  # consecutive failed live requests (circuit breaker)
+    breaker_until_s: float = 0.0
     max_model_len: dict[str, int] = field(default_factory=dict)
 
     def view(self) -> BackendView:
@@ -141,13 +144,19 @@ class BackendPool:
         *,
         default_model: str = "",
         unhealthy_after_failures: int = 2,
+        breaker_failures: int = 3,
+        breaker_cooldown_s: float = 5.0,
         on_restart: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backends = [Backend(name=f"b{i}", url=url) for i, url in enumerate(urls)]
         self._by_name = {b.name: b for b in self.backends}
         self._default_models = frozenset({default_model}) if default_model else frozenset()
         self._unhealthy_after = unhealthy_after_failures
+        self._breaker_failures = breaker_failures
+        self._breaker_cooldown_s = breaker_cooldown_s
         self._on_restart = on_restart
+        self._clock = clock
         for backend in self.backends:
             backend.models = self._default_models
 
@@ -185,15 +194,43 @@ class BackendPool:
         self._by_name[name].in_flight -= 1
 
     def mark_failed(self, name: str, reason: str) -> None:
-        """A live request could not reach the backend: suspect it at once."""
+        """A live request could not reach the backend: suspect it at once, probe it soon."""
         backend = self._by_name[name]
         backend.failures = max(backend.failures + 1, self._unhealthy_after)
         backend.healthy = False
         backend.last_error = reason
+        backend.next_probe_s = 0.0
+
+    def record_failure(self, name: str, reason: str) -> None:
+        """A live request failed with a retryable status; enough in a row open the breaker."""
+        backend = self._by_name[name]
+        backend.live_failures += 1
+        backend.last_error = reason
+        if backend.live_failures >= self._breaker_failures and backend.healthy:
+            log.warning(
+                "backend %s failed %d requests in a row (%s): skipped for at least %.0f s",
+                name,
+                backend.live_failures,
+                reason,
+                self._breaker_cooldown_s,
+            )
+            backend.healthy = False
+            backend.breaker_until_s = self._clock() + self._breaker_cooldown_s
+
+    def record_success(self, name: str) -> None:
+        self._by_name[name].live_failures = 0
 
     # --- probes --------------------------------------------------------------------------
-    async def probe_health(self, session: aiohttp.ClientSession, timeout_s: float) -> None:
-        await asyncio.gather(*(self._probe_one(session, b, timeout_s) for b in self.backends))
+    async def probe_health(
+        self, session: aiohttp.ClientSession, timeout_s: float, interval_s: float = 0.0
+    ) -> None:
+        now = self._clock()
+        due = [b for b in self.backends if b.next_probe_s <= now]
+        await asyncio.gather(*(self._probe_one(session, b, timeout_s) for b in due))
+        for backend in due:
+            # A down backend is probed less often (up to 4x the interval), an up one every time.
+            backoff = 1 if backend.healthy else min(2 ** max(backend.failures - 1, 0), 4)
+            backend.next_probe_s = now + interval_s * backoff - 0.01
 
     async def _probe_one(
         self, session: aiohttp.ClientSession, backend: Backend, timeout_s: float
@@ -209,8 +246,12 @@ class BackendPool:
                         self._set_models(backend, orjson.loads(await resp.read()))
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, ValueError) as exc:
             ok, reason = False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        backend.last_probe_s = time.monotonic()
+        backend.last_probe_s = self._clock()
+        if ok and backend.breaker_until_s > backend.last_probe_s:
+            ok, reason = False, "circuit breaker open after failed requests"
         if ok:
+            # live_failures stays: after the cool-down one more failed request re-opens the
+            # breaker at once (half-open), one success closes it.
             if not backend.healthy:
                 log.info("backend %s (%s) is healthy", backend.name, backend.url)
             backend.healthy, backend.failures, backend.last_error = True, 0, ""
@@ -275,7 +316,7 @@ class BackendPool:
             now = time.monotonic()
             if now >= next_health:
                 with contextlib.suppress(Exception):
-                    await self.probe_health(session, timeout_s)
+                    await self.probe_health(session, timeout_s, health_interval_s)
                 next_health = now + health_interval_s
             with contextlib.suppress(Exception):
                 await self.probe_metrics(session, timeout_s)

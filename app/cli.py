@@ -1,4 +1,4 @@
-"""`kvroute serve | demo | deploy | sim`: the command line.
+"""`kvroute serve | demo | deploy | sim | top`: the command line.
 
 `serve` is what `main.py` runs. `demo` starts simulated vLLM backends in child processes and the
 router in front of them, prints a curl command, and cleans up on Ctrl-C or SIGTERM.
@@ -7,7 +7,7 @@ router in front of them, prints a curl command, and cleans up on Ctrl-C or SIGTE
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
 import os
 import signal
 import sys
@@ -20,6 +20,7 @@ DEMO_MODEL = "demo-model"
 
 def _run_uvicorn(settings: Settings) -> None:
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     from app.api import create_app
 
@@ -40,15 +41,16 @@ def _run_uvicorn(settings: Settings) -> None:
         http="httptools",
         log_level=settings.log_level,
         access_log=False,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        # JSON logs: uvicorn's own lines go through the root handler too (LOG_FORMAT).
+        log_config=None if settings.log_format == "json" else LOGGING_CONFIG,
     )
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _configure_logging(settings: Settings) -> None:
+    from app.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
 
 
 def serve(overrides: dict[str, object]) -> int:
@@ -63,8 +65,11 @@ def serve(overrides: dict[str, object]) -> int:
     except SettingsError as exc:
         print(f"kvroute: {exc}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level)
-    _run_uvicorn(settings)
+    _configure_logging(settings)
+    # uvicorn drains in-flight streams on SIGTERM, then re-raises the signal: end with 0.
+    signal.signal(signal.SIGTERM, _interrupt)
+    with contextlib.suppress(KeyboardInterrupt):
+        _run_uvicorn(settings)
     return 0
 
 
@@ -95,7 +100,7 @@ def demo(port: int, backends: int, host: str) -> int:
         except SettingsError as exc:
             print(f"kvroute: {exc}", file=sys.stderr)
             return 2
-        _configure_logging(settings.log_level)
+        _configure_logging(settings)
         url = f"http://{host}:{port}"
         print(
             f"\nkvroute demo: router on {url} in front of {backends} simulated vLLM backends "
@@ -134,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_p.add_argument("--backends", type=int, default=3)
     sub.add_parser("deploy", help="deploy vLLM on a GPU host over SSH (see `kvroute deploy -h`)")
     sub.add_parser("sim", help="run one simulated vLLM backend (see `kvroute sim -h`)")
+    sub.add_parser("top", help="a running router's live figures in the terminal (`top -h`)")
     return parser
 
 
@@ -147,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from app.simulator.__main__ import main as sim_main
 
         return int(sim_main(args_list[1:]))
+    if args_list and args_list[0] == "top":
+        from app.top import main as top_main
+
+        return top_main(args_list[1:])
     args = build_parser().parse_args(args_list)
     if args.command == "serve":
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PolicyName = Literal["sticky", "least_loaded", "round_robin"]
@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # `text`: readable lines (requests as key=value); `json`: one JSON object per line.
+    log_format: Literal["text", "json"] = "text"
     # Router worker processes on one port; more than one needs REDIS_URL to share ownership.
     workers: int = Field(default=1, ge=1, le=64)
 
@@ -62,10 +64,46 @@ class Settings(BaseSettings):
 
     # --- request limits -------------------------------------------------------------------
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_messages: int = Field(default=4096, ge=1)
+    max_tokens_cap: int = Field(default=0, ge=0)  # 0: no cap beyond the backend's own
     retries: int = Field(default=1, ge=0, le=3)
+    # A retry is only started this soon after the request arrived (TTFT budget).
+    retry_budget_s: float = Field(default=5.0, ge=0)
+    # Consecutive failed live requests that open a backend's circuit breaker; it closes when a
+    # health probe passes after the cool-down.
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_cooldown_s: float = Field(default=5.0, ge=0)
+
+    # --- admission ------------------------------------------------------------------------
+    max_in_flight: int = Field(default=0, ge=0)  # 0: no global limit
+    max_in_flight_per_backend: int = Field(default=256, ge=1)
+    max_in_flight_per_tenant: int = Field(default=0, ge=0)  # 0: no tenant limit
+    # A backend whose vLLM reports more waiting requests than this takes no new ones: the
+    # router queues them instead of piling them into vLLM's queue.
+    max_backend_waiting: int = Field(default=16, ge=0)
+    max_queue: int = Field(default=1024, ge=0)
+    max_queue_per_tenant: int = Field(default=256, ge=0)
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    tenant_rpm: float = Field(default=0, ge=0)  # 0: off
+    tenant_tpm: float = Field(default=0, ge=0)  # 0: off
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+
+    # --- security ---------------------------------------------------------------------------
+    # Comma-separated client keys; `KEY=TENANT` binds a key to a tenant. Empty: no auth.
+    router_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
+    # Send vLLM a per-tenant cache_salt so tenants never share (or time) each other's KV blocks.
+    tenant_cache_salt: bool = False
+    cache_salt_secret: str = Field(default="", repr=False)
 
     # --- stream statistics ----------------------------------------------------------------
     stream_stats: bool = True
+
+    # --- tracing (OpenTelemetry's standard names; on when an exporter or endpoint is set) ---
+    otel_traces_exporter: Literal["", "otlp", "console", "none"] = ""
+    otel_exporter_otlp_endpoint: str = Field(default="", repr=False)
+    otel_exporter_otlp_traces_endpoint: str = Field(default="", repr=False)
+    otel_service_name: str = "kvroute"
+    otel_sdk_disabled: bool = False
 
     # --- routing --------------------------------------------------------------------------
     routing_policy: PolicyName = "sticky"
@@ -85,7 +123,7 @@ class Settings(BaseSettings):
     load_cap_floor: float = Field(default=4.0, ge=0)
     chars_per_token: float = Field(default=4.0, gt=0)
 
-    @field_validator("backend_urls", "trusted_proxies", mode="before")
+    @field_validator("backend_urls", "trusted_proxies", "router_api_keys", mode="before")
     @classmethod
     def _split_lists(cls, value: object) -> object:
         return _split_csv(value)
@@ -109,6 +147,35 @@ class Settings(BaseSettings):
         if url and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"{url!r} is not a redis:// URL")
         return url
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, cidrs: list[str]) -> list[str]:
+        from app.tenancy import parse_networks
+
+        parse_networks(cidrs)
+        return cidrs
+
+    @model_validator(mode="after")
+    def _check_salt(self) -> Settings:
+        if self.tenant_cache_salt and len(self.cache_salt_secret) < 16:
+            raise ValueError(
+                "CACHE_SALT_SECRET must be set (16+ characters) when TENANT_CACHE_SALT is on, "
+                "and be the same on every router replica"
+            )
+        return self
+
+    @property
+    def tracing_enabled(self) -> bool:
+        """OpenTelemetry tracing: on when an exporter (other than `none`) or an OTLP endpoint is
+        set, unless OTEL_SDK_DISABLED."""
+        if self.otel_sdk_disabled or self.otel_traces_exporter == "none":
+            return False
+        return bool(
+            self.otel_traces_exporter
+            or self.otel_exporter_otlp_endpoint
+            or self.otel_exporter_otlp_traces_endpoint
+        )
 
     def require_backends(self) -> None:
         """Serving needs at least one backend; tests and tools may build Settings without."""
@@ -134,8 +201,12 @@ class Settings(BaseSettings):
         """The configuration without secrets, for /architecture."""
         data = self.model_dump()
         data["backend_api_key"] = "set" if self.backend_api_key else ""
+        data["router_api_keys"] = f"{len(self.router_api_keys)} keys"
+        data["cache_salt_secret"] = "set" if self.cache_salt_secret else ""
         data["redis_url"] = redact_url(self.redis_url)
         data["backend_urls"] = [redact_url(u) for u in self.backend_urls]
+        for name in ("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint"):
+            data[name] = redact_url(str(data[name]))
         return data
 
 
@@ -155,5 +226,9 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        name = str(first["loc"][0]).upper() if first["loc"] else "settings"
-        raise SettingsError(f"invalid setting {name}: {first['msg']}") from None
+        if first["loc"]:
+            name = str(first["loc"][0]).upper()
+            raise SettingsError(f"invalid setting {name}: {first['msg']}") from None
+        raise SettingsError(
+            f"invalid settings: {first['msg'].removeprefix('Value error, ')}"
+        ) from None

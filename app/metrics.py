@@ -1,20 +1,39 @@
 """The router's own counters: plain integers on the hot path, rendered on demand.
 
 `RouterMetrics.snapshot()` gives the JSON for `/metrics`; `RouterMetrics.collector()` yields the same
-figures as Prometheus families for `prometheus_client` (no global registry: one per app).
+figures as Prometheus families for `prometheus_client` (no global registry: one per app). Histograms
+are fixed buckets per label set (`Histogram.observe`: one bisect, three additions), and the last
+routing decisions are a bounded ring for the dashboard.
 """
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+if TYPE_CHECKING:
+    from app.tracing import RequestTrace
+
 SAMPLE_WINDOW = 4096
+RECENT_DECISIONS = 64
+# Histogram buckets, in seconds (Prometheus `le`, inclusive upper bounds; +Inf is implied).
+TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5,
+)  # fmt: skip
+DURATION_BUCKETS_S = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+GENERATION_ENDPOINTS = frozenset({"chat", "completions"})
+# Label values shown where a request has none (bounded: never a tenant or a prefix key).
+NO_LABEL = "none"
 
 
 def percentiles(samples: deque[float]) -> dict[str, float | None]:
@@ -26,6 +45,62 @@ def percentiles(samples: deque[float]) -> dict[str, float | None]:
         return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
 
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "count": len(ordered)}
+
+
+class Histogram:
+    """Fixed-bucket histograms, one per label set; rendered cumulatively at scrape time."""
+
+    __slots__ = ("bounds", "series")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        # label values -> [count per bucket..., count above the last bound, sum]
+        self.series: dict[tuple[str, ...], list[float]] = {}
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        counts = self.series.get(labels)
+        if counts is None:
+            counts = self.series[labels] = [0.0] * (len(self.bounds) + 2)
+        counts[bisect_left(self.bounds, value)] += 1
+        counts[-1] += value
+
+    def family(self, name: str, doc: str, label_names: list[str]) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, doc, labels=label_names)
+        for labels, counts in sorted(self.series.items()):
+            running = 0.0
+            buckets: list[tuple[str, float]] = []
+            for bound, n in zip(self.bounds, counts, strict=False):
+                running += n
+                buckets.append((repr(bound), running))
+            buckets.append(("+Inf", running + counts[-2]))
+            family.add_metric(list(labels), buckets, sum_value=counts[-1])
+        return family
+
+
+@dataclass(slots=True)
+class RequestScope:
+    """What is known of a request before its outcome; filled in as it goes (tenant, model)."""
+
+    request_id: str
+    started_s: float  # time.monotonic() at receipt
+    trace: RequestTrace | None = None
+    tenant: str | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecentDecision:
+    """One routing decision for the dashboard's ring: never the prompt, the tenant in clear only
+    here in memory (the dashboard shows a keyed hash of it)."""
+
+    time_s: float  # wall clock
+    tenant: str | None
+    model: str | None
+    backend: str
+    outcome: str | None
+    affinity: str | None
+    ttft_ms: float | None
+    status: int
 
 
 @dataclass(slots=True)
@@ -55,10 +130,13 @@ class RequestRecord:
     retries: int = 0
     error_kind: str | None = None
     stream: bool = False
+    scope: RequestScope | None = None
+    duration_s: float | None = None  # receipt to last byte; set by `record` from the scope
 
 
 class RouterMetrics:
-    def __init__(self) -> None:
+    def __init__(self, on_record: Callable[[RequestRecord], None] | None = None) -> None:
+        self.on_record = on_record  # the request log and trace; called once per request
         self.requests: Counter[tuple[str, int]] = Counter()
         self.errors: Counter[str] = Counter()
         self.outcomes: Counter[str] = Counter()
@@ -71,8 +149,42 @@ class RouterMetrics:
         self.retries = 0
         self.streams = 0
         self.client_disconnects = 0
+        self.ttft_seen = 0  # TTFT samples ever taken (the dashboard reads the new ones per second)
+        self.ttft_s = Histogram(TTFT_BUCKETS_S)
+        self.tpot_s = Histogram(TPOT_BUCKETS_S)
+        self.duration_s = Histogram(DURATION_BUCKETS_S)
+        self.recent: deque[RecentDecision] = deque(maxlen=RECENT_DECISIONS)
 
     def record(self, rec: RequestRecord) -> None:
+        scope = rec.scope
+        if scope is not None and rec.duration_s is None:
+            rec.duration_s = time.monotonic() - scope.started_s
+        if rec.backend and rec.endpoint in GENERATION_ENDPOINTS:
+            model = scope.model if scope is not None else None
+            labels = (rec.backend, model or NO_LABEL, rec.outcome or NO_LABEL)
+            if rec.ttft_ms is not None:
+                self.ttft_s.observe(labels, rec.ttft_ms / 1000.0)
+            if rec.tps:
+                self.tpot_s.observe(labels, 1.0 / rec.tps)
+            if rec.duration_s is not None:
+                self.duration_s.observe(labels, rec.duration_s)
+            self.recent.append(
+                RecentDecision(
+                    time.time(),
+                    scope.tenant if scope is not None else None,
+                    model,
+                    rec.backend,
+                    rec.outcome,
+                    rec.affinity,
+                    rec.ttft_ms,
+                    rec.status,
+                )
+            )
+        self._count(rec)
+        if self.on_record is not None:
+            self.on_record(rec)
+
+    def _count(self, rec: RequestRecord) -> None:
         self.requests[(rec.endpoint, rec.status)] += 1
         if rec.error_kind:
             self.errors[rec.error_kind] += 1
@@ -82,6 +194,7 @@ class RouterMetrics:
         self.bytes_out += rec.bytes_out
         if rec.ttft_ms is not None:
             self.ttft_ms.append(rec.ttft_ms)
+            self.ttft_seen += 1
         if rec.tps is not None:
             self.tps.append(rec.tps)
         self.tokens["prompt"] += rec.prompt_tokens
@@ -146,9 +259,23 @@ class RouterMetrics:
         self,
         gauges: Callable[[], dict[str, dict[str, float]]],
         ownership_fallbacks: Callable[[], int],
+        rejections: Callable[[], Mapping[str, int]] | None = None,
     ) -> Collector:
-        """Prometheus view. `gauges()` gives live per-backend gauges: {metric: {backend: value}}."""
-        return _PromCollector(self, gauges, ownership_fallbacks)
+        """Prometheus view. `gauges()` gives live per-backend gauges: {metric: {backend: value}};
+        `rejections()` the admission rejections by reason."""
+        return _PromCollector(self, gauges, ownership_fallbacks, rejections or dict)
+
+
+# Help texts of the per-backend gauges `gauges()` may name; others get a generic one.
+GAUGE_HELP = {
+    "backend_in_flight": "Requests this router has in flight on the backend",
+    "backend_healthy": "1 when the backend answers its health probe, else 0",
+    "backend_owned_keys": "Conversation prefix keys the backend owns",
+    "backend_waiting_requests": "Requests waiting in the backend's vLLM queue (its /metrics)",
+    "backend_running_requests": "Requests running in the backend's vLLM engine (its /metrics)",
+    "backend_kv_cache_usage_ratio": "Fraction of the backend's KV cache in use, 0..1 (its /metrics)",
+}
+HISTOGRAM_LABELS = ["backend", "model", "cache_outcome"]
 
 
 class _PromCollector(Collector):
@@ -157,10 +284,12 @@ class _PromCollector(Collector):
         m: RouterMetrics,
         gauges: Callable[[], dict[str, dict[str, float]]],
         ownership_fallbacks: Callable[[], int],
+        rejections: Callable[[], Mapping[str, int]],
     ) -> None:
         self.m = m
         self.gauges = gauges
         self.ownership_fallbacks = ownership_fallbacks
+        self.rejections = rejections
 
     def collect(self) -> Iterator[Any]:
         m = self.m
@@ -181,6 +310,22 @@ class _PromCollector(Collector):
             for outcome, n in counters.outcomes.items():
                 outcomes.add_metric([backend, outcome], n)
         yield outcomes
+        for name, outcome, doc in (
+            ("kvroute_spills", "spill", "Requests sent past their owner (overloaded or costlier)"),
+            ("kvroute_reassignments", "reassigned", "Requests whose owner was gone"),
+        ):
+            moved = CounterMetricFamily(
+                name, doc + ", by the backend that took them", labels=["backend"]
+            )
+            for backend, counters in m.backends.items():
+                moved.add_metric([backend], counters.outcomes[outcome])
+            yield moved
+        rejected = CounterMetricFamily(
+            "kvroute_admission_rejections", "Requests refused by admission (429)", labels=["reason"]
+        )
+        for reason, n in self.rejections().items():
+            rejected.add_metric([reason], n)
+        yield rejected
         tokens = CounterMetricFamily("kvroute_tokens", "Tokens relayed", labels=["kind"])
         for kind, n in m.tokens.items():
             tokens.add_metric([kind], n)
@@ -197,12 +342,26 @@ class _PromCollector(Collector):
             "Ownership look-ups served from memory because Redis failed",
             value=self.ownership_fallbacks(),
         )
-        ttft = SummaryMetricFamily("kvroute_ttft_seconds", "Time to first token (recent window)")
-        ttft.add_metric([], count_value=len(m.ttft_ms), sum_value=sum(m.ttft_ms) / 1000.0)
-        yield ttft
+        yield m.ttft_s.family(
+            "kvroute_ttft_seconds",
+            "Time to first token: router receipt to the first content chunk (streams)",
+            HISTOGRAM_LABELS,
+        )
+        yield m.tpot_s.family(
+            "kvroute_time_per_output_token_seconds",
+            "Time per output token after the first (streams)",
+            HISTOGRAM_LABELS,
+        )
+        yield m.duration_s.family(
+            "kvroute_request_duration_seconds",
+            "End-to-end duration: router receipt to the last byte",
+            HISTOGRAM_LABELS,
+        )
         for metric, per_backend in self.gauges().items():
             family = GaugeMetricFamily(
-                f"kvroute_{metric}", f"Per-backend {metric}", labels=["backend"]
+                f"kvroute_{metric}",
+                GAUGE_HELP.get(metric, f"Per-backend {metric}"),
+                labels=["backend"],
             )
             for backend, value in per_backend.items():
                 family.add_metric([backend], value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -17,10 +18,11 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.backends import BackendPool
-from app.errors import KvrouteError, NoHealthyBackend, UpstreamUnavailable
+from app.errors import KvrouteError, NoHealthyBackend, Overloaded, UpstreamUnavailable
 from app.ownership import OwnershipStore
 from app.routing import Decision, Ownership, Policy, RouteRequest, candidates_for
 from app.stream_stats import DONE_EVENT, StreamScanner, render_error_event
+from app.tracing import NO_TRACE, RequestTrace
 
 log = logging.getLogger("kvroute.proxy")
 
@@ -68,6 +70,8 @@ class Dispatcher:
         session: aiohttp.ClientSession,
         read_timeout_s: float,
         retries: int,
+        retry_budget_s: float = 5.0,
+        max_in_flight_per_backend: int = 0,
     ) -> None:
         self.pool = pool
         self.policy = policy
@@ -77,6 +81,8 @@ class Dispatcher:
             total=None, sock_connect=None, sock_read=read_timeout_s
         )
         self.retries = retries
+        self.retry_budget_s = retry_budget_s
+        self.max_in_flight_per_backend = max_in_flight_per_backend
 
     async def open(
         self,
@@ -86,16 +92,27 @@ class Dispatcher:
         body: bytes,
         headers: Mapping[str, str],
         request_id: str,
+        start_s: float,
         policy: Policy | None = None,
         remember: bool = True,
+        trace: RequestTrace = NO_TRACE,
     ) -> Attempt:
-        """Returns an attempt holding one in-flight slot on its backend; the caller releases it."""
+        """Returns an attempt holding one in-flight slot on its backend; the caller releases it.
+
+        A retry goes to another backend, and only while the request is younger than the retry
+        budget: a slow failover would break the time-to-first-token objective anyway."""
         tried: list[str] = []
         last_error: KvrouteError | None = None
-        last_response: aiohttp.ClientResponse | None = None
         for attempt in range(self.retries + 1):
-            candidates = candidates_for(self.pool.snapshot(), route.model, frozenset(tried))
+            if attempt and time.monotonic() - start_s > self.retry_budget_s:
+                break
+            snapshot = self.pool.snapshot()
+            candidates = candidates_for(
+                snapshot, route.model, frozenset(tried), self.max_in_flight_per_backend
+            )
             if not candidates:
+                if not tried and candidates_for(snapshot, route.model):
+                    raise Overloaded("every backend serving this model is at its in-flight limit")
                 break
             decision = (policy or self.policy).choose(route, candidates, ownership)
             backend = self.pool.get(decision.backend)
@@ -115,6 +132,8 @@ class Dispatcher:
                 **headers,
                 "X-Request-Id": f"{request_id}-r{attempt}" if attempt else request_id,
             }
+            # With tracing on: this attempt's span, its context sent as `traceparent`.
+            trace.upstream(backend.name, attempt, attempt_headers)
             try:
                 response = await self.session.post(
                     backend.url + path,
@@ -131,20 +150,21 @@ class Dispatcher:
                 )
                 log.warning("attempt %d on %s failed: %s", attempt + 1, backend.name, reason)
                 continue
-            if response.status in RETRYABLE_STATUSES and attempt < self.retries:
-                await response.read()
-                response.release()
-                self.pool.release(backend.name)
-                last_response = None
-                last_error = UpstreamUnavailable(
-                    f"backend {backend.name} answered {response.status}", backend=backend.name
-                )
-                log.warning(
-                    "attempt %d on %s answered %d", attempt + 1, backend.name, response.status
-                )
-                continue
-            if last_response is not None:
-                last_response.release()
+            if response.status in RETRYABLE_STATUSES:
+                self.pool.record_failure(backend.name, f"answered {response.status}")
+                if attempt < self.retries and time.monotonic() - start_s <= self.retry_budget_s:
+                    await response.read()
+                    response.release()
+                    self.pool.release(backend.name)
+                    last_error = UpstreamUnavailable(
+                        f"backend {backend.name} answered {response.status}", backend=backend.name
+                    )
+                    log.warning(
+                        "attempt %d on %s answered %d", attempt + 1, backend.name, response.status
+                    )
+                    continue
+            else:
+                self.pool.record_success(backend.name)
             return Attempt(
                 decision=decision, response=response, retries=len(tried) - 1, tried=tried
             )

@@ -72,9 +72,20 @@ class Policy(Protocol):
 
 
 def candidates_for(
-    snapshot: Sequence[BackendView], model: str, exclude: frozenset[str] = frozenset()
+    snapshot: Sequence[BackendView],
+    model: str,
+    exclude: frozenset[str] = frozenset(),
+    max_in_flight: int = 0,
 ) -> list[BackendView]:
-    return [b for b in snapshot if b.healthy and b.serves(model) and b.name not in exclude]
+    """Healthy backends serving `model`, not yet tried, under their in-flight limit (0: none)."""
+    return [
+        b
+        for b in snapshot
+        if b.healthy
+        and b.serves(model)
+        and b.name not in exclude
+        and not (max_in_flight and b.in_flight >= max_in_flight)
+    ]
 
 
 def rendezvous(key: str, backend: str) -> int:

@@ -505,6 +505,10 @@ def test_routing_output() -> None:
     assert plan.backend_url(spec(), "10.0.0.5", 18000) == "http://127.0.0.1:18000"
     assert plan.backend_url(spec(bind="0.0.0.0"), "10.0.0.5", 18000) == "http://10.0.0.5:8000"
     assert plan.backend_url(spec(bind="0.0.0.0"), "2001:db8::1", 1) == "http://[2001:db8::1]:8000"
+    assert plan.backend_url(spec(bind="0.0.0.0"), "10.0.0.5", 18000, via_tunnel=True) == (
+        "http://127.0.0.1:18000"
+    )
+    assert plan.backend_url(spec(bind="10.0.0.7"), "10.0.0.5", 1) == "http://10.0.0.7:8000"
     assert (
         plan.backend_urls_line(["http://a:1", "http://b:2"]) == "BACKEND_URLS=http://a:1,http://b:2"
     )

@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = _split_passthrough(args)
     command = args.pop(0) if args and args[0] in SUBCOMMANDS else "deploy"
     parser = build_parser(command)
-    ns = parser.parse_args(args)
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else 2
     console = Console(stderr=True, soft_wrap=True, highlight=False)
     try:
         if extra and command != "deploy":
@@ -156,7 +159,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 
 _DESCRIPTIONS = {
-    "deploy": "Install vLLM on GPU hosts over SSH, start it, and print how to route to it.",
+    "deploy": "Install vLLM on GPU hosts over SSH, start it, and print how to route to it. "
+    "Day two: kvroute deploy status|logs|stop --host HOST.",
     "status": "Show the kvroute vLLM deployments on hosts.",
     "logs": "Print the vLLM log of a deployment.",
     "stop": "Stop a deployment's vLLM server.",
@@ -290,14 +294,17 @@ def spec_from_args(
     )
 
 
-def _print_error(console: Console, exc: DeployError) -> None:
+def _print_error(console: Console, exc: DeployError, host: str | None = None) -> None:
     tail = getattr(exc, "log_tail", ()) or getattr(exc, "output_tail", ())
     if tail:
         console.print("[dim]---- last lines ----[/]")
         for line in tail:
             console.print(escape(line), markup=True)
         console.print("[dim]--------------------[/]")
-    console.print(f"[red]error:[/] {escape(exc.message)}")
+    message = exc.message
+    if host and not message.startswith(host):
+        message = f"{host}: {message}"
+    console.print(f"[red]error:[/] {escape(message)}")
     if exc.fix:
         console.print(f"[yellow]fix:[/] {escape(exc.fix)}")
 
@@ -318,18 +325,18 @@ async def _deploy(ns: argparse.Namespace, extra: tuple[str, ...], console: Conso
             *(deploy_host(target, spec, secrets, options, reporter) for target in targets),
             return_exceptions=True,
         )
-    outcomes: list[HostOutcome] = []
-    failures: list[tuple[SshTarget, DeployError]] = []
-    for target, result in zip(targets, results, strict=True):
-        if isinstance(result, HostOutcome):
-            outcomes.append(result)
-        elif isinstance(result, DeployError):
-            failures.append((target, result))
-        elif isinstance(result, BaseException):
-            raise result
+    outcomes = [result for result in results if isinstance(result, HostOutcome)]
+    failures = [
+        (target, result)
+        for target, result in zip(targets, results, strict=True)
+        if isinstance(result, DeployError)
+    ]
     try:
-        for _target, error in failures:
-            _print_error(console, error)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, DeployError):
+                raise result
+        for target, error in failures:
+            _print_error(console, error, target.label)
         if options.preflight_only:
             if not failures:
                 print(f"preflight passed on {len(outcomes)} host(s)")
@@ -363,7 +370,7 @@ def _print_routing(
         print("Open one SSH tunnel per host (leave them running):")
     for outcome in outcomes:
         local_port = port_of[outcome.target.label]
-        urls.append(plan.backend_url(spec, outcome.remote.peer_host, local_port))
+        urls.append(plan.backend_url(spec, outcome.remote.peer_host, local_port, via_tunnel=tunnel))
         if loopback and not tunnel:
             print("  " + plan.tunnel_command(outcome.target, spec, local_port, ns.identity))
     print("Then point kvroute at them:")
@@ -460,7 +467,7 @@ async def deploy_host(
             result = await _checked(
                 remote, plan.stop_script(paths), step, timeout_s=plan.STOP_GRACE_S + 30
             )
-            reporter.end(host, step, _stop_word(result.stdout))
+            reporter.end(host, step, f"config changed: pid {state.pid} {_stop_word(result.stdout)}")
         step = "start"
         reporter.begin(host, step, f"vllm serve {spec.model} on {spec.bind}:{spec.vllm_port}")
         stdin = (secrets.api_key + "\n") if spec.api_key_sha256 and secrets.api_key else ""
@@ -472,7 +479,7 @@ async def deploy_host(
         await _wait_step(remote, spec, paths, secrets, options, reporter, pid)
         return HostOutcome(target, remote, "started" if not state.alive else "restarted", pid)
     except DeployError as exc:
-        reporter.fail(host, step, exc.message)
+        reporter.fail(host, step, exc.message.removeprefix(f"{host}: "))
         await remote.close()
         raise
     except BaseException:
@@ -733,7 +740,7 @@ async def _each_host(
             async with await open_host(target, _ssh_options(ns)) as remote:
                 codes.append(await work(remote))
         except DeployError as exc:
-            _print_error(console, exc)
+            _print_error(console, exc, target.label)
             codes.append(1)
     return max(codes, default=0)
 

@@ -405,7 +405,7 @@ def parse_nvidia_smi_csv(text: str) -> list[Gpu]:
         parts = [part.strip() for part in line.split(",")]
         if len(parts) < 5:
             continue
-        index, name, total, free, driver = parts[0], ",".join(parts[1:-3]), *parts[-3:]
+        index, name, total, free, driver = parts[0], ", ".join(parts[1:-3]), *parts[-3:]
         try:
             gpus.append(Gpu(int(index), name, int(float(total)), int(float(free)), driver))
         except ValueError:
@@ -890,7 +890,8 @@ def serve_argv(spec: DeploySpec, paths: RemotePaths) -> list[str]:
 def serve_env(spec: DeploySpec) -> dict[str, str]:
     """Environment of ``vllm serve`` (no secrets: the API key is read from stdin)."""
     env = {
-        **hf_environment(spec),
+        # Offline after the download: start-up cannot stall on, or fail with, the hub.
+        **({"HF_HOME": spec.hf_home} if spec.hf_home else {}),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
@@ -1223,9 +1224,12 @@ def is_loopback_bind(bind: str) -> bool:
     return bind.startswith("127.") or bind in ("localhost", "::1")
 
 
-def backend_url(spec: DeploySpec, public_host: str, local_port: int) -> str:
-    """URL the router uses: the tunnel's local end for a loopback bind, else the host itself."""
-    if is_loopback_bind(spec.bind):
+def backend_url(
+    spec: DeploySpec, public_host: str, local_port: int, *, via_tunnel: bool = False
+) -> str:
+    """URL the router uses: the tunnel's local end for a loopback bind (or with --tunnel),
+    else the host itself."""
+    if via_tunnel or is_loopback_bind(spec.bind):
         return f"http://127.0.0.1:{local_port}"
     host = public_host if spec.bind in ("0.0.0.0", "::", "") else spec.bind
     if ":" in host:

@@ -26,6 +26,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TransferSpeedColumn,
 )
+from rich.table import Column
 from rich.text import Text
 
 
@@ -62,8 +63,14 @@ class RichReporter:
         self._console = console
         self._progress = Progress(
             SpinnerColumn(),
-            TextColumn("[bold]{task.fields[host]}[/]"),
-            TextColumn("{task.description}"),
+            TextColumn(
+                "[bold]{task.fields[host]}[/]",
+                table_column=Column(no_wrap=True, min_width=max(map(len, hosts), default=4)),
+            ),
+            TextColumn(
+                "{task.description}",
+                table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"),
+            ),
             BarColumn(bar_width=24),
             _TransferColumn(),
             TimeElapsedColumn(),
@@ -98,16 +105,16 @@ class RichReporter:
 
     def update(self, host: str, detail: str) -> None:
         step = self._steps.get(host, "")
-        line = detail.strip().replace("\r", " ")
-        if len(line) > 110:
-            line = line[:107] + "..."
-        self._progress.update(self._tasks[host], description=f"{step}: {escape(line)}")
+        line = detail.strip().replace("\r", " ")[:300]
+        text = f"{step}: {escape(line)}" if step else escape(line)
+        self._progress.update(self._tasks[host], description=text)
 
     def transfer(self, host: str, done: int, total: int | None) -> None:
         self._progress.update(self._tasks[host], completed=done, total=total, transfer=True)
 
     def end(self, host: str, step: str, detail: str = "", *, skipped: bool = False) -> None:
-        elapsed = time.monotonic() - self._started.pop((host, step), time.monotonic())
+        now = time.monotonic()
+        elapsed = now - self._started.pop((host, step), now)
         mark = "[dim]-[/]" if skipped else "[green]✓[/]"
         suffix = " [dim](skipped)[/]" if skipped else ""
         self._console.print(
@@ -116,7 +123,8 @@ class RichReporter:
         self._progress.update(self._tasks[host], description="", total=None, transfer=False)
 
     def fail(self, host: str, step: str, detail: str) -> None:
-        elapsed = time.monotonic() - self._started.pop((host, step), time.monotonic())
+        now = time.monotonic()
+        elapsed = now - self._started.pop((host, step), now)
         self._console.print(
             f"[red]✗[/] {escape(host)} {step}: {escape(detail)} [dim]{elapsed:.1f}s[/]"
         )

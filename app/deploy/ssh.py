@@ -270,6 +270,8 @@ def _connect_kwargs(target: SshTarget, options: SshOptions, known_hosts: Path) -
     kwargs: dict[str, Any] = {
         "known_hosts": _known_hosts_arg(known_hosts),
         "connect_timeout": options.connect_timeout_s,
+        # Long health waits and --tunnel sessions must survive idle NAT/firewall timeouts.
+        "keepalive_interval": 30,
     }
     if target.port is not None:
         kwargs["port"] = target.port

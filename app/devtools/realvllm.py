@@ -372,7 +372,7 @@ class VllmServer:
             self.healthy_after_s = time.monotonic() - self.started_at
         return healthy
 
-    def wait_healthy(self, timeout_s: float = 180.0) -> None:
+    def wait_healthy(self, timeout_s: float = 300.0) -> None:
         """Poll /health until 200; fail fast, with the log tail, if the process exits."""
         deadline = time.monotonic() + timeout_s
         while not self.is_healthy():
@@ -567,7 +567,7 @@ def serving_pair(
     log_dir: Path | None = None,
     model: str = "tiny",
     queued_max_num_seqs: int = 4,
-    timeout_s: float = 360.0,
+    timeout_s: float = 420.0,
 ) -> Iterator[RealVllmServers]:
     """Venv + tiny model (both cached) and two servers pinned to cores 0 and 1, stopped on exit.
 

@@ -135,6 +135,7 @@ class SimulatorApp:
         self.start_time_s = time.time()
         self._created = int(self.start_time_s)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
         self._routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self._chat},
             "/v1/completions": {"POST": self._completions},
@@ -179,6 +180,7 @@ class SimulatorApp:
 
     def abort_all(self) -> None:
         """Cut every in-flight generation (server shutdown); their clients see a dropped connection."""
+        self._stopping = True
         for task in list(self._tasks):
             task.cancel()
 
@@ -246,8 +248,15 @@ class SimulatorApp:
         record.id, record.model, record.stream = request.id, request.model, request.stream
         record.cache_salt, record.max_tokens = request.cache_salt, request.max_tokens
 
+        started = False
+
+        async def tracked_send(message: Any) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
         # Generate in a child task and watch for the client leaving: vLLM aborts on disconnect.
-        task = asyncio.ensure_future(self._respond(request, record, send))
+        task = asyncio.ensure_future(self._respond(request, record, tracked_send))
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         self._tasks.add(task)
         try:
@@ -259,6 +268,16 @@ class SimulatorApp:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if task.cancelled() and self._stopping and not started:
+            # Shut down before answering: vLLM's dead engine answers 503 (EngineDeadError), where
+            # a bare return would make uvicorn invent a 500.
+            dead = SimError(
+                503,
+                "EngineCore encountered an issue. See stack trace for the root cause.",
+                type="EngineDeadError",
+            )
+            await _send_json(send, 503, dead.body())
+            return
         if not task.cancelled():
             task.result()  # surfaces a bug as uvicorn's "Exception in ASGI application"
 

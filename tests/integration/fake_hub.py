@@ -135,9 +135,7 @@ class FakeHub:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]
+        self.port = int(self._runner.addresses[0][1])
 
     async def _cleanup(self) -> None:
         if self._runner is not None:
@@ -237,7 +235,10 @@ class FakeHub:
 
     async def _resolve(self, request: web.Request) -> web.Response:
         repo = self._repo(request)
-        if repo.gated_token and request.headers.get("Authorization") != f"Bearer {repo.gated_token}":
+        if (
+            repo.gated_token
+            and request.headers.get("Authorization") != f"Bearer {repo.gated_token}"
+        ):
             raise web.HTTPUnauthorized(
                 headers={"X-Error-Code": "GatedRepo", "Content-Type": "application/json"},
                 text=(

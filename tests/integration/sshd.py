@@ -73,6 +73,7 @@ def passed_environment(environ: dict[str, str]) -> dict[str, str]:
         name: value
         for name, value in environ.items()
         if (name.startswith(PASSED_PREFIXES) or name in PASSED_NAMES)
+        and not name.startswith("UV_RUN_")
         and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)
         and '"' not in value
         and "\n" not in value
@@ -174,7 +175,8 @@ class SshdServer:
             return
         self.gpu_state.write_text(
             "".join(
-                f"{i}, {g.name}, {g.total_mib}, {g.free_mib}, {g.driver}\n" for i, g in enumerate(gpus)
+                f"{i}, {g.name}, {g.total_mib}, {g.free_mib}, {g.driver}\n"
+                for i, g in enumerate(gpus)
             )
         )
 
@@ -235,4 +237,3 @@ def _whoami() -> str:
     import pwd
 
     return pwd.getpwuid(os.getuid()).pw_name
-

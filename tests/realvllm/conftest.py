@@ -14,6 +14,7 @@ import pytest
 from app.devtools.realvllm import RealVllmServers, serving_pair
 
 HERE = Path(__file__).resolve().parent
+_STARTED: list[RealVllmServers] = []  # for the terminal summary
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -26,5 +27,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def real_vllm_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealVllmServers]:
     """Two real vLLM servers (the second with --max-num-seqs 4) serving the tiny model."""
     log_dir = tmp_path_factory.mktemp("vllm-logs")
-    with serving_pair(log_dir=log_dir, timeout_s=360.0) as servers:
+    with serving_pair(log_dir=log_dir, timeout_s=420.0) as servers:
+        _STARTED.append(servers)
         yield servers
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for servers in _STARTED:
+        terminalreporter.write_line(
+            f"real vLLM: {len(servers.urls)} servers healthy in {servers.start_s:.0f} s "
+            f"(logs: {', '.join(str(p) for p in servers.log_paths)})"
+        )

@@ -266,6 +266,34 @@ async def wait_metric(url: str, name: str, want: float, timeout_s: float) -> flo
 
 
 # ---------------------------------------------------------------------------------------------
+# The checkers bite (no server needed)
+
+
+def test_shape_check_catches_extra_keys_and_kinds() -> None:
+    real = [{"usage": {"prompt_tokens": 3, "prompt_tokens_details": None}}]
+    assert_sim_within_real(real, [{"usage": {"prompt_tokens": 3.0}}], "ok")
+    with pytest.raises(AssertionError, match="keys real vLLM does not"):
+        assert_sim_within_real(real, [{"usage": {"prompt_tokens": 3, "cached": 1}}], "extra")
+    with pytest.raises(AssertionError, match="value kinds differ"):
+        assert_sim_within_real(real, [{"usage": {"prompt_tokens": "3"}}], "kind")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'data: {"a": 1}\n\n',  # no [DONE]
+        b'data: {"a": 1}\ndata: [DONE]\n\n',  # one event, two lines
+        b'event: x\ndata: {"a": 1}\n\ndata: [DONE]\n\n',  # an event: line
+        b'data: {"a": 1}\n\ndata: [DONE]\n',  # unterminated last event
+    ],
+)
+def test_sse_check_catches_bad_framing(body: bytes) -> None:
+    with pytest.raises(AssertionError):
+        sse_events(body)
+    assert sse_events(b'data: {"a": 1}\n\ndata: [DONE]\n\n') == ['{"a": 1}', "[DONE]"]
+
+
+# ---------------------------------------------------------------------------------------------
 # Contract: real vLLM and the simulator
 
 
@@ -362,7 +390,7 @@ async def test_completions(pair: Pair) -> None:
     assert_sim_within_real(real_chunks, sim_chunks, "completion stream chunks")
 
 
-ERROR_CASES = {
+ERROR_CASES: dict[str, tuple[dict[str, Any], int]] = {
     "unknown model": (
         {"model": "nope", "messages": MESSAGES},
         404,

@@ -1,0 +1,48 @@
+"""The overhead bench runs end to end at its smallest size and reports what it measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.loadgen import percentile
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    assert percentile([], 50) is None
+    assert percentile([4.0], 99) == 4.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
+
+
+def test_overhead_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    argv = [sys.executable, "-m", "bench.overhead", "--concurrency", "2", "--requests", "6"]
+    argv += ["--tokens", "8", "--no-scaling", "--soak-s", "0", "--json", str(out)]
+    proc = subprocess.run(
+        argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    table = proc.stdout.splitlines()
+    assert any(line.split()[:2] == ["direct", "2"] for line in table), proc.stdout
+    assert any(line.split()[:2] == ["kvroute", "2"] for line in table), proc.stdout
+    assert "rtr cpu s/1k" in proc.stdout and "peers not run" in proc.stdout
+
+    result = json.loads(out.read_text())
+    rows = {row["target"]: row for row in result["rows"]}
+    assert set(rows) == {"direct", "kvroute"}
+    for row in rows.values():
+        assert row["concurrency"] == 2
+        assert row["requests"] == row["ok"] == 6, row["errors"]
+        assert row["tokens"] == 6 * 8
+        assert row["requests_per_s"] > 0 and row["ttft_ms"]["p50"] > 0
+    assert rows["direct"]["server_cpu_s_per_1k"] is None and rows["direct"]["ratio"] == 1.0
+    # Six requests may cost less than one clock tick (10 ms) of router CPU: present, not large.
+    assert rows["kvroute"]["server_cpu_s_per_1k"] >= 0
+    assert rows["kvroute"]["ratio"] > 0 and rows["kvroute"]["added_ttft_ms"] is not None
+    assert result["scaling"] == [] and result["soak"] is None
