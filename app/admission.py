@@ -14,8 +14,12 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from app.errors import Overloaded
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 Ready = Callable[[], bool]
 
@@ -235,7 +239,7 @@ class TokenBucket:
 
 
 class RateLimits:
-    """Per-tenant requests-per-minute and tokens-per-minute buckets, in memory."""
+    """Per-tenant requests-per-minute and tokens-per-minute buckets, in memory (one process)."""
 
     def __init__(
         self, rpm: float, tpm: float, *, clock: Callable[[], float] = time.monotonic
@@ -245,7 +249,14 @@ class RateLimits:
         self._clock = clock
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
 
-    def check(self, tenant: str, tokens: int) -> None:
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rpm or self.tpm)
+
+    async def check(self, tenant: str, tokens: int) -> None:
+        self.check_now(tenant, tokens)
+
+    def check_now(self, tenant: str, tokens: int) -> None:
         """Raise Overloaded when the tenant is over its rate."""
         now = self._clock()
         for kind, per_minute, amount in (("rpm", self.rpm, 1), ("tpm", self.tpm, tokens)):
@@ -259,4 +270,88 @@ class RateLimits:
                 raise Overloaded(
                     f"tenant is over its {kind.upper()} limit of {per_minute:g} per minute",
                     retry_after_s=wait_s,
+                )
+
+
+# Both buckets of one tenant in one round trip: refill, then take from each, all or nothing.
+# KEYS: rpm bucket, tpm bucket. ARGV: now_ms, rpm, tpm, tokens. Returns wait ms per kind.
+_BUCKETS_SCRIPT = """
+local now = tonumber(ARGV[1])
+local limits = {tonumber(ARGV[2]), tonumber(ARGV[3])}
+local amounts = {1, tonumber(ARGV[4])}
+local levels = {}
+local waits = {0, 0}
+for i = 1, 2 do
+  if limits[i] > 0 then
+    local state = redis.call('HMGET', KEYS[i], 'level', 'ts')
+    local level = tonumber(state[1]) or limits[i]
+    local ts = tonumber(state[2]) or now
+    level = math.min(limits[i], level + (now - ts) * limits[i] / 60000)
+    local amount = math.min(amounts[i], limits[i])
+    levels[i] = level
+    if level < amount then
+      waits[i] = math.ceil((amount - level) * 60000 / limits[i])
+    end
+  end
+end
+if waits[1] == 0 and waits[2] == 0 then
+  for i = 1, 2 do
+    if limits[i] > 0 then
+      local amount = math.min(amounts[i], limits[i])
+      redis.call('HSET', KEYS[i], 'level', levels[i] - amount, 'ts', now)
+      redis.call('PEXPIRE', KEYS[i], 120000)
+    end
+  end
+end
+return waits
+"""
+
+
+class RedisRateLimits:
+    """The same buckets kept in Redis, so that every router replica enforces one budget.
+
+    When Redis fails or is slow, the check falls back to this process's own buckets (counted
+    in `fallbacks`); a rate limit never fails a request because of Redis."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        rpm: float,
+        tpm: float,
+        *,
+        timeout_s: float,
+        prefix: str = "kvroute:rate:",
+        wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        self._redis = redis
+        self._script = self._redis.register_script(_BUCKETS_SCRIPT)
+        self.rpm, self.tpm = rpm, tpm
+        self.timeout_s = timeout_s
+        self.prefix = prefix
+        self._wall_ms = wall_ms
+        self.local = RateLimits(rpm, tpm)
+        self.fallbacks = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rpm or self.tpm)
+
+    async def check(self, tenant: str, tokens: int) -> None:
+        if not self.enabled:
+            return
+        keys = [f"{self.prefix}{tenant}:rpm", f"{self.prefix}{tenant}:tpm"]
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                waits = await self._script(
+                    keys=keys, args=[self._wall_ms(), self.rpm, self.tpm, tokens]
+                )
+        except Exception:  # any Redis trouble: this process's buckets decide
+            self.fallbacks += 1
+            self.local.check_now(tenant, tokens)
+            return
+        for kind, per_minute, wait_ms in (("rpm", self.rpm, waits[0]), ("tpm", self.tpm, waits[1])):
+            if int(wait_ms) > 0:
+                raise Overloaded(
+                    f"tenant is over its {kind.upper()} limit of {per_minute:g} per minute",
+                    retry_after_s=int(wait_ms) / 1000,
                 )

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.admission import Admission, Limits, RateLimits
+from app.admission import Admission, Limits, RateLimits, RedisRateLimits
 from app.backends import BackendPool
 from app.config import Settings, load_settings
 from app.dashboard import SeriesRecorder, TenantTags, dashboard_data, page_headers, page_html
@@ -40,7 +40,7 @@ from app.errors import (
 )
 from app.logs import RequestLog, configure_logging
 from app.metrics import RequestRecord, RequestScope, RouterMetrics
-from app.ownership import MemoryStore, OwnershipStore, RedisStore
+from app.ownership import MemoryStore, OwnershipStore, RedisStore, redis_client
 from app.prefix import PrefixKeys, chat_keys, completion_keys, effective_tenant
 from app.proxy import Attempt, BytesResponse, Dispatcher, RelayResponse, make_session
 from app.routing import CostWeights, LeastLoaded, Ownership, RouteRequest, make_policy
@@ -216,14 +216,20 @@ class Router:
         self.request_log = RequestLog()
         self.tracing = tracing_from_settings(settings)
         self.trusted = parse_networks(settings.trusted_proxies)
+        self.redis = (
+            redis_client(settings.redis_url, settings.redis_timeout_s)
+            if settings.redis_url
+            else None
+        )
         self.store: OwnershipStore = (
             RedisStore(
+                self.redis,
                 settings.redis_url,
                 ttl_s=settings.ownership_ttl_s,
                 timeout_s=settings.redis_timeout_s,
                 retry_s=settings.redis_retry_s,
             )
-            if settings.redis_url
+            if self.redis is not None
             else MemoryStore(settings.ownership_ttl_s)
         )
         self.pool = BackendPool(
@@ -252,7 +258,16 @@ class Router:
                 queue_timeout_s=settings.queue_timeout_s,
             )
         )
-        self.rates = RateLimits(settings.tenant_rpm, settings.tenant_tpm)
+        self.rates: RateLimits | RedisRateLimits = (
+            RedisRateLimits(
+                self.redis,
+                settings.tenant_rpm,
+                settings.tenant_tpm,
+                timeout_s=max(settings.redis_timeout_s, 0.05),
+            )
+            if self.redis is not None
+            else RateLimits(settings.tenant_rpm, settings.tenant_tpm)
+        )
         self.passthrough_policy = LeastLoaded()
         self.dispatcher: Dispatcher | None = None
         self.started_at = int(time.time())
@@ -312,6 +327,8 @@ class Router:
             self.tracing.shutdown()
             if isinstance(self.store, RedisStore):
                 await self.store.close()
+            if self.redis is not None:
+                await self.redis.aclose()
 
     def _backend_restarted(self, backend: str) -> None:
         self._tasks.append(asyncio.create_task(self.store.forget_backend(backend)))
@@ -414,7 +431,8 @@ class Router:
                 rewrite = True
             route = self.route_for(kind, tenant, model, body)
             max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 0
-            self.rates.check(tenant, route.prompt_tokens + int(max_tokens))
+            if self.rates.enabled:
+                await self.rates.check(tenant, route.prompt_tokens + int(max_tokens))
             slot = await self.admission.acquire(tenant, self.ready_for(model))
         except KvrouteError as exc:
             self.metrics.record(
@@ -492,7 +510,7 @@ class Router:
                 slot.release()
                 self.pool.release(decision.backend)
                 upstream.release()
-            return self._answer_whole(endpoint, attempt, data, response_headers, scope)
+            return await self._answer_whole(route, endpoint, attempt, data, response_headers, scope)
 
         want_stats = self.settings.stream_stats and request.headers.get(
             "x-router-stream-stats", "1"
@@ -508,6 +526,13 @@ class Router:
                 estimated_prompt_tokens=route.prompt_tokens,
                 estimated_cached_tokens=decision.cached_tokens,
             )
+            if not aborted and error is None:
+                await self.store.record(
+                    route.keys,
+                    decision.backend,
+                    fig.prompt_tokens + fig.completion_tokens,
+                    claim=False,
+                )
             if aborted:
                 self.metrics.client_disconnects += 1
             self.metrics.record(
@@ -554,8 +579,9 @@ class Router:
 
         return RelayResponse(upstream, scanner, {**SSE_HEADERS, **response_headers}, finish)
 
-    def _answer_whole(
+    async def _answer_whole(
         self,
+        route: RouteRequest,
         endpoint: str,
         attempt: Attempt,
         data: bytes,
@@ -581,6 +607,13 @@ class Router:
                     prompt, completion, cached = usage_figures(usage)
                     record.prompt_tokens, record.completion_tokens = prompt, completion
                     record.cached_tokens = cached
+            if record.prompt_tokens:
+                await self.store.record(
+                    route.keys,
+                    decision.backend,
+                    record.prompt_tokens + record.completion_tokens,
+                    claim=False,
+                )
         else:
             record.error_kind = f"backend_{status}"
         self.metrics.record(record)

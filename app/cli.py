@@ -113,6 +113,7 @@ def demo(port: int, backends: int, host: str) -> int:
             '[{"role": "system", "content": "You are terse."}, '
             '{"role": "user", "content": "Hello!"}]}\'\n\n'
             f"  curl {url}/health    curl {url}/metrics    curl {url}/architecture\n\n"
+            f"Live: {url}/dashboard in a browser, or `kvroute top --url {url}` in a terminal.\n\n"
             "Ctrl-C stops the router and the backends.\n",
             flush=True,
         )

@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     w_load: float = Field(default=64.0, ge=0)
     w_waiting: float = Field(default=2.0, ge=0)
     load_cap_factor: float = Field(default=2.0, ge=1.0)
-    load_cap_floor: float = Field(default=4.0, ge=0)
+    load_cap_floor: float = Field(default=16.0, ge=0)
     chars_per_token: float = Field(default=4.0, gt=0)
 
     @field_validator("backend_urls", "trusted_proxies", "router_api_keys", mode="before")

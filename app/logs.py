@@ -9,8 +9,10 @@ than the request id: `request_fields` is the whole list.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import orjson
@@ -22,31 +24,44 @@ REQUEST_LOGGER = "kvroute.request"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _FIELDS_ATTR = "kvroute_fields"
 # Characters that make a key=value value ambiguous; such values are written as JSON strings.
-_QUOTE_IF = frozenset(' "=\\\n\r\t')
+_QUOTE = re.compile(r'[\s"=\\\x00-\x1f\x7f]')
 
 
 def request_fields(rec: RequestRecord) -> dict[str, Any]:
     """The fields of a request's log line, in order, without the empty ones."""
+    fields: dict[str, Any] = {}
     scope = rec.scope
-    fields: dict[str, Any] = {
-        "request_id": scope.request_id if scope is not None else None,
-        "tenant": scope.tenant if scope is not None else None,
-        "model": scope.model if scope is not None else None,
-        "endpoint": rec.endpoint,
-        "backend": rec.backend,
-        "cache_outcome": rec.outcome,
-        "affinity": rec.affinity,
-        "status": rec.status,
-        "ttft_ms": round(rec.ttft_ms, 3) if rec.ttft_ms is not None else None,
-        "prompt_tokens": rec.prompt_tokens or None,
-        "completion_tokens": rec.completion_tokens or None,
-        "cached_tokens": rec.cached_tokens if rec.prompt_tokens else None,
-        "retries": rec.retries or None,
-        "error": rec.error_kind,
-        "stream": rec.stream or None,
-        "duration_ms": round(rec.duration_s * 1000, 3) if rec.duration_s is not None else None,
-    }
-    return {k: v for k, v in fields.items() if v is not None}
+    if scope is not None:
+        fields["request_id"] = scope.request_id
+        if scope.tenant is not None:
+            fields["tenant"] = scope.tenant
+        if scope.model is not None:
+            fields["model"] = scope.model
+    fields["endpoint"] = rec.endpoint
+    if rec.backend is not None:
+        fields["backend"] = rec.backend
+    if rec.outcome is not None:
+        fields["cache_outcome"] = rec.outcome
+    if rec.affinity is not None:
+        fields["affinity"] = rec.affinity
+    fields["status"] = rec.status
+    if rec.ttft_ms is not None:
+        fields["ttft_ms"] = round(rec.ttft_ms, 3)
+    if rec.prompt_tokens:
+        fields["prompt_tokens"] = rec.prompt_tokens
+    if rec.completion_tokens:
+        fields["completion_tokens"] = rec.completion_tokens
+    if rec.prompt_tokens:
+        fields["cached_tokens"] = rec.cached_tokens
+    if rec.retries:
+        fields["retries"] = rec.retries
+    if rec.error_kind is not None:
+        fields["error"] = rec.error_kind
+    if rec.stream:
+        fields["stream"] = True
+    if rec.duration_s is not None:
+        fields["duration_ms"] = round(rec.duration_s * 1000, 3)
+    return fields
 
 
 def render_kv(fields: dict[str, Any]) -> str:
@@ -54,31 +69,72 @@ def render_kv(fields: dict[str, Any]) -> str:
     so a client-chosen value (a request id) cannot forge another field or another line."""
     parts = []
     for key, value in fields.items():
-        text = value if isinstance(value, str) else orjson.dumps(value).decode()
-        if isinstance(value, str) and (not value or any(c in _QUOTE_IF for c in value)):
-            text = orjson.dumps(value).decode()
+        if isinstance(value, str):
+            text = orjson.dumps(value).decode() if not value or _QUOTE.search(value) else value
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            text = orjson.dumps(value, default=str).decode()
         parts.append(f"{key}={text}")
     return " ".join(parts)
 
 
+class _SecondCache:
+    """The formatted wall-clock second, made once a second rather than once a line."""
+
+    __slots__ = ("_second", "_text", "_to_text")
+
+    def __init__(self, to_text: Callable[[int], str]) -> None:
+        self._second = -1
+        self._text = ""
+        self._to_text = to_text
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second, self._text = second, self._to_text(second)
+        return self._text
+
+
 class KeyValueFormatter(logging.Formatter):
-    """The readable format; a request line's fields follow its message as key=value."""
+    """The readable format (`TEXT_FORMAT`); a request line's fields follow its message as
+    key=value. Formats directly rather than through %-style templates: it runs for every request."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
+        self._local_second = _SecondCache(
+            lambda s: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s))
+        )
 
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        line = super().formatMessage(record)
+    def format(self, record: logging.LogRecord) -> str:
+        line = (
+            f"{self._local_second(record.created)},{int(record.msecs):03d} "
+            f"{record.levelname} {record.name}: {record.getMessage()}"
+        )
         fields = getattr(record, _FIELDS_ATTR, None)
-        return f"{line} {render_kv(fields)}" if fields else line
+        if fields:
+            line = f"{line} {render_kv(fields)}"
+        if record.exc_info:
+            line = f"{line}\n{self.formatException(record.exc_info)}"
+        if record.stack_info:
+            line = f"{line}\n{self.formatStack(record.stack_info)}"
+        return line
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg, then a request line's fields."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._utc_second = _SecondCache(
+            lambda s: time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s))
+        )
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": _iso_time(record.created),
+            "ts": f"{self._utc_second(record.created)}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -89,12 +145,6 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(out, default=str).decode()
-
-
-def _iso_time(created: float) -> str:
-    whole = int(created)
-    millis = int((created - whole) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
 
 
 def formatter_for(log_format: LogFormat) -> logging.Formatter:
@@ -123,4 +173,17 @@ class RequestLog:
         level = logging.WARNING if rec.status >= 500 else logging.INFO
         if not self.logger.isEnabledFor(level):
             return
-        self.logger.log(level, "request", extra={_FIELDS_ATTR: request_fields(rec)})
+        # makeRecord + handle: what `logger.log` does, without its walk up the stack for the
+        # caller's file and line (a request line has no interesting caller).
+        logger = self.logger
+        record = logger.makeRecord(
+            logger.name,
+            level,
+            "",
+            0,
+            "request",
+            (),
+            None,
+            extra={_FIELDS_ATTR: request_fields(rec)},
+        )
+        logger.handle(record)

@@ -13,7 +13,7 @@ from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
@@ -88,10 +88,9 @@ class RequestScope:
     model: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class RecentDecision:
+class RecentDecision(NamedTuple):
     """One routing decision for the dashboard's ring: never the prompt, the tenant in clear only
-    here in memory (the dashboard shows a keyed hash of it)."""
+    here in memory (the dashboard shows a keyed hash of it). A tuple: cheap to make per request."""
 
     time_s: float  # wall clock
     tenant: str | None

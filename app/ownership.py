@@ -15,13 +15,27 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from app.config import redact_url
 from app.prefix import PrefixKeys
 from app.routing import Ownership
 
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
 log = logging.getLogger("kvroute.ownership")
+
+
+def redis_client(url: str, timeout_s: float) -> Redis:
+    """One client (and connection pool) per router process, shared by ownership and rate limits.
+
+    The socket timeouts only bound a hung connection; each call has its own, shorter deadline."""
+    import redis.asyncio as redis_asyncio
+
+    bound = max(timeout_s * 4, 0.5)
+    return redis_asyncio.Redis.from_url(url, socket_timeout=bound, socket_connect_timeout=bound)
+
 
 MAX_SYSTEM_HOMES = 4
 
@@ -30,7 +44,8 @@ class OwnershipStore(Protocol):
     async def lookup(self, keys: PrefixKeys) -> Ownership: ...
 
     async def record(self, keys: PrefixKeys, backend: str, tokens: int, *, claim: bool) -> str:
-        """Make `backend` the owner (or, with `claim`, only if there is none); return the owner."""
+        """Make `backend` the owner (or, with `claim`, only if there is none), holding `tokens` of
+        the conversation (an estimate at dispatch, vLLM's exact figures once it answered)."""
         ...
 
     async def forget_backend(self, backend: str) -> None: ...
@@ -179,6 +194,7 @@ class RedisStore:
 
     def __init__(
         self,
+        redis: Redis,
         url: str,
         *,
         ttl_s: float,
@@ -189,13 +205,7 @@ class RedisStore:
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
-        import redis.asyncio as redis_asyncio
-
-        self._redis = redis_asyncio.Redis.from_url(
-            url,
-            socket_timeout=max(timeout_s * 4, 0.5),
-            socket_connect_timeout=max(timeout_s * 4, 0.5),
-        )
+        self._redis = redis
         self.url = url
         self.ttl_ms = int(ttl_s * 1000)
         self.timeout_s = timeout_s
@@ -362,8 +372,8 @@ class RedisStore:
         }
 
     async def close(self) -> None:
+        """Stop the writer; the Redis client belongs to whoever made it."""
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._writer
-        await self._redis.aclose()

@@ -243,7 +243,8 @@ class RelayResponse(Response):
             return
         if error is not None:
             log.warning("%s", error)
-            tail = render_error_event(error) + tail
+            # A chunk the scanner still holds goes out before the error event.
+            tail = self.scanner.flush() + render_error_event(error) + tail
         with contextlib.suppress(OSError):
             await send(
                 {"type": "http.response.body", "body": tail + DONE_EVENT, "more_body": False}

@@ -7,7 +7,7 @@
 
 where cached(b) is what b is believed to hold (the conversation's previous prompt if b owns the
 conversation, else the system prompt if b holds it). A backend whose load would pass
-max(load_cap_factor * mean, load_cap_floor) is not a candidate (bounded loads), and ties go to the
+max(load_cap_factor * mean in-flight, load_cap_floor) is not a candidate (bounded loads), and ties go to the
 highest rendezvous hash of the conversation key, so adding or removing a backend moves few keys.
 """
 
@@ -60,7 +60,7 @@ class CostWeights:
     w_load: float = 64.0
     w_waiting: float = 2.0
     cap_factor: float = 2.0
-    cap_floor: float = 4.0
+    cap_floor: float = 16.0
 
 
 class Policy(Protocol):
@@ -132,23 +132,21 @@ class StickyBounded:
         self, request: RouteRequest, candidates: Sequence[BackendView], ownership: Ownership
     ) -> Decision:
         w = self.weights
-        loads = [self.load(b) for b in candidates]
-        cap = max(w.cap_factor * (sum(loads) + 1) / len(candidates), w.cap_floor)
-        eligible = [(b, load) for b, load in zip(candidates, loads, strict=True) if load + 1 <= cap]
-        if not eligible:  # everyone is over the cap: the least loaded takes it
-            least = min(loads)
-            eligible = [
-                (b, load) for b, load in zip(candidates, loads, strict=True) if load == least
-            ]
+        # The cap bounds what this router dispatched (its traffic share); vLLM's waiting queue,
+        # a sampled and lagging figure, only weighs in the cost.
+        in_flight = [b.in_flight for b in candidates]
+        cap = max(w.cap_factor * (sum(in_flight) + 1) / len(candidates), w.cap_floor)
+        eligible = [b for b in candidates if b.in_flight + 1 <= cap]
+        if not eligible:  # everyone is over the cap: the least loaded take it
+            eligible = [b for b in candidates if b.in_flight == min(in_flight)]
         key = request.keys.conversation
 
-        def score(item: tuple[BackendView, float]) -> tuple[float, int]:
-            backend, load = item
+        def score(backend: BackendView) -> tuple[float, int]:
             cached = _cached(request, ownership, backend.name)
-            cost = w.w_prefill * (request.prompt_tokens - cached) + w.w_load * load
+            cost = w.w_prefill * (request.prompt_tokens - cached) + w.w_load * self.load(backend)
             return (cost, -rendezvous(key, backend.name))
 
-        chosen = min(eligible, key=score)[0].name
+        chosen = min(eligible, key=score).name
         return Decision(
             backend=chosen,
             outcome=outcome_for(ownership, chosen, candidates),

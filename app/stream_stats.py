@@ -31,6 +31,8 @@ _CHOICES_OPEN = b'"choices":[{'
 _CHOICES_EMPTY = b'"choices":[]'
 _DONE_DATA = b"data: [DONE]"
 _ERROR_DATA = b'data: {"error"'
+# A chunk that ends a choice ("finish_reason":"length" etc.; a null reason has no quote).
+_FINISH = b'"finish_reason":"'
 
 TokenSource = Literal["backend", "estimate"]
 
@@ -42,6 +44,14 @@ def _has_content(event: bytes) -> bool:
         if pos >= 0 and event[pos + len(marker) : pos + len(marker) + 1] != b'"':
             return True
     return False
+
+
+def with_fingerprint(event: bytes, fingerprint: str) -> bytes:
+    """`event` with `"system_fingerprint"` added to its JSON object, unless it has one."""
+    end = event.rfind(b"}")
+    if end < 0 or b'"system_fingerprint"' in event:
+        return event
+    return event[:end] + b',"system_fingerprint":' + orjson.dumps(fingerprint) + event[end:]
 
 
 def _payload(event: bytes) -> Any:
@@ -70,6 +80,8 @@ class StreamScanner:
         self.error: dict[str, Any] | None = None
         self.done = False
         self.bytes_in = 0
+        self._held = b""  # a finishing chunk waiting to see whether the usage chunk follows
+        self._fingerprint: str | None = None
 
     def feed(self, data: bytes) -> bytes:
         self.bytes_in += len(data)
@@ -88,6 +100,7 @@ class StreamScanner:
             and _CHOICES_EMPTY not in complete
             and _DONE_DATA not in complete
             and _ERROR_DATA not in complete
+            and not (self.strip_usage and _FINISH in complete)
         ):
             # Steady state: only content chunks, relayed whole. Each event holds at most one
             # `"choices":[{` outside its strings (JSON escapes quotes inside them), so a count
@@ -98,19 +111,34 @@ class StreamScanner:
                 self.last_content_s = self._clock()
             return complete
         if complete.count(EVENT_END) == 1:
-            return complete if self._inspect(complete) else b""
-        kept = [event + EVENT_END for event in complete.split(EVENT_END)[:-1]]
-        flags = [self._inspect(event) for event in kept]
-        if all(flags):
-            return complete
-        return b"".join(event for event, keep in zip(kept, flags, strict=True) if keep)
+            return self._emit(complete)
+        return b"".join(self._emit(event + EVENT_END) for event in complete.split(EVENT_END)[:-1])
 
     def flush(self) -> bytes:
-        """What is left when upstream ends (an event without its blank line)."""
+        """What is left when upstream ends: a held chunk, an event without its blank line."""
         tail, self._tail = self._tail, b""
-        if tail.strip() and self._inspect(tail):
-            return tail if tail.endswith(EVENT_END) else tail.rstrip(b"\n") + EVENT_END
-        return b""
+        out = b""
+        if tail.strip():
+            out = self._emit(tail if tail.endswith(EVENT_END) else tail.rstrip(b"\n") + EVENT_END)
+        held, self._held = self._held, b""
+        return held + out
+
+    def _emit(self, event: bytes) -> bytes:
+        """The bytes to forward for one whole event.
+
+        vLLM moves `system_fingerprint` from the finishing chunk to the usage chunk when usage is
+        asked for; when the router strips a usage chunk it asked for itself, the finishing chunk
+        (held back one event) gets the fingerprint back, so the client sees what it would have."""
+        keep = self._inspect(event)
+        held = self._held
+        if keep and self.strip_usage and _FINISH in event:
+            self._held = event
+            return held
+        self._held = b""
+        if held and self._fingerprint is not None:
+            held = with_fingerprint(held, self._fingerprint)
+            self._fingerprint = None
+        return held + event if keep else held
 
     def _inspect(self, event: bytes) -> bool:
         """Record what the event says; return whether to forward it."""
@@ -125,6 +153,9 @@ class StreamScanner:
             payload = _payload(event)
             if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
                 self.usage = payload["usage"]
+                fingerprint = payload.get("system_fingerprint")
+                if self.strip_usage and isinstance(fingerprint, str):
+                    self._fingerprint = fingerprint
                 return not self.strip_usage
         if event.startswith(_ERROR_DATA):
             payload = _payload(event)

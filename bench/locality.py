@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +29,8 @@ import orjson
 from app.simulator.config import SimConfig
 from app.simulator.prompt import render_chat, tokenize
 from app.simulator.runner import SimulatorProcess
+from bench.overhead import ServerProcess, free_port, kvroute_server, peer_server, wait_ready
+from bench.peers import INSTALL_HINT, missing_peers, peer_plans
 
 MODEL = "bench-model"
 WORDS = [
@@ -229,41 +229,6 @@ async def drive(
     return sent
 
 
-def start_router(
-    backends: list[str], port: int, env_extra: dict[str, str]
-) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "BACKEND_URLS": ",".join(backends),
-        "SERVED_MODEL": MODEL,
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
-        "LOG_LEVEL": "warning",
-        "METRICS_INTERVAL_S": "0.25",
-        "HEALTH_INTERVAL_S": "1",
-        "REDIS_URL": "",
-        **env_extra,
-    }
-    root = Path(__file__).resolve().parent.parent
-    return subprocess.Popen(
-        [sys.executable, str(root / "main.py")], env=env, cwd=root, start_new_session=True
-    )
-
-
-async def wait_ready(url: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(f"{url}/health") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"router at {url} did not become ready")
-
-
 async def sim_stats(urls: list[str]) -> list[dict[str, Any]]:
     async with aiohttp.ClientSession() as session:
         out = []
@@ -280,14 +245,8 @@ async def restart_sims(urls: list[str]) -> None:
                 resp.raise_for_status()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
+# The router's own probes, fast enough for a short run.
+ROUTER_ENV = {"METRICS_INTERVAL_S": "0.25", "HEALTH_INTERVAL_S": "1", "REDIS_URL": ""}
 POLICIES: dict[str, dict[str, str]] = {
     "round_robin": {"ROUTING_POLICY": "round_robin"},
     "least_loaded": {"ROUTING_POLICY": "least_loaded"},
@@ -298,28 +257,38 @@ POLICIES: dict[str, dict[str, str]] = {
 
 async def run_policy(
     name: str,
-    env_extra: dict[str, str],
+    server: ServerProcess,
     sims: list[str],
     conversations: list[Conversation],
     args: argparse.Namespace,
 ) -> RunResult:
+    """One policy: a cold fleet, one router (ours or a peer), the whole workload."""
     await restart_sims(sims)
-    port = free_port()
-    router = start_router(sims, port, env_extra)
-    url = f"http://127.0.0.1:{port}"
     try:
-        await wait_ready(url)
+        server.start()
+        await wait_ready(server)
+        await restart_sims(sims)  # the readiness probe's request must not warm any cache
+        await asyncio.sleep(0.6)  # let the router's metrics poll see that restart first
         start = time.monotonic()
         sent = await asyncio.wait_for(
-            drive(f"{url}/v1/chat/completions", conversations, args.concurrency, args.max_tokens),
+            drive(
+                f"{server.url}/v1/chat/completions",
+                conversations,
+                args.concurrency,
+                args.max_tokens,
+            ),
             timeout=args.timeout_s,
         )
         wall = time.monotonic() - start
-        async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
-            outcomes = (await resp.json())["cache_outcomes"]
+        outcomes: dict[str, int] = {}
+        if name in POLICIES:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"{server.url}/metrics") as resp,
+            ):
+                outcomes = (await resp.json())["cache_outcomes"]
     finally:
-        os.killpg(router.pid, signal.SIGTERM)
-        router.wait(timeout=30)
+        server.stop()
     stats = await sim_stats(sims)
     prompt = sum(s["prompt_tokens_total"] for s in stats)
     cached = sum(s["cached_tokens_total"] for s in stats)
@@ -389,8 +358,20 @@ async def main_async(args: argparse.Namespace) -> list[RunResult]:
             sim.start()
         urls = [s.url for s in sims]
         wanted = [p.strip() for p in args.policies.split(",")] if args.policies else list(POLICIES)
-        for name in wanted:
-            results.append(await run_policy(name, POLICIES[name], urls, conversations, args))
+        log_dir = Path(tempfile.mkdtemp(prefix="kvroute-locality-"))
+        servers = [
+            (name, kvroute_server(urls, log_dir, {**POLICIES[name], **ROUTER_ENV}))
+            for name in wanted
+        ]
+        if args.peers:
+            plans = peer_plans(urls, MODEL, free_port, only=("sglang-router", "vllm-router"))
+            servers += [
+                (f"{p.name} ({p.note.split(' (')[0]})", peer_server(p, log_dir)) for p in plans
+            ]
+            for missing in missing_peers(only=("sglang-router", "vllm-router")):
+                print(f"  {missing}: not installed ({INSTALL_HINT})", file=sys.stderr)
+        for name, server in servers:
+            results.append(await run_policy(name, server, urls, conversations, args))
             print(f"  done: {name} ({results[-1].wall_s} s)", file=sys.stderr)
     finally:
         for sim in sims:
@@ -427,6 +408,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--timeout-s", type=float, default=300.0, help="bound on each policy's run")
     p.add_argument("--json", default="bench/results/locality.json")
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="also run SGLang's and vLLM's routers (cache_aware) from KVROUTE_PEERS_VENV",
+    )
     return p.parse_args(argv)
 
 

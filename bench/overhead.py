@@ -623,8 +623,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 notes.append(note)
     derive(raw)
     rows = aggregate(raw)
-    order = {name: i for i, name in enumerate(["direct", "kvroute", *PEER_NAMES])}
-    rows.sort(key=lambda r: (r["concurrency"], order.get(r["target"], 99)))
+    rank = {name: i for i, name in enumerate(["direct", "kvroute", *PEER_NAMES])}
+    rows.sort(key=lambda r: (r["concurrency"], rank.get(r["target"], 99)))
     if scaling:
         base = scaling[0]["requests_per_s"] or 1.0
         for r in scaling:

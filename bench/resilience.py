@@ -14,6 +14,7 @@ import asyncio
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -24,7 +25,8 @@ import orjson
 
 from app.simulator.config import SimConfig
 from app.simulator.runner import SimulatorProcess
-from bench.locality import MODEL, free_port, start_router, wait_ready, write_json
+from bench.locality import MODEL, write_json
+from bench.overhead import kvroute_server, wait_ready
 
 
 async def one_request(
@@ -66,17 +68,18 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     sims = [SimulatorProcess(config) for _ in range(args.backends)]
     for sim in sims:
         sim.start()
-    port = free_port()
-    router = start_router(
+    log_dir = Path(tempfile.mkdtemp(prefix="kvroute-resilience-"))
+    router = kvroute_server(
         [s.url for s in sims],
-        port,
+        log_dir,
         {"HEALTH_INTERVAL_S": "0.5", "RETRIES": "2", "UNHEALTHY_AFTER_FAILURES": "1"},
     )
-    url = f"http://127.0.0.1:{port}"
+    url = router.url
     tally: Counter[str] = Counter()
     timeline: list[str] = []
     try:
-        await wait_ready(url)
+        router.start()
+        await wait_ready(router)
         victim = sims[0]
         victim_port = victim.port
         start = time.monotonic()
@@ -109,8 +112,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 async with session.get(f"{sim.url}/sim/stats") as resp:
                     served.append(orjson.loads(await resp.read())["completed"])
     finally:
-        os.killpg(router.pid, signal.SIGTERM)
-        router.wait(timeout=30)
+        router.stop(timeout_s=30)
         for sim in sims:
             sim.stop()
     failed = sum(n for k, n in tally.items() if k.startswith("failed"))

@@ -123,3 +123,18 @@ def sims() -> Iterator[list[SimulatorServer]]:
 def router(sims: list[SimulatorServer]) -> Iterator[RouterServer]:
     with running_router([s.url for s in sims], served_model="sim-model") as r:
         yield r
+
+
+REDIS_URL = os.environ.get("KVROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """A real Redis database of the tests' own (KVROUTE_TEST_REDIS_URL), emptied first."""
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).flushdb()
+    except redis.ConnectionError as exc:
+        missing_service(f"no Redis at {REDIS_URL} ({exc}); start one or set KVROUTE_TEST_REDIS_URL")
+    return REDIS_URL

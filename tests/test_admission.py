@@ -110,11 +110,11 @@ def test_token_bucket_refills() -> None:
 def test_rate_limits_per_tenant() -> None:
     now = [0.0]
     rates = RateLimits(rpm=2, tpm=100, clock=lambda: now[0])
-    rates.check("a", 10)
-    rates.check("a", 10)
+    rates.check_now("a", 10)
+    rates.check_now("a", 10)
     with pytest.raises(Overloaded, match="RPM"):
-        rates.check("a", 10)
-    rates.check("b", 90)
+        rates.check_now("a", 10)
+    rates.check_now("b", 90)
     with pytest.raises(Overloaded, match="TPM") as info:
-        rates.check("b", 50)
+        rates.check_now("b", 50)
     assert float(info.value.headers()["Retry-After"]) >= 1

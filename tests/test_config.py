@@ -46,3 +46,27 @@ def test_public_view_hides_secrets() -> None:
     )
     text = repr(s.public_view())
     assert "sk-secret" not in text and "pw" not in text
+
+
+def test_env_example_and_readme_document_every_setting() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    example = (root / ".env.example").read_text()
+    readme = (root / "README.md").read_text()
+    listed = {
+        line.split("=", 1)[0] for line in example.splitlines() if line and not line.startswith("#")
+    }
+    for name in Settings.model_fields:
+        assert name.upper() in listed, f"{name.upper()} missing from .env.example"
+        assert f"`{name.upper()}`" in readme, f"{name.upper()} missing from the README's settings"
+    # Every documented setting is real.
+    assert listed <= {n.upper() for n in Settings.model_fields}
+
+
+def test_env_example_is_a_valid_configuration(tmp_path: object) -> None:
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / ".env.example"
+    s = Settings(_env_file=str(example))  # type: ignore[call-arg]
+    assert s.backend_urls == ["http://127.0.0.1:8000"] and s.port == 8080

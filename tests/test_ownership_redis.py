@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 from collections.abc import AsyncIterator
 
 import pytest
-import redis
 
-from app.ownership import RedisStore
+from app.ownership import RedisStore, redis_client
 from app.prefix import PrefixKeys
 from tests.conftest import missing_service
 from tests.integration.redis_server import RedisProcess, free_port
 
-REDIS_URL = os.environ.get("KVROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 pytestmark = pytest.mark.redis
 
 
@@ -24,19 +21,13 @@ def keys(conv: str, system: str = "sys") -> PrefixKeys:
 
 
 @pytest.fixture
-def redis_url() -> str:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.flushdb()
-    except redis.ConnectionError as exc:
-        missing_service(f"no Redis at {REDIS_URL} ({exc}); start one or set KVROUTE_TEST_REDIS_URL")
-    return REDIS_URL
-
-
-@pytest.fixture
 async def replicas(redis_url: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
-    a = RedisStore(redis_url, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=0.0)
-    b = RedisStore(redis_url, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=0.0)
+    a = RedisStore(
+        redis_client(redis_url, 0.5), redis_url, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=0.0
+    )
+    b = RedisStore(
+        redis_client(redis_url, 0.5), redis_url, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=0.0
+    )
     yield a, b
     await a.close()
     await b.close()
@@ -78,7 +69,9 @@ async def test_first_claim_is_atomic(replicas: tuple[RedisStore, RedisStore]) ->
 
 
 async def test_takeover_and_ttl(redis_url: str) -> None:
-    store = RedisStore(redis_url, ttl_s=0.3, timeout_s=0.5, retry_s=0.2, cache_s=0.0)
+    store = RedisStore(
+        redis_client(redis_url, 0.5), redis_url, ttl_s=0.3, timeout_s=0.5, retry_s=0.2, cache_s=0.0
+    )
     await store.record(keys("k"), "b0", 1, claim=True)
     await store.record(keys("k"), "b1", 2, claim=False)
     await settle(store)
@@ -99,7 +92,13 @@ async def test_restarted_backend_loses_its_keys(replicas: tuple[RedisStore, Redi
 
 
 async def test_unreachable_redis_serves_from_memory_and_counts() -> None:
-    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", ttl_s=60, timeout_s=0.05, retry_s=30)
+    store = RedisStore(
+        redis_client(f"redis://127.0.0.1:{free_port()}/0", 0.5),
+        f"redis://127.0.0.1:{free_port()}/0",
+        ttl_s=60,
+        timeout_s=0.05,
+        retry_s=30,
+    )
     await store.record(keys("k"), "b1", 7, claim=True)
     found = await store.lookup(keys("other"))
     assert found.owner is None and not store.is_up()
@@ -112,7 +111,9 @@ async def test_redis_stopped_mid_run_then_back() -> None:
     if shutil.which("redis-server") is None:
         missing_service("redis-server is not installed (apt-get install redis-server)")
     server = RedisProcess().start()
-    store = RedisStore(server.url, ttl_s=60, timeout_s=0.2, retry_s=0.2, cache_s=0.0)
+    store = RedisStore(
+        redis_client(server.url, 0.5), server.url, ttl_s=60, timeout_s=0.2, retry_s=0.2, cache_s=0.0
+    )
     try:
         await store.record(keys("k"), "b0", 1, claim=True)
         await settle(store)

@@ -102,3 +102,28 @@ def test_stats_event_is_a_chunk_with_no_choices() -> None:
         body["choices"] == [] and body["id"] == "c1" and body["object"] == "chat.completion.chunk"
     )
     assert body["router_stats"] == {"backend": "b0"}
+
+
+FINISH = b'data: {"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"length"}]}\n\n'
+USAGE_FP = USAGE.replace(b"}}}\n\n", b'}},"system_fingerprint":"vllm-0.32.0-abc"}\n\n')
+
+
+def test_stripped_usage_gives_its_fingerprint_back_to_the_finishing_chunk() -> None:
+    # vLLM moves system_fingerprint onto the usage chunk when usage is asked for.
+    scanner = StreamScanner(strip_usage=True, start_s=0.0, clock=Clock())
+    out = b"".join(scanner.feed(e) for e in (ROLE, TOKEN, FINISH, USAGE_FP, DONE)) + scanner.flush()
+    finishing = orjson.loads(out.split(b"\n\n")[2].removeprefix(b"data: "))
+    assert finishing["system_fingerprint"] == "vllm-0.32.0-abc"
+    assert finishing["choices"][0]["finish_reason"] == "length"
+    assert b'"usage"' not in out and out.count(b"\n\n") == 3
+
+
+def test_finishing_chunk_is_not_held_when_usage_is_kept_or_absent() -> None:
+    kept = StreamScanner(strip_usage=False, start_s=0.0)
+    assert kept.feed(FINISH) == FINISH
+    plain = StreamScanner(strip_usage=True, start_s=0.0)
+    assert plain.feed(FINISH) == b""
+    assert plain.feed(DONE) == FINISH  # no usage came: released unchanged
+    cut = StreamScanner(strip_usage=True, start_s=0.0)
+    cut.feed(FINISH)
+    assert cut.flush() == FINISH  # upstream ended: nothing is lost

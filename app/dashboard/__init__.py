@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from app.config import redact_url
 from app.dashboard.series import SERIES_SECONDS, Sample, SeriesRecorder, quantile
 from app.metrics import RecentDecision, RouterMetrics
 
@@ -102,7 +103,7 @@ def _backend_row(status: Mapping[str, Any], metrics: RouterMetrics) -> dict[str,
     )
     return {
         "name": name,
-        "url": status.get("url"),
+        "url": redact_url(str(status.get("url") or "")),
         "healthy": bool(status.get("healthy")),
         "in_flight": status.get("in_flight", 0),
         "owned_keys": status.get("owned_keys", 0),

