@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, Literal
@@ -410,7 +410,7 @@ class Router:
 
     async def generate(self, request: Request, kind: Kind, path: str) -> Response:
         start = time.monotonic()
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
         endpoint = "chat" if kind == "chat" else "completions"
         trace = self.tracing.start("POST", path, request.headers)
         scope = RequestScope(request_id, start, trace)
@@ -621,7 +621,7 @@ class Router:
 
     # --- passthrough ---------------------------------------------------------------------
     async def passthrough(self, request: Request) -> Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
         endpoint = request.url.path
         start = time.monotonic()
         trace = self.tracing.start("POST", endpoint, request.headers)
@@ -827,9 +827,33 @@ def create_app_from_env() -> FastAPI:
     return create_app(settings)
 
 
+class RouterApp(FastAPI):
+    """FastAPI with a direct path for the two generation routes.
+
+    They skip Starlette's middleware and route matching (about 10% of the router's CPU per
+    streamed request, measured with bench.overhead); every other path goes through FastAPI."""
+
+    fast_routes: dict[str, Callable[[Request], Awaitable[Response]]]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            handler = self.fast_routes.get(scope["path"])
+            if handler is not None:
+                try:
+                    response = await handler(Request(scope, receive, send))
+                except Exception:
+                    log.exception("unexpected error on %s", scope["path"])
+                    response = error_response(
+                        KvrouteError("internal router error; see the router log")
+                    )
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings) -> FastAPI:
     router = Router(settings)
-    app = FastAPI(
+    app = RouterApp(
         title="kvroute",
         version="0.1.0",
         lifespan=router.lifespan,
@@ -845,6 +869,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     route("/v1/chat/completions", router.chat, ["POST"])
     route("/v1/completions", router.completions, ["POST"])
+    app.fast_routes = {"/v1/chat/completions": router.chat, "/v1/completions": router.completions}
     for path in PASSTHROUGH_PATHS:
         route(path, router.passthrough, ["POST"])
     route("/v1/models", router.models, ["GET"])
