@@ -98,6 +98,9 @@ class BackendView:
     waiting: float
     running: float
     kv_usage: float
+    # Requests vLLM runs at once when saturated (learned: `running` while `waiting` > 0);
+    # None until the backend has been seen queueing.
+    capacity: int | None = None
 
     def serves(self, model: str) -> bool:
         return model in self.models
@@ -119,6 +122,7 @@ class Backend:
     next_probe_s: float = 0.0
     live_failures: int = 0  # consecutive failed live requests (circuit breaker)
     breaker_until_s: float = 0.0
+    capacity: int | None = None
     max_model_len: dict[str, int] = field(default_factory=dict)
 
     def view(self) -> BackendView:
@@ -132,6 +136,7 @@ class Backend:
             waiting=metrics.waiting,
             running=metrics.running,
             kv_usage=metrics.kv_usage,
+            capacity=self.capacity,
         )
 
 
@@ -297,10 +302,14 @@ class BackendPool:
         metrics = parse_vllm_metrics(text)
         if is_restart(backend.metrics, metrics):
             backend.generation += 1
+            backend.capacity = None
             log.warning("backend %s restarted: its KV cache is empty", backend.name)
             if self._on_restart is not None:
                 self._on_restart(backend.name)
         backend.metrics = metrics
+        if metrics.waiting > 0 and metrics.running >= 1:
+            # Queueing: what runs now is (about) all it can run at once.
+            backend.capacity = max(backend.capacity or 0, int(metrics.running))
 
     async def run_probes(
         self,

@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     ownership_ttl_s: float = Field(default=600.0, gt=0)
     # One-cost selection: cost = w_prefill * uncached_tokens + w_load * load.
     w_prefill: float = Field(default=1.0, ge=0)
-    w_load: float = Field(default=64.0, ge=0)
+    w_load: float = Field(default=32.0, ge=0)
     w_waiting: float = Field(default=2.0, ge=0)
     load_cap_factor: float = Field(default=2.0, ge=1.0)
     load_cap_floor: float = Field(default=16.0, ge=0)

@@ -3,7 +3,8 @@
 `StickyBounded` is the default: one cost for every candidate, no mode switches,
 
     cost(b) = w_prefill * (prompt_tokens - cached(b)) + w_load * load(b)
-    load(b) = in-flight dispatched by this router + w_waiting * vLLM's waiting queue
+    load(b) = in-flight dispatched by this router + w_waiting * requests queued at b
+              (in-flight past b's learned capacity, or vLLM's waiting count until it is known)
 
 where cached(b) is what b is believed to hold (the conversation's previous prompt if b owns the
 conversation, else the system prompt if b holds it). A backend whose load would pass
@@ -57,7 +58,7 @@ class Decision:
 @dataclass(frozen=True, slots=True)
 class CostWeights:
     w_prefill: float = 1.0
-    w_load: float = 64.0
+    w_load: float = 32.0
     w_waiting: float = 2.0
     cap_factor: float = 2.0
     cap_floor: float = 16.0
@@ -126,7 +127,15 @@ class StickyBounded:
         self.weights = weights
 
     def load(self, backend: BackendView) -> float:
-        return backend.in_flight + self.weights.w_waiting * backend.waiting
+        """In-flight requests plus a weight per request queued ahead of a newcomer.
+
+        Once the backend's capacity is known, the queue is what this router has in flight past
+        it (exact and current); before that, vLLM's own waiting count (sampled, lagging)."""
+        if backend.capacity:
+            queued = max(0, backend.in_flight - backend.capacity)
+        else:
+            queued = int(backend.waiting)
+        return backend.in_flight + self.weights.w_waiting * queued
 
     def choose(
         self, request: RouteRequest, candidates: Sequence[BackendView], ownership: Ownership

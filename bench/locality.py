@@ -124,6 +124,7 @@ class Sent:
     answer: str = ""
     ttft_s: float | None = None
     status: int = 0
+    stats: dict[str, Any] | None = None  # the router's stream_stats, when it sends them
 
 
 @dataclass
@@ -140,16 +141,17 @@ class RunResult:
     per_backend: list[int]
     wall_s: float
     outcomes: dict[str, int] = field(default_factory=dict)
+    lost_tokens: dict[str, int] = field(default_factory=dict)  # vs ideal, by outcome/affinity
 
 
-def ideal_ratio(sent: Sequence[Sent], block_size: int = 16) -> float:
-    """Cached share with one unlimited cache: full blocks already seen, in send order."""
+def ideal_cached(sent: Sequence[Sent], block_size: int = 16) -> list[tuple[int, int]]:
+    """(prompt tokens, tokens cached) per request with one unlimited cache, in send order: full
+    blocks an earlier request's prompt or answer already holds."""
     seen: set[int] = set()
-    prompt_total = cached_total = 0
+    out = []
     for request in sent:
         prompt = render_chat(request.messages)
         tokens = tokenize(prompt)
-        prompt_total += len(tokens)
         parent = 0
         matched = 0
         for start in range(0, len(tokens) - block_size + 1, block_size):
@@ -157,14 +159,34 @@ def ideal_ratio(sent: Sequence[Sent], block_size: int = 16) -> float:
             if parent not in seen:
                 break
             matched += block_size
-        cached_total += matched
+        out.append((len(tokens), matched))
         # The prompt and its answer are cached afterwards, as the backend's blocks are.
         full = tokenize(prompt + request.answer)
         parent = 0
         for start in range(0, len(full) - block_size + 1, block_size):
             parent = hash((parent, full[start : start + block_size]))
             seen.add(parent)
-    return cached_total / prompt_total if prompt_total else 0.0
+    return out
+
+
+def ideal_ratio(sent: Sequence[Sent], block_size: int = 16) -> float:
+    """Cached share with one unlimited cache (see `ideal_cached`)."""
+    per_request = ideal_cached(sent, block_size)
+    prompt_total = sum(p for p, _ in per_request)
+    return sum(c for _, c in per_request) / prompt_total if prompt_total else 0.0
+
+
+def losses(sent: Sequence[Sent]) -> dict[str, int]:
+    """Ideal minus backend-reported cached tokens, summed by the router's outcome and affinity:
+    where a policy loses locality. Needs the router's stats events."""
+    ok = [r for r in sent if r.status == 200]
+    out: dict[str, int] = {}
+    for request, (_, ideal) in zip(ok, ideal_cached(ok), strict=True):
+        if request.stats is None:
+            continue
+        key = f"{request.stats['cache_outcome']}/{request.stats['affinity']}"
+        out[key] = out.get(key, 0) + ideal - int(request.stats["cached_tokens"])
+    return out
 
 
 async def stream_chat(
@@ -173,20 +195,24 @@ async def stream_chat(
     tenant: str,
     messages: list[dict[str, str]],
     max_tokens: int,
-) -> tuple[int, str, float | None]:
+) -> tuple[int, str, float | None, dict[str, Any] | None]:
     body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "stream": True}
     start = time.monotonic()
     ttft = None
+    stats = None
     pieces: list[str] = []
     async with session.post(url, json=body, headers={"X-Tenant-ID": tenant}) as resp:
         if resp.status != 200:
             await resp.read()
-            return resp.status, "", None
+            return resp.status, "", None, None
         buffer = b""
         async for chunk in resp.content.iter_any():
             buffer += chunk
             while b"\n\n" in buffer:
                 event, buffer = buffer.split(b"\n\n", 1)
+                if event.startswith(b"event: router.stream_stats"):
+                    stats = orjson.loads(event.split(b"data: ", 1)[1])["router_stats"]
+                    continue
                 if not event.startswith(b"data: {"):
                     continue
                 payload = orjson.loads(event[6:])
@@ -196,7 +222,7 @@ async def stream_chat(
                         if ttft is None:
                             ttft = time.monotonic() - start
                         pieces.append(content)
-    return 200, "".join(pieces), ttft
+    return 200, "".join(pieces), ttft, stats
 
 
 async def drive(
@@ -217,10 +243,11 @@ async def drive(
                     messages = [*messages, {"role": "user", "content": turn}]
                     record = Sent(messages=messages)
                     sent.append(record)
-                    status, answer, ttft = await stream_chat(
+                    status, answer, ttft, stats = await stream_chat(
                         session, url, conv.tenant, messages, max_tokens
                     )
                     record.status, record.answer, record.ttft_s = status, answer, ttft
+                    record.stats = stats
                     if status != 200:
                         break
                     messages = [*messages, {"role": "assistant", "content": answer}]
@@ -310,6 +337,7 @@ async def run_policy(
         per_backend=per_backend,
         wall_s=round(wall, 1),
         outcomes=outcomes,
+        lost_tokens=losses(sent),
     )
 
 
@@ -328,6 +356,10 @@ def print_table(results: list[RunResult], w: Workload, args: argparse.Namespace)
             f"{r.policy:24} {r.requests:5d} {r.failed:4d} {r.cached_ratio:7.1%} {r.ideal_ratio:6.1%} "
             f"{r.share_of_ideal:6.1%} {r.ttft_p50_ms:7.1f}ms {r.ttft_p99_ms:7.1f}ms {r.max_over_mean:8.2f}  {r.per_backend}"
         )
+    for r in results:
+        if r.lost_tokens:
+            worst = sorted(r.lost_tokens.items(), key=lambda kv: -kv[1])
+            print(f"  {r.policy}: tokens lost vs ideal by outcome/affinity: {dict(worst)}")
 
 
 async def main_async(args: argparse.Namespace) -> list[RunResult]:

@@ -23,6 +23,7 @@ def view(
     waiting: float = 0.0,
     healthy: bool = True,
     models: frozenset[str] = frozenset({"m"}),
+    capacity: int | None = None,
 ) -> BackendView:
     return BackendView(
         name=name,
@@ -33,6 +34,7 @@ def view(
         waiting=waiting,
         running=0.0,
         kv_usage=0.0,
+        capacity=capacity,
     )
 
 
@@ -142,3 +144,17 @@ def test_round_robin_cycles() -> None:
         "b1",
         "b2",
     ] * 2
+
+
+def test_known_capacity_replaces_the_lagging_waiting_count() -> None:
+    # vLLM said 6 waiting a moment ago, but this router has only 2 in flight on a backend that
+    # runs 8 at once: nothing is queued there now, so the owner keeps its conversation.
+    owner = view("b0", 2, waiting=6, capacity=8)
+    assert POLICY.load(owner) == 2
+    won = Ownership(owner="b0", owner_tokens=900)
+    assert POLICY.choose(request(prompt=1000), [owner, view("b1", 0)], won).outcome == "hit"
+    # The same view without a known capacity spills on the stale queue.
+    stale = [view("b0", 2, waiting=6), view("b1", 0)]
+    assert POLICY.choose(request(prompt=1000), stale, won).outcome == "spill"
+    # Past its capacity, each request in flight beyond it counts as queued.
+    assert POLICY.load(view("b0", 11, waiting=0, capacity=8)) == 11 + 2 * 3

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,8 +36,12 @@ class RouterProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 30) -> RouterProcess:
+        # Not the repo root: a developer's own .env there must not leak into the test.
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "main.py")], env=self.env, cwd=ROOT, start_new_session=True
+            [sys.executable, str(ROOT / "main.py")],
+            env=self.env,
+            cwd=tempfile.gettempdir(),
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
