@@ -248,6 +248,7 @@ class RateLimits:
         self.tpm = tpm
         self._clock = clock
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        self.rejected: dict[str, int] = {}  # by "rpm" / "tpm"
 
     @property
     def enabled(self) -> bool:
@@ -267,6 +268,7 @@ class RateLimits:
                 bucket = self._buckets[(tenant, kind)] = TokenBucket(per_minute, now)
             wait_s = bucket.take(amount, now)
             if wait_s:
+                self.rejected[kind] = self.rejected.get(kind, 0) + 1
                 raise Overloaded(
                     f"tenant is over its {kind.upper()} limit of {per_minute:g} per minute",
                     retry_after_s=wait_s,
@@ -351,6 +353,7 @@ class RedisRateLimits:
             return
         for kind, per_minute, wait_ms in (("rpm", self.rpm, waits[0]), ("tpm", self.tpm, waits[1])):
             if int(wait_ms) > 0:
+                self.local.rejected[kind] = self.local.rejected.get(kind, 0) + 1
                 raise Overloaded(
                     f"tenant is over its {kind.upper()} limit of {per_minute:g} per minute",
                     retry_after_s=int(wait_ms) / 1000,

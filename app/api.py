@@ -276,7 +276,7 @@ class Router:
             self.metrics.collector(
                 self._prom_gauges,
                 lambda: self.store.fallbacks if isinstance(self.store, RedisStore) else 0,
-                lambda: self.admission.stats.rejected,
+                self.rejections,
             )
         )
         self.series = SeriesRecorder(self.metrics, self.pool)
@@ -362,6 +362,19 @@ class Router:
             )
         return str(model)
 
+    def rejections(self) -> dict[str, int]:
+        """Admission rejections by reason: queue limits and tenant rates (`rate_rpm`, ...)."""
+        local = self.rates.local if isinstance(self.rates, RedisRateLimits) else self.rates
+        rates = {f"rate_{kind}": n for kind, n in local.rejected.items()}
+        return {**self.admission.stats.rejected, **rates}
+
+    def _client_gone(self, endpoint: str, scope: RequestScope) -> None:
+        """The client left before an answer started: still one log line, metric and span."""
+        self.metrics.client_disconnects += 1
+        self.metrics.record(
+            RequestRecord(endpoint=endpoint, status=499, error_kind="ClientGone", scope=scope)
+        )
+
     def route_for(
         self, kind: Kind, tenant: str, model: str, body: Mapping[str, Any]
     ) -> RouteRequest:
@@ -434,6 +447,9 @@ class Router:
             if self.rates.enabled:
                 await self.rates.check(tenant, route.prompt_tokens + int(max_tokens))
             slot = await self.admission.acquire(tenant, self.ready_for(model))
+        except asyncio.CancelledError:
+            self._client_gone(endpoint, scope)  # left while queued or while we read its body
+            raise
         except KvrouteError as exc:
             self.metrics.record(
                 RequestRecord(
@@ -480,8 +496,10 @@ class Router:
                 )
             )
             return error_response(exc, request_id)
-        except BaseException:
+        except BaseException as exc:
             slot.release()
+            if isinstance(exc, asyncio.CancelledError):
+                self._client_gone(endpoint, scope)
             raise
 
         decision = attempt.decision
@@ -789,7 +807,7 @@ class Router:
             "in_flight": {b.name: b.in_flight for b in self.pool.backends},
             "backends": self.backend_status(),
             "ownership": self.store.describe(),
-            "admission": self.admission.snapshot(),
+            "admission": {**self.admission.snapshot(), "rejected": self.rejections()},
             "policy": self.settings.routing_policy,
         }
         return BytesResponse(200, orjson.dumps(self.metrics.snapshot(extra)), JSON_HEADERS)

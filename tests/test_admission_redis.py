@@ -65,6 +65,8 @@ def test_router_answers_429_past_the_tenant_rpm(redis_url: str) -> None:
             limited.json()["error"]["type"] == "rate_limit_error"
             and "Retry-After" in limited.headers
         )
+        rejected = httpx.get(f"{r.url}/metrics").json()["admission"]["rejected"]
+        assert rejected == {"rate_rpm": 3}
         assert (
             httpx.post(
                 f"{r.url}/v1/chat/completions", json=body, headers={"X-Tenant-ID": "calm"}

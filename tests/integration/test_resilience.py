@@ -326,3 +326,38 @@ def test_liveness_stays_up_when_the_fleet_is_down() -> None:
         wait_for(lambda: httpx.get(f"{router.url}/health").status_code == 503)
         assert httpx.get(f"{router.url}/live").status_code == 200
         assert httpx.get(f"{router.url}/ready").status_code == 503
+
+
+def test_a_client_that_leaves_while_queued_is_counted_and_frees_its_place() -> None:
+    with (
+        running_simulators(
+            1, decode_tokens_per_s=50.0, base_ttft_s=0.001, prefill_s_per_token=0.0
+        ) as sims,
+        running_router([sims[0].url], served_model="sim-model", max_in_flight=1) as router,
+    ):
+
+        async def run() -> None:
+            async with aiohttp.ClientSession() as session:
+                holder = asyncio.create_task(
+                    stream_once(session, router.url, body(0, max_tokens=30))
+                )
+                await asyncio.sleep(0.1)
+                leaver = asyncio.create_task(
+                    stream_once(session, router.url, body(1, max_tokens=5))
+                )
+                await asyncio.sleep(0.2)
+                assert router.router.admission.waiting == 1
+                leaver.cancel()
+                await asyncio.gather(leaver, return_exceptions=True)
+                status, events, _ = await holder
+                assert status == 200 and events[-1] == b"data: [DONE]"
+
+        asyncio.run(run())
+        wait_for(
+            lambda: router.router.admission.waiting == 0 and router.router.admission.in_flight == 0
+        )
+        metrics = httpx.get(f"{router.url}/metrics").json()
+        assert metrics["client_disconnects"] == 1
+        assert metrics["requests"]["by_endpoint_status"].get("chat 499") == 1
+        resp = httpx.post(f"{router.url}/v1/chat/completions", json=body(2, stream=False))
+        assert resp.status_code == 200
