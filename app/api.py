@@ -819,8 +819,10 @@ class Router:
             "policy": {
                 "name": self.settings.routing_policy,
                 "cost": "w_prefill * (prompt_tokens - cached_tokens(b)) + w_load * load(b)",
-                "load": "in_flight(b) + w_waiting * vllm_waiting(b)",
-                "cap": "load(b) + 1 <= max(load_cap_factor * (total_load + 1) / n, load_cap_floor)",
+                "load": "in_flight(b) + w_waiting * queued(b); queued = in_flight past b's learned "
+                "capacity, or vLLM's num_requests_waiting until the capacity is known",
+                "cap": "in_flight(b) + 1 <= "
+                "max(load_cap_factor * (total_in_flight + 1) / n, load_cap_floor)",
             },
             "ownership": self.store.describe(),
             "backends": [{"name": b.name, "url": b.url} for b in self.pool.backends],

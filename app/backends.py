@@ -101,6 +101,9 @@ class BackendView:
     # Requests vLLM runs at once when saturated (learned: `running` while `waiting` > 0);
     # None until the backend has been seen queueing.
     capacity: int | None = None
+    # Requests vLLM held at the last scrape beyond this router's own (other replicas, direct
+    # clients): sampled, so it lags, but this router's own share is counted exactly.
+    others: float = 0.0
 
     def serves(self, model: str) -> bool:
         return model in self.models
@@ -123,6 +126,7 @@ class Backend:
     live_failures: int = 0  # consecutive failed live requests (circuit breaker)
     breaker_until_s: float = 0.0
     capacity: int | None = None
+    others: float = 0.0
     max_model_len: dict[str, int] = field(default_factory=dict)
 
     def view(self) -> BackendView:
@@ -137,6 +141,7 @@ class Backend:
             running=metrics.running,
             kv_usage=metrics.kv_usage,
             capacity=self.capacity,
+            others=self.others,
         )
 
 
@@ -307,6 +312,7 @@ class BackendPool:
             if self._on_restart is not None:
                 self._on_restart(backend.name)
         backend.metrics = metrics
+        backend.others = max(0.0, metrics.running + metrics.waiting - backend.in_flight)
         if metrics.waiting > 0 and metrics.running >= 1:
             # Queueing: what runs now is (about) all it can run at once.
             backend.capacity = max(backend.capacity or 0, int(metrics.running))

@@ -4,7 +4,8 @@
 
     cost(b) = w_prefill * (prompt_tokens - cached(b)) + w_load * load(b)
     load(b) = in-flight dispatched by this router + w_waiting * requests queued at b
-              (in-flight past b's learned capacity, or vLLM's waiting count until it is known)
+              (in flight there, ours exact plus others' as last scraped, past b's learned
+              capacity; vLLM's waiting count until that capacity is known)
 
 where cached(b) is what b is believed to hold (the conversation's previous prompt if b owns the
 conversation, else the system prompt if b holds it). A backend whose load would pass
@@ -129,10 +130,11 @@ class StickyBounded:
     def load(self, backend: BackendView) -> float:
         """In-flight requests plus a weight per request queued ahead of a newcomer.
 
-        Once the backend's capacity is known, the queue is what this router has in flight past
-        it (exact and current); before that, vLLM's own waiting count (sampled, lagging)."""
+        Once the backend's capacity is known, the queue is what is in flight there past it: this
+        router's own requests (exact, current) plus what others had there at the last scrape;
+        before that, vLLM's own waiting count (sampled, lagging)."""
         if backend.capacity:
-            queued = max(0, backend.in_flight - backend.capacity)
+            queued = max(0.0, backend.in_flight + backend.others - backend.capacity)
         else:
             queued = int(backend.waiting)
         return backend.in_flight + self.weights.w_waiting * queued

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -158,3 +159,11 @@ def test_known_capacity_replaces_the_lagging_waiting_count() -> None:
     assert POLICY.choose(request(prompt=1000), stale, won).outcome == "spill"
     # Past its capacity, each request in flight beyond it counts as queued.
     assert POLICY.load(view("b0", 11, waiting=0, capacity=8)) == 11 + 2 * 3
+
+
+def test_other_clients_load_counts_once_capacity_is_known() -> None:
+    # 40 requests from elsewhere (another replica, direct clients) on a backend running 4.
+    busy = replace(view("b1", 0, waiting=36, capacity=4), others=40)
+    assert POLICY.load(busy) == 2 * 36
+    d = POLICY.choose(request(key="new"), [view("b0", 2), busy], Ownership())
+    assert d.backend == "b0"
