@@ -282,6 +282,7 @@ class Router:
         self.series = SeriesRecorder(self.metrics, self.pool)
         self.tenant_tags = TenantTags()
         self._tasks: list[asyncio.Task[None]] = []
+        self._oneshots: set[asyncio.Task[None]] = set()
 
     # --- lifespan ------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -331,7 +332,10 @@ class Router:
                 await self.redis.aclose()
 
     def _backend_restarted(self, backend: str) -> None:
-        self._tasks.append(asyncio.create_task(self.store.forget_backend(backend)))
+        task = asyncio.create_task(self.store.forget_backend(backend))
+        # Short-lived: kept referenced until it ends, not in the lifespan's list of loops.
+        self._oneshots.add(task)
+        task.add_done_callback(self._oneshots.discard)
 
     def _observed(self, rec: RequestRecord) -> None:
         """A request is over (called once, from `metrics.record`): its log line and trace."""
@@ -847,6 +851,12 @@ def create_app_from_env() -> FastAPI:
     return create_app(settings)
 
 
+def internal_error(path: str) -> BytesResponse:
+    """Logs the exception being handled; the client gets an OpenAI-style 500, no traceback."""
+    log.exception("unexpected error on %s", path)
+    return error_response(KvrouteError("internal router error; see the router log"))
+
+
 class RouterApp(FastAPI):
     """FastAPI with a direct path for the two generation routes.
 
@@ -862,10 +872,7 @@ class RouterApp(FastAPI):
                 try:
                     response = await handler(Request(scope, receive, send))
                 except Exception:
-                    log.exception("unexpected error on %s", scope["path"])
-                    response = error_response(
-                        KvrouteError("internal router error; see the router log")
-                    )
+                    response = internal_error(scope["path"])
                 await response(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
@@ -917,8 +924,6 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error on %s", request.url.path)
-        error = KvrouteError("internal router error; see the router log")
-        return error_response(error)
+        return internal_error(request.url.path)
 
     return app

@@ -121,7 +121,6 @@ class Backend:
     metrics: VllmMetrics | None = None
     generation: int = 0  # bumped when vLLM restarts: its cache is gone
     dispatched: int = 0
-    last_probe_s: float = 0.0
     next_probe_s: float = 0.0
     live_failures: int = 0  # consecutive failed live requests (circuit breaker)
     breaker_until_s: float = 0.0
@@ -256,8 +255,7 @@ class BackendPool:
                         self._set_models(backend, orjson.loads(await resp.read()))
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, ValueError) as exc:
             ok, reason = False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        backend.last_probe_s = self._clock()
-        if ok and backend.breaker_until_s > backend.last_probe_s:
+        if ok and backend.breaker_until_s > self._clock():
             ok, reason = False, "circuit breaker open after failed requests"
         if ok:
             # live_failures stays: after the cool-down one more failed request re-opens the

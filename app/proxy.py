@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 from starlette.responses import Response
@@ -55,7 +55,6 @@ class Attempt:
     decision: Decision
     response: aiohttp.ClientResponse
     retries: int
-    tried: list[str] = field(default_factory=list)
 
 
 class Dispatcher:
@@ -165,9 +164,7 @@ class Dispatcher:
                     continue
             else:
                 self.pool.record_success(backend.name)
-            return Attempt(
-                decision=decision, response=response, retries=len(tried) - 1, tried=tried
-            )
+            return Attempt(decision=decision, response=response, retries=len(tried) - 1)
         if last_error is not None:
             raise last_error
         raise NoHealthyBackend(f"no healthy backend serves model {route.model!r}")

@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from app.devtools.ports import free_port
 from app.simulator.config import SimConfig
 from app.simulator.runner import SimulatorProcess, event_loop_factory
 from bench.loadgen import CHAT_PATH, LoadResult, LoadSpec, chat_body, run_load
@@ -107,12 +108,6 @@ def machine_busy_s() -> tuple[float, float]:
     idle = values[3] + (values[4] if len(values) > 4 else 0)
     total = sum(values[:8])
     return (total - idle) / CLOCK_TICKS, total / CLOCK_TICKS
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ServerProcess:

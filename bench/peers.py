@@ -44,12 +44,20 @@ def _executable(venv: Path, name: str) -> Path | None:
     return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
-def _vllm_router(exe: Path, urls: Sequence[str], port: int, metrics_port: int) -> PeerPlan:
+def _rust_router(
+    name: str,
+    head: Sequence[str],
+    tail: Sequence[str],
+    urls: Sequence[str],
+    port: int,
+    metrics_port: int,
+) -> PeerPlan:
+    """vllm-router and sglang-router share their flags but for a subcommand and the log level."""
     return PeerPlan(
-        name="vllm-router",
+        name=name,
         port=port,
         argv=(
-            str(exe),
+            *head,
             "--host",
             "127.0.0.1",
             "--port",
@@ -60,34 +68,7 @@ def _vllm_router(exe: Path, urls: Sequence[str], port: int, metrics_port: int) -
             "127.0.0.1",
             "--prometheus-port",
             str(metrics_port),
-            "--log-level",
-            "warning",
-            "--queue-size",
-            "4096",
-        ),
-        note="policy cache_aware (its default)",
-    )
-
-
-def _sglang_router(exe: Path, urls: Sequence[str], port: int, metrics_port: int) -> PeerPlan:
-    return PeerPlan(
-        name="sglang-router",
-        port=port,
-        argv=(
-            str(exe),
-            "launch",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--worker-urls",
-            *urls,
-            "--prometheus-host",
-            "127.0.0.1",
-            "--prometheus-port",
-            str(metrics_port),
-            "--log-level",
-            "warn",
+            *tail,
         ),
         note="policy cache_aware (its default)",
     )
@@ -151,9 +132,11 @@ def peer_plans(
         if exe is None:
             continue
         if name == "vllm-router":
-            plans.append(_vllm_router(exe, urls, port_for(), port_for()))
+            tail = ("--log-level", "warning", "--queue-size", "4096")
+            plans.append(_rust_router(name, (str(exe),), tail, urls, port_for(), port_for()))
         elif name == "sglang-router":
-            plans.append(_sglang_router(exe, urls, port_for(), port_for()))
+            head, tail = (str(exe), "launch"), ("--log-level", "warn")
+            plans.append(_rust_router(name, head, tail, urls, port_for(), port_for()))
         else:
             plans.append(_litellm(exe, urls, model, port_for()))
     return plans

@@ -6,10 +6,10 @@ import httpx
 import pytest
 
 from app.admission import RedisRateLimits
+from app.devtools.ports import free_port
 from app.errors import Overloaded
 from app.ownership import redis_client
 from tests.conftest import running_router, running_simulators
-from tests.integration.redis_server import free_port
 
 
 async def test_replicas_share_one_budget(redis_url: str) -> None:

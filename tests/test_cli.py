@@ -12,8 +12,8 @@ import time
 import httpx
 import orjson
 
+from app.devtools.ports import free_port
 from tests.conftest import wait_for
-from tests.integration.redis_server import free_port
 
 
 def refuses(url: str) -> bool:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import asyncssh
 
+from app.devtools.ports import free_port
+
 SSHD = "/usr/sbin/sshd"
 PASSED_PREFIXES = ("PIP_", "UV_")
 PASSED_NAMES = (
@@ -59,12 +61,6 @@ case "$*" in
     ;;
 esac
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def passed_environment(environ: dict[str, str]) -> dict[str, str]:
