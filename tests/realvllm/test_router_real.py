@@ -440,9 +440,10 @@ async def test_router_reads_real_metrics_and_avoids_a_queueing_server(
             stats = await routed_stats(router, control, tenant)
             assert (stats["backend"], stats["cache_outcome"]) == ("b1", "miss"), stats
 
-            # Server B queues: 40 long streams straight to it, 4 run at a time.
+            # Server B queues: 40 long streams straight to it, 4 run at a time; long enough
+            # (1500 tokens each) that B still queues when the checks below end, on a fast box too.
             long_body = chat_body(
-                model, [{"role": "user", "content": "Say something."}], stream=True, max_tokens=400
+                model, [{"role": "user", "content": "Say something."}], stream=True, max_tokens=1500
             )
             limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
             async with httpx.AsyncClient(timeout=None, limits=limits) as flood:
