@@ -1,12 +1,14 @@
 """KV-cache locality benchmark: `uv run python -m bench.locality`.
 
-Replays one seeded multi-tenant, multi-turn chat workload through the router in front of N
-simulated vLLM backends (finite KV cache, a cap on running requests so a hot spot queues as on a
-GPU), once per routing policy, and prints side by side: the cached-token ratio measured by the
-backends, that ratio as a share of the workload's ideal (one backend with unlimited KV cache: every
-prompt token that an earlier request already sent, or that an earlier answer produced, counts as
-cached), TTFT p50/p99 seen by the client, and the load spread (max/mean requests per backend).
-Loopback only; each policy run is bounded by --timeout-s.
+Replays one seeded multi-tenant, multi-turn chat workload (skewed tenant popularity, many
+conversations open at once taking turns, as users who think between turns) through the router in
+front of N simulated vLLM backends (finite KV cache, a cap on running requests so a hot spot
+queues as on a GPU), once per routing policy and once per KV size (tight, medium, loose by
+default), and prints side by side: the cached-token ratio measured by the backends, that ratio as
+a share of the workload's ideal (one backend with unlimited KV cache: every prompt token that an
+earlier request already sent, or that an earlier answer produced, counts as cached), TTFT p50/p99
+seen by the client, and the load spread (max/mean requests per backend). Loopback only; each
+policy run is bounded by --timeout-s.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from typing import Any
 import aiohttp
 import orjson
 
+from app.devtools.ports import free_port
 from app.simulator.config import SimConfig
 from app.simulator.prompt import render_chat, tokenize
 from app.simulator.runner import SimulatorProcess
-from bench.overhead import ServerProcess, free_port, kvroute_server, peer_server, wait_ready
+from bench.overhead import ServerProcess, kvroute_server, peer_server, wait_ready
 from bench.peers import INSTALL_HINT, missing_peers, peer_plans
 
 MODEL = "bench-model"
@@ -85,6 +88,7 @@ class Workload:
     system_words: tuple[int, int]
     user_words: tuple[int, int]
     max_tokens: int
+    tenant_skew: float = 0.0  # Zipf exponent of tenant popularity; 0 = uniform
 
 
 @dataclass
@@ -105,9 +109,12 @@ def build_conversations(w: Workload) -> list[Conversation]:
         for t in range(w.tenants)
         for s in range(w.systems_per_tenant)
     }
+    # Tenant t is chosen with weight 1 / (t + 1) ** skew: real multi-tenant traffic is skewed, and
+    # a popular tenant's system prompt is where pure prefix stickiness turns into a hot spot.
+    weights = [1 / (t + 1) ** w.tenant_skew for t in range(w.tenants)]
     conversations = []
     for _ in range(w.conversations):
-        tenant = rng.randrange(w.tenants)
+        tenant = rng.choices(range(w.tenants), weights)[0]
         system = systems[(tenant, rng.randrange(w.systems_per_tenant))]
         turns = [
             text(rng.randint(*w.user_words)) for _ in range(rng.randint(w.min_turns, w.max_turns))
@@ -226,31 +233,48 @@ async def stream_chat(
 
 
 async def drive(
-    url: str, conversations: list[Conversation], concurrency: int, max_tokens: int
+    url: str,
+    conversations: list[Conversation],
+    concurrency: int,
+    max_tokens: int,
+    open_conversations: int = 0,
 ) -> list[Sent]:
+    """Replay `conversations` with `concurrency` requests in flight.
+
+    `open_conversations` (at least `concurrency`; 0 means equal) conversations are open at once
+    and take turns in FIFO order, so a user "thinks" while other conversations' turns run, and
+    their prefixes must stay cached meanwhile, as with real chat users. A conversation that ends
+    makes room for the next one; a failed turn ends its conversation."""
     sent: list[Sent] = []
-    queue: asyncio.Queue[Conversation] = asyncio.Queue()
-    for conversation in conversations:
-        queue.put_nowait(conversation)
+    pending = list(reversed(conversations))
+    ready: asyncio.Queue[tuple[Conversation, list[dict[str, str]], int]] = asyncio.Queue()
+
+    def open_next() -> None:
+        if pending:
+            conv = pending.pop()
+            ready.put_nowait((conv, [{"role": "system", "content": conv.system}], 0))
+
+    for _ in range(max(open_conversations, concurrency)):
+        open_next()
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(timeout=timeout) as session:
 
         async def worker() -> None:
-            while not queue.empty():
-                conv = queue.get_nowait()
-                messages = [{"role": "system", "content": conv.system}]
-                for turn in conv.user_turns:
-                    messages = [*messages, {"role": "user", "content": turn}]
-                    record = Sent(messages=messages)
-                    sent.append(record)
-                    status, answer, ttft, stats = await stream_chat(
-                        session, url, conv.tenant, messages, max_tokens
-                    )
-                    record.status, record.answer, record.ttft_s = status, answer, ttft
-                    record.stats = stats
-                    if status != 200:
-                        break
-                    messages = [*messages, {"role": "assistant", "content": answer}]
+            while not ready.empty():
+                conv, history, turn = ready.get_nowait()
+                messages = [*history, {"role": "user", "content": conv.user_turns[turn]}]
+                record = Sent(messages=messages)
+                sent.append(record)
+                status, answer, ttft, stats = await stream_chat(
+                    session, url, conv.tenant, messages, max_tokens
+                )
+                record.status, record.answer, record.ttft_s = status, answer, ttft
+                record.stats = stats
+                if status == 200 and turn + 1 < len(conv.user_turns):
+                    history = [*messages, {"role": "assistant", "content": answer}]
+                    ready.put_nowait((conv, history, turn + 1))
+                else:
+                    open_next()
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return sent
@@ -272,9 +296,13 @@ async def restart_sims(urls: list[str]) -> None:
                 resp.raise_for_status()
 
 
+ONE_BACKEND = "one backend"
 # The router's own probes, fast enough for a short run.
 ROUTER_ENV = {"METRICS_INTERVAL_S": "0.25", "HEALTH_INTERVAL_S": "1", "REDIS_URL": ""}
 POLICIES: dict[str, dict[str, str]] = {
+    # Every request to the first backend: what one backend's finite KV cache keeps of the workload
+    # (the KV pressure the other rows relieve by spreading, or lose by hot-spotting).
+    ONE_BACKEND: {"ROUTING_POLICY": "round_robin"},
     "round_robin": {"ROUTING_POLICY": "round_robin"},
     "least_loaded": {"ROUTING_POLICY": "least_loaded"},
     "conversation_key_only": {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "false"},
@@ -303,6 +331,7 @@ async def run_policy(
                 conversations,
                 args.concurrency,
                 args.max_tokens,
+                args.open_conversations,
             ),
             timeout=args.timeout_s,
         )
@@ -341,11 +370,13 @@ async def run_policy(
     )
 
 
-def print_table(results: list[RunResult], w: Workload, args: argparse.Namespace) -> None:
+def print_table(
+    results: list[RunResult], w: Workload, args: argparse.Namespace, capacity_blocks: int
+) -> None:
     print(
-        f"\nKV locality: {args.backends} simulated backends ({args.capacity_blocks} blocks x 16 tokens, "
+        f"\nKV locality: {args.backends} simulated backends ({capacity_blocks} blocks x 16 tokens, "
         f"max_num_seqs {args.max_num_seqs}), {w.conversations} conversations of {w.min_turns}-{w.max_turns} "
-        f"turns, {w.tenants} tenants x {w.systems_per_tenant} system prompts, concurrency {args.concurrency}, "
+        f"turns, {w.tenants} tenants x {w.systems_per_tenant} system prompts (tenant skew {w.tenant_skew}), {args.open_conversations} open conversations, concurrency {args.concurrency}, "
         f"seed {w.seed}"
     )
     header = f"{'policy':24} {'reqs':>5} {'fail':>4} {'cached':>7} {'ideal':>6} {'share':>6} {'ttft p50':>9} {'ttft p99':>9} {'max/mean':>8}  per backend"
@@ -362,22 +393,15 @@ def print_table(results: list[RunResult], w: Workload, args: argparse.Namespace)
             print(f"  {r.policy}: tokens lost vs ideal by outcome/affinity: {dict(worst)}")
 
 
-async def main_async(args: argparse.Namespace) -> list[RunResult]:
-    workload = Workload(
-        seed=args.seed,
-        tenants=args.tenants,
-        systems_per_tenant=args.systems_per_tenant,
-        conversations=args.conversations,
-        min_turns=2,
-        max_turns=6,
-        system_words=(250, 700),
-        user_words=(20, 120),
-        max_tokens=args.max_tokens,
-    )
-    conversations = build_conversations(workload)
+async def run_capacity(
+    capacity_blocks: int,
+    conversations: list[Conversation],
+    args: argparse.Namespace,
+) -> list[RunResult]:
+    """Every policy (and the peers, with --peers) against one fleet of backends of this capacity."""
     config = SimConfig(
         model=MODEL,
-        capacity_blocks=args.capacity_blocks,
+        capacity_blocks=capacity_blocks,
         max_num_seqs=args.max_num_seqs,
         prefill_s_per_token=args.prefill_s_per_token,
         base_ttft_s=0.002,
@@ -392,7 +416,14 @@ async def main_async(args: argparse.Namespace) -> list[RunResult]:
         wanted = [p.strip() for p in args.policies.split(",")] if args.policies else list(POLICIES)
         log_dir = Path(tempfile.mkdtemp(prefix="kvroute-locality-"))
         servers = [
-            (name, kvroute_server(urls, log_dir, {**POLICIES[name], **ROUTER_ENV}))
+            (
+                name,
+                kvroute_server(
+                    urls[:1] if name == ONE_BACKEND else urls,
+                    log_dir,
+                    {**POLICIES[name], **ROUTER_ENV},
+                ),
+            )
             for name in wanted
         ]
         if args.peers:
@@ -404,17 +435,46 @@ async def main_async(args: argparse.Namespace) -> list[RunResult]:
                 print(f"  {missing}: not installed ({INSTALL_HINT})", file=sys.stderr)
         for name, server in servers:
             results.append(await run_policy(name, server, urls, conversations, args))
-            print(f"  done: {name} ({results[-1].wall_s} s)", file=sys.stderr)
+            print(
+                f"  done: {name}, {capacity_blocks} blocks ({results[-1].wall_s} s)",
+                file=sys.stderr,
+            )
     finally:
         for sim in sims:
             sim.stop()
-    print_table(results, workload, args)
+    return results
+
+
+async def main_async(args: argparse.Namespace) -> dict[int, list[RunResult]]:
+    workload = Workload(
+        seed=args.seed,
+        tenants=args.tenants,
+        systems_per_tenant=args.systems_per_tenant,
+        conversations=args.conversations,
+        min_turns=2,
+        max_turns=6,
+        system_words=(250, 700),
+        user_words=(20, 120),
+        max_tokens=args.max_tokens,
+        tenant_skew=args.tenant_skew,
+    )
+    conversations = build_conversations(workload)
+    capacities = [int(c) for c in str(args.capacity_blocks).split(",")]
+    by_capacity = {c: await run_capacity(c, conversations, args) for c in capacities}
+    for capacity, results in by_capacity.items():
+        print_table(results, workload, args, capacity)
     write_json(
         Path(args.json),
-        {"workload": asdict(workload), "args": vars(args), "results": [asdict(r) for r in results]},
+        {
+            "workload": asdict(workload),
+            "args": vars(args),
+            "by_capacity_blocks": {
+                str(c): [asdict(r) for r in results] for c, results in by_capacity.items()
+            },
+        },
     )
     print(f"\nJSON: {args.json}")
-    return results
+    return by_capacity
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -425,12 +485,26 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.locality", description=__doc__.split("\n")[0])
     p.add_argument("--backends", type=int, default=3)
-    p.add_argument("--conversations", type=int, default=96)
+    p.add_argument("--conversations", type=int, default=240)
     p.add_argument("--tenants", type=int, default=6)
     p.add_argument("--systems-per-tenant", type=int, default=2)
-    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument(
+        "--tenant-skew", type=float, default=1.0, help="Zipf exponent of tenant popularity"
+    )
+    p.add_argument("--concurrency", type=int, default=32, help="requests in flight")
+    p.add_argument(
+        "--open-conversations",
+        type=int,
+        default=96,
+        help="conversations open at once, taking turns (users think between turns)",
+    )
     p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--capacity-blocks", type=int, default=3000, help="KV capacity per backend")
+    p.add_argument(
+        "--capacity-blocks",
+        default="1400,2000,2600",
+        help="KV capacity per backend in 16-token blocks; a comma-separated list runs each "
+        "(tight, medium, loose KV pressure by default)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=8, help="running requests per backend")
     p.add_argument("--prefill-s-per-token", type=float, default=0.0001)
     p.add_argument("--decode-tokens-per-s", type=float, default=200.0)

@@ -1,0 +1,88 @@
+"""The locality bench: its workload, its driver and one small end-to-end run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from bench.locality import Workload, build_conversations, drive
+from tests.conftest import running_simulators
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def workload(**changes: object) -> Workload:
+    base = {
+        "seed": 5,
+        "tenants": 6,
+        "systems_per_tenant": 2,
+        "conversations": 600,
+        "min_turns": 2,
+        "max_turns": 4,
+        "system_words": (5, 10),
+        "user_words": (3, 6),
+        "max_tokens": 4,
+    }
+    return Workload(**{**base, **changes})  # type: ignore[arg-type]
+
+
+def test_tenant_skew_makes_the_first_tenant_popular_and_zero_keeps_it_uniform() -> None:
+    uniform = Counter(c.tenant for c in build_conversations(workload(tenant_skew=0.0)))
+    skewed = Counter(c.tenant for c in build_conversations(workload(tenant_skew=1.5)))
+    assert max(uniform.values()) < 0.25 * 600  # 1/6 expected per tenant
+    assert skewed["tenant-0"] > 0.4 * 600  # 1 / sum(1/k^1.5, k=1..6) = 0.51 expected
+    assert skewed["tenant-0"] > 3 * skewed["tenant-5"]
+    assert build_conversations(workload(tenant_skew=1.5)) == build_conversations(
+        workload(tenant_skew=1.5)
+    )
+
+
+def test_open_conversations_interleave_and_every_turn_extends_its_own_history() -> None:
+    conversations = build_conversations(workload(conversations=5, min_turns=3, max_turns=3))
+    with running_simulators(1, model="bench-model", decode_tokens_per_s=5000.0) as sims:
+        url = f"{sims[0].url}/v1/chat/completions"
+        sent = asyncio.run(drive(url, conversations, 2, 4, open_conversations=4))
+    assert len(sent) == 15 and all(r.status == 200 for r in sent)
+    # Each conversation's turns go out in order, each one carrying the previous turn and answer.
+    openings = [i for i, r in enumerate(sent) if len(r.messages) == 2]
+    assert len(openings) == 5
+    for start in openings:
+        first = sent[start]
+        later = [r for r in sent[start + 1 :] if r.messages[:2] == first.messages]
+        assert [len(r.messages) for r in later] == [4, 6]
+        assert later[0].messages[2] == {"role": "assistant", "content": first.answer}
+        assert later[1].messages[:5] == [
+            *later[0].messages,
+            {"role": "assistant", "content": later[0].answer},
+        ]
+    # Four conversations are open at once: the fourth opens before the first one ends.
+    assert openings[:4] == [0, 1, 2, 3]
+    last_of_first = max(i for i, r in enumerate(sent) if r.messages[:2] == sent[0].messages[:2])
+    assert last_of_first > 3
+
+
+def test_locality_bench_runs_each_capacity_and_reports_one_backend(tmp_path: Path) -> None:
+    out = tmp_path / "locality.json"
+    argv = [sys.executable, "-m", "bench.locality", "--conversations", "6", "--concurrency", "2"]
+    argv += ["--open-conversations", "3", "--capacity-blocks", "300,600", "--max-tokens", "4"]
+    argv += ["--policies", "one backend,kvroute (both levels)", "--json", str(out)]
+    proc = subprocess.run(
+        argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "(300 blocks x 16 tokens" in proc.stdout and "(600 blocks x 16 tokens" in proc.stdout
+
+    result = json.loads(out.read_text())
+    assert set(result["by_capacity_blocks"]) == {"300", "600"}
+    for rows in result["by_capacity_blocks"].values():
+        one, ours = rows
+        assert one["policy"] == "one backend" and ours["policy"] == "kvroute (both levels)"
+        for row in rows:
+            assert row["failed"] == 0 and row["requests"] >= 12
+            assert 0 < row["ideal_ratio"] <= 1 and 0 <= row["cached_ratio"] <= row["ideal_ratio"]
+        assert one["per_backend"][1:] == [0, 0] and one["per_backend"][0] == one["requests"]
+        assert sum(ours["per_backend"]) == ours["requests"]
