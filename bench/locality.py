@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import statistics
 import sys
 import tempfile
 import time
+import uuid
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,14 @@ from app.devtools.ports import free_port
 from app.simulator.config import SimConfig
 from app.simulator.prompt import render_chat, tokenize
 from app.simulator.runner import SimulatorProcess
-from bench.overhead import ServerProcess, kvroute_server, peer_server, wait_ready
+from bench.overhead import (
+    DEFAULT_REDIS_URL,
+    ServerProcess,
+    kvroute_server,
+    peer_server,
+    redis_for_scaling,
+    wait_ready,
+)
 from bench.peers import INSTALL_HINT, missing_peers, peer_plans
 
 MODEL = "bench-model"
@@ -297,6 +307,7 @@ async def restart_sims(urls: list[str]) -> None:
 
 
 ONE_BACKEND = "one backend"
+REPLICAS = "kvroute x2 + Redis"
 # The router's own probes, fast enough for a short run.
 ROUTER_ENV = {"METRICS_INTERVAL_S": "0.25", "HEALTH_INTERVAL_S": "1", "REDIS_URL": ""}
 POLICIES: dict[str, dict[str, str]] = {
@@ -307,6 +318,9 @@ POLICIES: dict[str, dict[str, str]] = {
     "least_loaded": {"ROUTING_POLICY": "least_loaded"},
     "conversation_key_only": {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "false"},
     "kvroute (both levels)": {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true"},
+    # Two router processes (uvicorn workers on one port, the kernel spreads the connections)
+    # agreeing on owners through Redis: what several replicas keep of the locality.
+    REPLICAS: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true", "WORKERS": "2"},
 }
 
 
@@ -324,11 +338,15 @@ async def run_policy(
         await wait_ready(server)
         await restart_sims(sims)  # the readiness probe's request must not warm any cache
         await asyncio.sleep(0.6)  # let the router's metrics poll see that restart first
+        # Fresh tenant names per run: ownership kept in a shared Redis by an earlier run (whose
+        # backends were restarted since) must not count, and nothing needs deleting there.
+        tag = uuid.uuid4().hex[:8]
+        tagged = [replace(c, tenant=f"{c.tenant}@{tag}") for c in conversations]
         start = time.monotonic()
         sent = await asyncio.wait_for(
             drive(
                 f"{server.url}/v1/chat/completions",
-                conversations,
+                tagged,
                 args.concurrency,
                 args.max_tokens,
                 args.open_conversations,
@@ -336,13 +354,6 @@ async def run_policy(
             timeout=args.timeout_s,
         )
         wall = time.monotonic() - start
-        outcomes: dict[str, int] = {}
-        if name in POLICIES:
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(f"{server.url}/metrics") as resp,
-            ):
-                outcomes = (await resp.json())["cache_outcomes"]
     finally:
         server.stop()
     stats = await sim_stats(sims)
@@ -365,7 +376,8 @@ async def run_policy(
         max_over_mean=round(max(per_backend) / mean, 3) if mean else 0.0,
         per_backend=per_backend,
         wall_s=round(wall, 1),
-        outcomes=outcomes,
+        # From every answer's stats event (ours only), whichever router process served it.
+        outcomes=dict(Counter(r.stats["cache_outcome"] for r in sent if r.stats)),
         lost_tokens=losses(sent),
     )
 
@@ -409,19 +421,30 @@ async def run_capacity(
     )
     sims = [SimulatorProcess(config) for _ in range(args.backends)]
     results: list[RunResult] = []
-    try:
+    with contextlib.ExitStack() as stack:
         for sim in sims:
+            stack.callback(sim.stop)
             sim.start()
         urls = [s.url for s in sims]
         wanted = [p.strip() for p in args.policies.split(",")] if args.policies else list(POLICIES)
         log_dir = Path(tempfile.mkdtemp(prefix="kvroute-locality-"))
+        redis_url = None
+        if REPLICAS in wanted:
+            redis_url = stack.enter_context(redis_for_scaling(args.redis_url, log_dir))
+            if redis_url is None:
+                print(f"  {REPLICAS}: not run (no Redis at {args.redis_url})", file=sys.stderr)
+                wanted.remove(REPLICAS)
         servers = [
             (
                 name,
                 kvroute_server(
                     urls[:1] if name == ONE_BACKEND else urls,
                     log_dir,
-                    {**POLICIES[name], **ROUTER_ENV},
+                    {
+                        **POLICIES[name],
+                        **ROUTER_ENV,
+                        **({"REDIS_URL": redis_url or ""} if name == REPLICAS else {}),
+                    },
                 ),
             )
             for name in wanted
@@ -439,9 +462,6 @@ async def run_capacity(
                 f"  done: {name}, {capacity_blocks} blocks ({results[-1].wall_s} s)",
                 file=sys.stderr,
             )
-    finally:
-        for sim in sims:
-            sim.stop()
     return results
 
 
@@ -511,6 +531,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument(
         "--policies", default="", help="comma-separated subset of: " + ", ".join(POLICIES)
+    )
+    p.add_argument(
+        "--redis-url",
+        default=DEFAULT_REDIS_URL,
+        help=f"for '{REPLICAS}'; a private redis-server is started when none answers",
     )
     p.add_argument("--timeout-s", type=float, default=300.0, help="bound on each policy's run")
     p.add_argument("--json", default="bench/results/locality.json")

@@ -65,13 +65,16 @@ def test_open_conversations_interleave_and_every_turn_extends_its_own_history() 
     assert last_of_first > 3
 
 
-def test_locality_bench_runs_each_capacity_and_reports_one_backend(tmp_path: Path) -> None:
+def test_locality_bench_runs_each_capacity_with_one_backend_and_two_replicas(
+    tmp_path: Path, redis_url: str
+) -> None:
     out = tmp_path / "locality.json"
     argv = [sys.executable, "-m", "bench.locality", "--conversations", "6", "--concurrency", "2"]
     argv += ["--open-conversations", "3", "--capacity-blocks", "300,600", "--max-tokens", "4"]
-    argv += ["--policies", "one backend,kvroute (both levels)", "--json", str(out)]
+    argv += ["--policies", "one backend,kvroute (both levels),kvroute x2 + Redis"]
+    argv += ["--redis-url", redis_url, "--json", str(out)]
     proc = subprocess.run(
-        argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False
+        argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180, check=False
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "(300 blocks x 16 tokens" in proc.stdout and "(600 blocks x 16 tokens" in proc.stdout
@@ -79,10 +82,13 @@ def test_locality_bench_runs_each_capacity_and_reports_one_backend(tmp_path: Pat
     result = json.loads(out.read_text())
     assert set(result["by_capacity_blocks"]) == {"300", "600"}
     for rows in result["by_capacity_blocks"].values():
-        one, ours = rows
+        one, ours, replicas = rows
         assert one["policy"] == "one backend" and ours["policy"] == "kvroute (both levels)"
+        assert replicas["policy"] == "kvroute x2 + Redis"
         for row in rows:
             assert row["failed"] == 0 and row["requests"] >= 12
             assert 0 < row["ideal_ratio"] <= 1 and 0 <= row["cached_ratio"] <= row["ideal_ratio"]
-        assert one["per_backend"][1:] == [0, 0] and one["per_backend"][0] == one["requests"]
-        assert sum(ours["per_backend"]) == ours["requests"]
+            assert sum(row["per_backend"]) == row["requests"]
+            # Every conversation's follow-up turns reach the backend that holds it.
+            assert row["outcomes"]["hit"] == row["requests"] - 6, row["outcomes"]
+        assert one["per_backend"][1:] == [0, 0]
