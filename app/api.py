@@ -372,6 +372,17 @@ class Router:
         rates = {f"rate_{kind}": n for kind, n in local.rejected.items()}
         return {**self.admission.stats.rejected, **rates}
 
+    def _refused(
+        self, exc: KvrouteError, endpoint: str, scope: RequestScope, request_id: str
+    ) -> BytesResponse:
+        """A request answered with our own error: its log line and metric, then the error body."""
+        self.metrics.record(
+            RequestRecord(
+                endpoint=endpoint, status=exc.status, error_kind=type(exc).__name__, scope=scope
+            )
+        )
+        return error_response(exc, request_id)
+
     def _client_gone(self, endpoint: str, scope: RequestScope) -> None:
         """The client left before an answer started: still one log line, metric and span."""
         self.metrics.client_disconnects += 1
@@ -455,15 +466,7 @@ class Router:
             self._client_gone(endpoint, scope)  # left while queued or while we read its body
             raise
         except KvrouteError as exc:
-            self.metrics.record(
-                RequestRecord(
-                    endpoint=endpoint,
-                    status=exc.status,
-                    error_kind=type(exc).__name__,
-                    scope=scope,
-                )
-            )
-            return error_response(exc, request_id)
+            return self._refused(exc, endpoint, scope, request_id)
 
         try:
             trace.phase("selection")
@@ -491,15 +494,7 @@ class Router:
             )
         except KvrouteError as exc:
             slot.release()
-            self.metrics.record(
-                RequestRecord(
-                    endpoint=endpoint,
-                    status=exc.status,
-                    error_kind=type(exc).__name__,
-                    scope=scope,
-                )
-            )
-            return error_response(exc, request_id)
+            return self._refused(exc, endpoint, scope, request_id)
         except BaseException as exc:
             slot.release()
             if isinstance(exc, asyncio.CancelledError):
@@ -674,15 +669,7 @@ class Router:
                 trace=trace,
             )
         except KvrouteError as exc:
-            self.metrics.record(
-                RequestRecord(
-                    endpoint=endpoint,
-                    status=exc.status,
-                    error_kind=type(exc).__name__,
-                    scope=scope,
-                )
-            )
-            return error_response(exc, request_id)
+            return self._refused(exc, endpoint, scope, request_id)
         try:
             data = await attempt.response.read()
         finally:

@@ -40,7 +40,7 @@ from bench.overhead import (
     ServerProcess,
     kvroute_server,
     peer_server,
-    redis_for_scaling,
+    redis_or_private,
     wait_ready,
 )
 from bench.peers import INSTALL_HINT, missing_peers, peer_plans
@@ -188,17 +188,19 @@ def ideal_cached(sent: Sequence[Sent], block_size: int = 16) -> list[tuple[int, 
 
 def ideal_ratio(sent: Sequence[Sent], block_size: int = 16) -> float:
     """Cached share with one unlimited cache (see `ideal_cached`)."""
-    per_request = ideal_cached(sent, block_size)
+    return ratio_of(ideal_cached(sent, block_size))
+
+
+def ratio_of(per_request: Sequence[tuple[int, int]]) -> float:
     prompt_total = sum(p for p, _ in per_request)
     return sum(c for _, c in per_request) / prompt_total if prompt_total else 0.0
 
 
-def losses(sent: Sequence[Sent]) -> dict[str, int]:
+def losses(ok: Sequence[Sent], ideal_per_request: Sequence[tuple[int, int]]) -> dict[str, int]:
     """Ideal minus backend-reported cached tokens, summed by the router's outcome and affinity:
-    where a policy loses locality. Needs the router's stats events."""
-    ok = [r for r in sent if r.status == 200]
+    where a policy loses locality. `ok`: the answered requests; needs the router's stats events."""
     out: dict[str, int] = {}
-    for request, (_, ideal) in zip(ok, ideal_cached(ok), strict=True):
+    for request, (_, ideal) in zip(ok, ideal_per_request, strict=True):
         if request.stats is None:
             continue
         key = f"{request.stats['cache_outcome']}/{request.stats['affinity']}"
@@ -362,7 +364,9 @@ async def run_policy(
     per_backend = [s["completed"] for s in stats]
     ttfts = sorted(r.ttft_s * 1000 for r in sent if r.ttft_s is not None)
     ratio = cached / prompt if prompt else 0.0
-    ideal = ideal_ratio([r for r in sent if r.status == 200])
+    ok = [r for r in sent if r.status == 200]
+    ideal_per_request = ideal_cached(ok)  # tokenises every prompt: once per run
+    ideal = ratio_of(ideal_per_request)
     mean = statistics.mean(per_backend) if per_backend else 0
     return RunResult(
         policy=name,
@@ -378,7 +382,7 @@ async def run_policy(
         wall_s=round(wall, 1),
         # From every answer's stats event (ours only), whichever router process served it.
         outcomes=dict(Counter(r.stats["cache_outcome"] for r in sent if r.stats)),
-        lost_tokens=losses(sent),
+        lost_tokens=losses(ok, ideal_per_request),
     )
 
 
@@ -430,7 +434,7 @@ async def run_capacity(
         log_dir = Path(tempfile.mkdtemp(prefix="kvroute-locality-"))
         redis_url = None
         if REPLICAS in wanted:
-            redis_url = stack.enter_context(redis_for_scaling(args.redis_url, log_dir))
+            redis_url = stack.enter_context(redis_or_private(args.redis_url, log_dir))
             if redis_url is None:
                 print(f"  {REPLICAS}: not run (no Redis at {args.redis_url})", file=sys.stderr)
                 wanted.remove(REPLICAS)

@@ -51,14 +51,20 @@ def _parents() -> dict[int, int]:
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        out[int(entry.name)] = int(fields[1])
+        fields = _stat_fields(entry.name)
+        if fields is not None:
+            out[int(entry.name)] = int(fields[1])
     return out
+
+
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    """/proc/PID/stat after the command name (state first), or None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2 :].split()
 
 
 def process_tree(pid: int) -> list[int]:
@@ -80,13 +86,9 @@ def cpu_s(pids: Sequence[int]) -> float:
     """User + system CPU seconds of these processes (their live threads included)."""
     total = 0
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
+        fields = _stat_fields(pid)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / CLOCK_TICKS
 
 
@@ -258,7 +260,7 @@ def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
 
 
 @contextlib.contextmanager
-def redis_for_scaling(url: str, log_dir: Path) -> Iterator[str | None]:
+def redis_or_private(url: str, log_dir: Path) -> Iterator[str | None]:
     """`url` when it answers, else a private redis-server on a free port, else None."""
     if redis_answers(url):
         yield url
@@ -690,7 +692,7 @@ async def run_scaling(
 ) -> tuple[list[dict[str, Any]], str | None]:
     level = args.scaling_concurrency or max(args.levels)
     rows: list[dict[str, Any]] = []
-    with redis_for_scaling(args.redis_url, log_dir) as redis_url:
+    with redis_or_private(args.redis_url, log_dir) as redis_url:
         if redis_url is None:
             return [], f"scaling run skipped: no Redis at {args.redis_url} and no redis-server"
         for workers in args.worker_counts:
