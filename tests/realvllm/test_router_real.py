@@ -389,10 +389,13 @@ def test_sticky_routing_caches_more_than_round_robin(real_vllm_servers: RealVllm
 
 
 async def hold_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> None:
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-        assert response.status_code == 200
-        async for _ in response.aiter_raw():
-            pass
+    """One stream after another until cancelled: the server's load lasts as long as the caller
+    needs it, however fast this machine generates (or the random weights reach EOS)."""
+    while True:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            async for _ in response.aiter_raw():
+                pass
 
 
 async def test_router_reads_real_metrics_and_avoids_a_queueing_server(
@@ -440,8 +443,8 @@ async def test_router_reads_real_metrics_and_avoids_a_queueing_server(
             stats = await routed_stats(router, control, tenant)
             assert (stats["backend"], stats["cache_outcome"]) == ("b1", "miss"), stats
 
-            # Server B queues: 40 long streams straight to it, 4 run at a time; long enough
-            # (1500 tokens each) that B still queues when the checks below end, on a fast box too.
+            # Server B queues: 40 clients streaming straight to it, 4 run at a time; each client
+            # starts a new stream when one ends, so B queues until the checks below are done.
             long_body = chat_body(
                 model, [{"role": "user", "content": "Say something."}], stream=True, max_tokens=1500
             )
