@@ -404,7 +404,11 @@ async def test_router_reads_real_metrics_and_avoids_a_queueing_server(
     servers = real_vllm_servers
     model, urls = servers.model, servers.urls
     assert urls[1] == servers.queued_url  # b1 is the server with --max-num-seqs 4
-    with running_router(urls, served_model=model, metrics_interval_s=0.2) as router:
+    # B's API server shares one core with 40 streams: its /metrics can take seconds to answer,
+    # and a scrape that times out leaves the router's view of B as it was before the flood.
+    with running_router(
+        urls, served_model=model, metrics_interval_s=0.2, probe_timeout_s=15.0
+    ) as router:
         pool = router.router.pool
         async with httpx.AsyncClient(timeout=60) as client:
             # Traffic with prefix hits on both servers.
@@ -466,8 +470,17 @@ async def test_router_reads_real_metrics_and_avoids_a_queueing_server(
                     assert b.metrics.kv_usage > 0
                     # ...and while it queues, the other new conversations go to A.
                     for body in fresh:
+                        # "While it queues" as the router sees it at each decision.
+                        await until(lambda: b.metrics.waiting > 0, "router sees B queueing")  # type: ignore[union-attr]
                         stats = await routed_stats(router, body, tenant)
-                        assert (stats["backend"], stats["cache_outcome"]) == ("b0", "miss"), stats
+                        views = [
+                            (v.name, v.healthy, v.in_flight, v.waiting, v.capacity, v.others)
+                            for v in pool.snapshot()
+                        ]
+                        assert (stats["backend"], stats["cache_outcome"]) == ("b0", "miss"), (
+                            stats,
+                            views,
+                        )
                     assert b.metrics.waiting > 0, "B stopped queueing before the check ended"
                 finally:
                     for task in tasks:
