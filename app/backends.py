@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-import aiohttp
 import orjson
+
+from app.errors import UpstreamError
+from app.transport import Transport, read_all
 
 log = logging.getLogger("kvroute.backends")
 
@@ -155,7 +157,7 @@ class BackendPool:
         unhealthy_after_failures: int = 2,
         breaker_failures: int = 3,
         breaker_cooldown_s: float = 5.0,
-        on_restart: Callable[[str], None] | None = None,
+        on_restart: Callable[[str], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backends = [Backend(name=f"b{i}", url=url) for i, url in enumerate(urls)]
@@ -193,14 +195,17 @@ class BackendPool:
     def any_healthy(self) -> bool:
         return any(b.healthy for b in self.backends)
 
-    # --- load accounting (the proxy calls these around every upstream request) -----------
-    def acquire(self, name: str) -> None:
+    # --- load accounting (held around every upstream request) ----------------------------
+    @contextlib.contextmanager
+    def lease(self, name: str) -> Iterator[Backend]:
+        """One in-flight request on the backend for the body of the `with`."""
         backend = self._by_name[name]
         backend.in_flight += 1
         backend.dispatched += 1
-
-    def release(self, name: str) -> None:
-        self._by_name[name].in_flight -= 1
+        try:
+            yield backend
+        finally:
+            backend.in_flight -= 1
 
     def mark_failed(self, name: str, reason: str) -> None:
         """A live request could not reach the backend: suspect it at once, probe it soon."""
@@ -231,29 +236,26 @@ class BackendPool:
 
     # --- probes --------------------------------------------------------------------------
     async def probe_health(
-        self, session: aiohttp.ClientSession, timeout_s: float, interval_s: float = 0.0
+        self, transport: Transport, timeout_s: float, interval_s: float = 0.0
     ) -> None:
         now = self._clock()
         due = [b for b in self.backends if b.next_probe_s <= now]
-        await asyncio.gather(*(self._probe_one(session, b, timeout_s) for b in due))
+        await asyncio.gather(*(self._probe_one(transport, b, timeout_s) for b in due))
         for backend in due:
             # A down backend is probed less often (up to 4x the interval), an up one every time.
             backoff = 1 if backend.healthy else min(2 ** max(backend.failures - 1, 0), 4)
             backend.next_probe_s = now + interval_s * backoff - 0.01
 
-    async def _probe_one(
-        self, session: aiohttp.ClientSession, backend: Backend, timeout_s: float
-    ) -> None:
-        timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async def _probe_one(self, transport: Transport, backend: Backend, timeout_s: float) -> None:
         try:
-            async with session.get(f"{backend.url}/health", timeout=timeout) as resp:
-                ok = resp.status == 200
-                reason = "" if ok else f"/health answered {resp.status}"
+            status, _ = await _get(transport, f"{backend.url}/health", timeout_s)
+            ok = status == 200
+            reason = "" if ok else f"/health answered {status}"
             if ok:
-                async with session.get(f"{backend.url}/v1/models", timeout=timeout) as resp:
-                    if resp.status == 200:
-                        self._set_models(backend, orjson.loads(await resp.read()))
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, ValueError) as exc:
+                status, data = await _get(transport, f"{backend.url}/v1/models", timeout_s)
+                if status == 200:
+                    self._set_models(backend, orjson.loads(data))
+        except (UpstreamError, orjson.JSONDecodeError) as exc:
             ok, reason = False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if ok and backend.breaker_until_s > self._clock():
             ok, reason = False, "circuit breaker open after failed requests"
@@ -285,30 +287,25 @@ class BackendPool:
             backend.models = frozenset(models)
             backend.max_model_len = lengths
 
-    async def probe_metrics(self, session: aiohttp.ClientSession, timeout_s: float) -> None:
-        await asyncio.gather(*(self._scrape_one(session, b, timeout_s) for b in self.backends))
+    async def probe_metrics(self, transport: Transport, timeout_s: float) -> None:
+        await asyncio.gather(*(self._scrape_one(transport, b, timeout_s) for b in self.backends))
 
-    async def _scrape_one(
-        self, session: aiohttp.ClientSession, backend: Backend, timeout_s: float
-    ) -> None:
+    async def _scrape_one(self, transport: Transport, backend: Backend, timeout_s: float) -> None:
         if not backend.healthy:
             return
         try:
-            async with session.get(
-                f"{backend.url}/metrics", timeout=aiohttp.ClientTimeout(total=timeout_s)
-            ) as resp:
-                if resp.status != 200:
-                    return
-                text = await resp.text()
-        except (aiohttp.ClientError, TimeoutError):
+            status, data = await _get(transport, f"{backend.url}/metrics", timeout_s)
+        except UpstreamError:
             return
-        metrics = parse_vllm_metrics(text)
+        if status != 200:
+            return
+        metrics = parse_vllm_metrics(data.decode("utf-8", "replace"))
         if is_restart(backend.metrics, metrics):
             backend.generation += 1
             backend.capacity = None
             log.warning("backend %s restarted: its KV cache is empty", backend.name)
             if self._on_restart is not None:
-                self._on_restart(backend.name)
+                await self._on_restart(backend.name)
         backend.metrics = metrics
         backend.others = max(0.0, metrics.running + metrics.waiting - backend.in_flight)
         if metrics.waiting > 0 and metrics.running >= 1:
@@ -317,7 +314,7 @@ class BackendPool:
 
     async def run_probes(
         self,
-        session: aiohttp.ClientSession,
+        transport: Transport,
         *,
         health_interval_s: float,
         metrics_interval_s: float,
@@ -327,10 +324,25 @@ class BackendPool:
         next_health = 0.0
         while True:
             now = time.monotonic()
-            if now >= next_health:
-                with contextlib.suppress(Exception):
-                    await self.probe_health(session, timeout_s, health_interval_s)
-                next_health = now + health_interval_s
-            with contextlib.suppress(Exception):
-                await self.probe_metrics(session, timeout_s)
+            try:
+                if now >= next_health:
+                    await self.probe_health(transport, timeout_s, health_interval_s)
+                    next_health = now + health_interval_s
+                await self.probe_metrics(transport, timeout_s)
+            except Exception:  # the loop's outer boundary: a bug here must not stop the probes
+                log.exception("backend probes failed; retrying")
             await asyncio.sleep(metrics_interval_s)
+
+
+# A probe answer larger than this is not vLLM's (its /metrics is tens of KB).
+PROBE_MAX_BYTES = 8 << 20
+
+
+async def _get(transport: Transport, url: str, timeout_s: float) -> tuple[int, bytes]:
+    response = await transport.request(
+        "GET", url, None, {}, read_timeout_s=timeout_s, total_timeout_s=timeout_s
+    )
+    try:
+        return response.status, await read_all(response, PROBE_MAX_BYTES)
+    finally:
+        response.close()

@@ -23,6 +23,7 @@ def _run_uvicorn(settings: Settings) -> None:
     from uvicorn.config import LOGGING_CONFIG
 
     from app.api import create_app
+    from app.listener import protocol_for
 
     loop = "uvloop" if sys.platform != "win32" else "asyncio"
     if settings.workers > 1:
@@ -38,7 +39,7 @@ def _run_uvicorn(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         loop=loop,
-        http="httptools",
+        http=protocol_for(settings),  # type: ignore[arg-type]
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     # Router worker processes on one port; more than one needs REDIS_URL to share ownership.
     workers: int = Field(default=1, ge=1, le=64)
+    # Client connections: header size and count (431 past them), time to send the headers
+    # (slow clients are cut: 408), and open connections at once (503 past it).
+    max_header_bytes: int = Field(default=65536, ge=1024)
+    max_headers: int = Field(default=100, ge=8)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=4096, ge=1)
 
     # --- upstream connections -------------------------------------------------------------
     connect_timeout_s: float = Field(default=3.0, gt=0)
@@ -66,6 +72,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_messages: int = Field(default=4096, ge=1)
     max_tokens_cap: int = Field(default=0, ge=0)  # 0: no cap beyond the backend's own
+    # The largest non-streamed answer relayed (and stream gathered for an HTTP/1.0 client), and
+    # the largest single SSE event: a backend past them gets a 502 / an error event.
+    max_response_bytes: int = Field(default=64 * 1024 * 1024, ge=65536)
+    max_sse_event_bytes: int = Field(default=4 * 1024 * 1024, ge=4096)
     retries: int = Field(default=1, ge=0, le=3)
     # A retry is only started this soon after the request arrived (TTFT budget).
     retry_budget_s: float = Field(default=5.0, ge=0)
@@ -94,6 +104,10 @@ class Settings(BaseSettings):
     # Send vLLM a per-tenant cache_salt so tenants never share (or time) each other's KV blocks.
     tenant_cache_salt: bool = False
     cache_salt_secret: str = Field(default="", repr=False)
+    # Believe X-Tenant-ID / X-User-ID from any client even when tenants are isolated or
+    # limited (TENANT_CACHE_SALT, TENANT_RPM/TPM, MAX_IN_FLIGHT_PER_TENANT). Off: only from
+    # TRUSTED_PROXIES; keys bound to a tenant (KEY=TENANT) decide regardless.
+    trust_tenant_headers: bool = False
 
     # --- stream statistics ----------------------------------------------------------------
     stream_stats: bool = True
@@ -164,6 +178,37 @@ class Settings(BaseSettings):
                 "and be the same on every router replica"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_tenant_trust(self) -> Settings:
+        isolating = self.isolating_settings()
+        if not isolating or self.trust_tenant_headers or self.trusted_proxies:
+            return self
+        keys = self.router_api_keys
+        if keys and all("=" in k and k.split("=", 1)[1] for k in keys):
+            return self  # every client's tenant comes from its key
+        verb = "isolates or limits" if len(isolating) == 1 else "isolate or limit"
+        raise ValueError(
+            f"{', '.join(isolating)} {verb} tenants, but any client can claim a tenant "
+            "with X-Tenant-ID: bind every ROUTER_API_KEYS entry to a tenant (KEY=TENANT), set "
+            "TRUSTED_PROXIES to the proxy that sets the header, or set TRUST_TENANT_HEADERS=true "
+            "to accept the header from anyone"
+        )
+
+    def isolating_settings(self) -> list[str]:
+        """The settings that make the tenant a security boundary (isolation or limits)."""
+        names = {
+            "TENANT_CACHE_SALT": self.tenant_cache_salt,
+            "TENANT_RPM": bool(self.tenant_rpm),
+            "TENANT_TPM": bool(self.tenant_tpm),
+            "MAX_IN_FLIGHT_PER_TENANT": bool(self.max_in_flight_per_tenant),
+        }
+        return [name for name, on in names.items() if on]
+
+    @property
+    def tenant_headers_open(self) -> bool:
+        """Whether tenant headers are believed from any client (else only from trusted proxies)."""
+        return self.trust_tenant_headers or not self.isolating_settings()
 
     @property
     def tracing_enabled(self) -> bool:

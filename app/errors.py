@@ -6,6 +6,7 @@
     ├── Unauthorized                  401     authentication_error
     ├── ModelNotFound                 404     invalid_request_error (code model_not_found)
     ├── Overloaded                    429     rate_limit_error (+ Retry-After)
+    ├── ClientGone                    499     the client left; nothing is sent, the request is logged
     ├── NoHealthyBackend              503     service_unavailable
     └── UpstreamError                 502     upstream_error
         ├── UpstreamUnavailable       502     retryable: connect error, reset, 502/503 before a byte
@@ -83,6 +84,17 @@ class Overloaded(KvrouteError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+
+
+class ClientGone(KvrouteError):
+    """The client disconnected (while uploading, queued, waiting for headers or mid-stream)."""
+
+    status = 499
+    type = "client_closed_request"
+    code = "client_gone"
+
+    def __init__(self, message: str = "the client closed the connection") -> None:
+        super().__init__(message)
 
 
 class NoHealthyBackend(KvrouteError):

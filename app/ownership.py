@@ -40,6 +40,14 @@ def redis_client(url: str, timeout_s: float) -> Redis:
 MAX_SYSTEM_HOMES = 4
 
 
+def redis_trouble() -> tuple[type[BaseException], ...]:
+    """What Redis failing looks like from here: its own errors, a socket error, our deadline.
+    (redis is imported only when it is used: importing it pulls in OpenTelemetry's SDK.)"""
+    from redis.exceptions import RedisError
+
+    return (RedisError, OSError, TimeoutError)
+
+
 class OwnershipStore(Protocol):
     async def lookup(self, keys: PrefixKeys) -> Ownership: ...
 
@@ -49,6 +57,10 @@ class OwnershipStore(Protocol):
         ...
 
     async def forget_backend(self, backend: str) -> None: ...
+
+    async def run(self) -> None:
+        """The store's background work, run by the app's lifespan (returns when there is none)."""
+        ...
 
     def owned_counts(self) -> dict[str, int]: ...
 
@@ -123,6 +135,9 @@ class MemoryStore:
         for homes in self._systems.values():
             homes.pop(backend, None)
         self._counts.pop(backend, None)
+
+    async def run(self) -> None:
+        return None
 
     def owned_counts(self) -> dict[str, int]:
         return {b: n for b, n in self._counts.items() if n > 0}
@@ -220,8 +235,8 @@ class RedisStore:
         self._queue: asyncio.Queue[tuple[PrefixKeys, str, int, bool]] = asyncio.Queue(
             maxsize=100_000
         )
-        self._writer: asyncio.Task[None] | None = None
         self._script = self._redis.register_script(_RECORD_SCRIPT)
+        self._trouble = redis_trouble()
         self.down_until = 0.0
         self.fallbacks = 0
         self.errors = 0
@@ -264,7 +279,7 @@ class RedisStore:
                     pipe.get(self.prefix + "c:" + keys.conversation)
                     pipe.hgetall(self.prefix + "s:" + keys.system)
                     owner_value, homes = await pipe.execute()
-        except Exception as exc:  # any Redis trouble: serve from memory
+        except self._trouble as exc:  # serve from memory
             self._failed(exc)
             self.fallbacks += 1
             return self.memory.lookup_now(keys)
@@ -309,13 +324,12 @@ class RedisStore:
             Ownership(owner=owner, owner_tokens=tokens, system_holders=holders),
             self._clock(),
         )
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_loop())
         with contextlib.suppress(asyncio.QueueFull):  # memory already has it
             self._queue.put_nowait((keys, backend, tokens, claim))
         return owner
 
-    async def _write_loop(self) -> None:
+    async def run(self) -> None:
+        """The writer: records go to Redis in pipelined batches, off the request path."""
         while True:
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < 512:
@@ -341,7 +355,7 @@ class RedisStore:
                                 client=pipe,
                             )
                         results = await pipe.execute()
-            except Exception as exc:  # any Redis trouble: memory keeps serving
+            except self._trouble as exc:  # memory keeps serving
                 self._failed(exc)
                 continue
             self._succeeded()
@@ -370,10 +384,3 @@ class RedisStore:
             "last_error": self.last_error or None,
             "local_keys": self.memory.describe()["keys"],
         }
-
-    async def close(self) -> None:
-        """Stop the writer; the Redis client belongs to whoever made it."""
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._writer

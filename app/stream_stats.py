@@ -2,13 +2,18 @@
 
 `StreamScanner.feed(bytes)` returns the bytes to forward now: whole events, untouched, minus the
 usage chunk the router injected (when the client did not ask for it) and minus `data: [DONE]`,
-which the proxy sends itself after the stats event. Chunks are not JSON-decoded: the first content
+which the relay sends itself after the stats event. Chunks are not JSON-decoded: the first content
 chunk is found by a byte pattern, the usage chunk by its shape (`"choices":[]` and `"usage"`); only
 the first event (for id/created/model) and the usage chunk are parsed.
+
+Events end with a blank line in any of SSE's line endings (vLLM writes LF; CRLF and CR are read
+too). One event may hold at most `max_event_bytes`: past that `feed` raises `EventTooLarge`, so an
+upstream that never ends an event cannot grow the router's memory.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +40,13 @@ _ERROR_DATA = b'data: {"error"'
 _FINISH = b'"finish_reason":"'
 
 TokenSource = Literal["backend", "estimate"]
+# A blank line: two line ends, each CRLF, a lone CR or LF (a CR before LF is never split off).
+_EVENT_END_ANY = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+DEFAULT_MAX_EVENT_BYTES = 4 << 20
+
+
+class EventTooLarge(ValueError):
+    """The upstream sent more than `max_event_bytes` without ending an event."""
 
 
 def _has_content(event: bytes) -> bool:
@@ -66,9 +78,16 @@ def _payload(event: bytes) -> Any:
 
 class StreamScanner:
     def __init__(
-        self, *, strip_usage: bool, start_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        strip_usage: bool,
+        start_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
         self.strip_usage = strip_usage
+        self.max_event_bytes = max_event_bytes
+        self._any_line_ends = False  # set at the first CR seen: events split by _EVENT_END_ANY
         self.start_s = start_s
         self._clock = clock
         self._tail = b""
@@ -85,15 +104,18 @@ class StreamScanner:
 
     def feed(self, data: bytes) -> bytes:
         self.bytes_in += len(data)
+        if self._any_line_ends or b"\r" in data:
+            self._any_line_ends = True
+            return self._feed_any(data)
         buffer = self._tail + data if self._tail else data
         end = buffer.rfind(EVENT_END)
         if end < 0:
-            self._tail = buffer
+            self._tail = self._bounded(buffer)
             return b""
         if end + 2 == len(buffer):
             complete, self._tail = buffer, b""
         else:
-            complete, self._tail = buffer[: end + 2], buffer[end + 2 :]
+            complete, self._tail = buffer[: end + 2], self._bounded(buffer[end + 2 :])
         if (
             self.first_content_s is not None
             and self.meta is not None
@@ -114,14 +136,41 @@ class StreamScanner:
             return self._emit(complete)
         return b"".join(self._emit(event + EVENT_END) for event in complete.split(EVENT_END)[:-1])
 
+    def _feed_any(self, data: bytes) -> bytes:
+        """`feed` for streams that use CR or CRLF line ends: events split one by one."""
+        buffer = self._tail + data
+        # A CR at the very end may be the first half of a CRLF: it waits for the next bytes.
+        search_end = len(buffer) - 1 if buffer.endswith(b"\r") else len(buffer)
+        out: list[bytes] = []
+        start = 0
+        for match in _EVENT_END_ANY.finditer(buffer, 0, search_end):
+            out.append(self._emit(buffer[start : match.end()]))
+            start = match.end()
+        self._tail = self._bounded(buffer[start:])
+        return b"".join(out)
+
+    def _bounded(self, tail: bytes) -> bytes:
+        if len(tail) > self.max_event_bytes:
+            raise EventTooLarge(
+                f"the backend sent more than {self.max_event_bytes} bytes without ending an "
+                "SSE event"
+            )
+        return tail
+
     def flush(self) -> bytes:
         """What is left when upstream ends: a held chunk, an event without its blank line."""
         tail, self._tail = self._tail, b""
         out = b""
         if tail.strip():
-            out = self._emit(tail if tail.endswith(EVENT_END) else tail.rstrip(b"\n") + EVENT_END)
+            out = self._emit(tail.rstrip(b"\r\n") + EVENT_END)
         held, self._held = self._held, b""
         return held + out
+
+    def abort(self) -> bytes:
+        """The stream broke: the held finishing chunk (whole) still goes out; a partial event
+        does not."""
+        held, self._held, self._tail = self._held, b"", b""
+        return held
 
     def _emit(self, event: bytes) -> bytes:
         """The bytes to forward for one whole event.

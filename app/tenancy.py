@@ -1,7 +1,9 @@
 """Who is asking: the tenant a request belongs to (pure).
 
 Order: `X-Tenant-ID`, then `X-User-ID`, then the first address of `X-Forwarded-For` (believed only
-when the direct peer is a trusted proxy), then the peer address itself.
+when the direct peer is a trusted proxy), then the peer address itself. When the tenant isolates
+or limits (cache salt, per-tenant rates or limits), the two tenant headers are believed only from
+a trusted proxy too, unless the operator says otherwise (`TRUST_TENANT_HEADERS`).
 """
 
 from __future__ import annotations
@@ -36,14 +38,25 @@ def is_trusted(peer: str | None, trusted: Sequence[Network]) -> bool:
     return any(address in network for network in trusted)
 
 
-def tenant_from(headers: Mapping[str, str], peer: str | None, trusted: Sequence[Network]) -> str:
-    """The tenant of a request. `headers` must look up names case-insensitively (or lower-case)."""
-    for name in ("x-tenant-id", "x-user-id"):
-        value = headers.get(name, "").strip()
-        if value:
-            return value[:MAX_TENANT_CHARS]
+def tenant_from(
+    headers: Mapping[str, str],
+    peer: str | None,
+    trusted: Sequence[Network],
+    *,
+    headers_from_anyone: bool = True,
+) -> str:
+    """The tenant of a request. `headers` must look up names case-insensitively (or lower-case).
+
+    Where the tenant is a security boundary (`headers_from_anyone=False`), X-Tenant-ID and
+    X-User-ID count only from a trusted proxy; X-Forwarded-For always does."""
+    proxied = is_trusted(peer, trusted)
+    if headers_from_anyone or proxied:
+        for name in ("x-tenant-id", "x-user-id"):
+            value = headers.get(name, "").strip()
+            if value:
+                return value[:MAX_TENANT_CHARS]
     forwarded = headers.get("x-forwarded-for", "")
-    if forwarded and is_trusted(peer, trusted):
+    if forwarded and proxied:
         first = forwarded.split(",", 1)[0].strip()
         if first:
             return first[:MAX_TENANT_CHARS]

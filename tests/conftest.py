@@ -15,6 +15,7 @@ import uvicorn
 
 from app.api import create_app
 from app.config import Settings
+from app.listener import protocol_for
 from app.simulator.config import SimConfig
 from app.simulator.runner import SimulatorServer
 
@@ -33,7 +34,7 @@ class RouterServer:
             self.app,
             log_level="warning",
             access_log=False,
-            http="httptools",
+            http=protocol_for(settings),  # type: ignore[arg-type]
             loop="uvloop",  # sets TCP_NODELAY on accepted sockets; asyncio does not here
             lifespan="on",
         )
@@ -48,7 +49,8 @@ class RouterServer:
 
     @property
     def router(self) -> Any:
-        return self.app.state.router
+        """The app's collaborators (`Services`): pool, metrics, admission, store..."""
+        return self.app.services
 
     def start(self) -> RouterServer:
         self._thread.start()

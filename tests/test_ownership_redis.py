@@ -5,16 +5,23 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 
 import pytest
 
 from app.devtools.ports import free_port
 from app.ownership import RedisStore, redis_client
 from app.prefix import PrefixKeys
+from app.services import background
 from tests.conftest import missing_service
 from tests.integration.redis_server import RedisProcess
 
 pytestmark = pytest.mark.redis
+
+
+def writing(*stores: RedisStore) -> AbstractAsyncContextManager[None]:
+    """The stores' writers running, as the app's lifespan runs them."""
+    return background([store.run() for store in stores])
 
 
 def keys(conv: str, system: str = "sys") -> PrefixKeys:
@@ -29,9 +36,8 @@ async def replicas(redis_url: str) -> AsyncIterator[tuple[RedisStore, RedisStore
     b = RedisStore(
         redis_client(redis_url, 0.5), redis_url, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=0.0
     )
-    yield a, b
-    await a.close()
-    await b.close()
+    async with writing(a, b):
+        yield a, b
 
 
 async def settle(*stores: RedisStore) -> None:
@@ -73,13 +79,13 @@ async def test_takeover_and_ttl(redis_url: str) -> None:
     store = RedisStore(
         redis_client(redis_url, 0.5), redis_url, ttl_s=0.3, timeout_s=0.5, retry_s=0.2, cache_s=0.0
     )
-    await store.record(keys("k"), "b0", 1, claim=True)
-    await store.record(keys("k"), "b1", 2, claim=False)
-    await settle(store)
-    assert (await store.lookup(keys("k"))).owner == "b1"
-    await asyncio.sleep(0.5)
-    assert (await store.lookup(keys("k"))).owner is None
-    await store.close()
+    async with writing(store):
+        await store.record(keys("k"), "b0", 1, claim=True)
+        await store.record(keys("k"), "b1", 2, claim=False)
+        await settle(store)
+        assert (await store.lookup(keys("k"))).owner == "b1"
+        await asyncio.sleep(0.5)
+        assert (await store.lookup(keys("k"))).owner is None
 
 
 async def test_restarted_backend_loses_its_keys(replicas: tuple[RedisStore, RedisStore]) -> None:
@@ -100,12 +106,12 @@ async def test_unreachable_redis_serves_from_memory_and_counts() -> None:
         timeout_s=0.05,
         retry_s=30,
     )
-    await store.record(keys("k"), "b1", 7, claim=True)
-    found = await store.lookup(keys("other"))
-    assert found.owner is None and not store.is_up()
-    assert (await store.lookup(keys("k"))).owner == "b1"
-    assert store.fallbacks >= 1 and store.describe()["state"].startswith("down")
-    await store.close()
+    async with writing(store):
+        await store.record(keys("k"), "b1", 7, claim=True)
+        found = await store.lookup(keys("other"))
+        assert found.owner is None and not store.is_up()
+        assert (await store.lookup(keys("k"))).owner == "b1"
+        assert store.fallbacks >= 1 and store.describe()["state"].startswith("down")
 
 
 async def test_redis_stopped_mid_run_then_back() -> None:
@@ -116,19 +122,19 @@ async def test_redis_stopped_mid_run_then_back() -> None:
         redis_client(server.url, 0.5), server.url, ttl_s=60, timeout_s=0.2, retry_s=0.2, cache_s=0.0
     )
     try:
-        await store.record(keys("k"), "b0", 1, claim=True)
-        await settle(store)
-        assert (await store.lookup(keys("k"))).owner == "b0" and store.is_up()
-        server.stop()
-        for i in range(20):  # every look-up answers, from memory
-            assert (await store.lookup(keys("k"))).owner == "b0"
-            await store.record(keys(f"n{i}"), "b1", 1, claim=True)
-        assert store.fallbacks >= 1
-        server = RedisProcess(port=server.port).start()
-        await asyncio.sleep(0.3)
-        await store.record(keys("after"), "b2", 1, claim=True)
-        await settle(store)
-        assert (await store.lookup(keys("after"))).owner == "b2" and store.is_up()
+        async with writing(store):
+            await store.record(keys("k"), "b0", 1, claim=True)
+            await settle(store)
+            assert (await store.lookup(keys("k"))).owner == "b0" and store.is_up()
+            server.stop()
+            for i in range(20):  # every look-up answers, from memory
+                assert (await store.lookup(keys("k"))).owner == "b0"
+                await store.record(keys(f"n{i}"), "b1", 1, claim=True)
+            assert store.fallbacks >= 1
+            server = RedisProcess(port=server.port).start()
+            await asyncio.sleep(0.3)
+            await store.record(keys("after"), "b2", 1, claim=True)
+            await settle(store)
+            assert (await store.lookup(keys("after"))).owner == "b2" and store.is_up()
     finally:
-        await store.close()
         server.stop()

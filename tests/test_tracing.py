@@ -85,7 +85,7 @@ def test_off_imports_nothing_of_opentelemetry() -> None:
         from app.api import create_app
         from app.config import Settings
         app = create_app(Settings(_env_file=None, backend_urls=["http://127.0.0.1:9"]))
-        trace = app.state.router.tracing.start("POST", "/v1/chat/completions", {})
+        trace = app.state.services.tracing.start("POST", "/v1/chat/completions", {})
         trace.phase("admission")
         added = {m for m in sys.modules if m.startswith("opentelemetry")} - before
         print(sorted(added))

@@ -270,6 +270,9 @@ def test_tenant_cache_salt_isolates_tenants() -> None:
             served_model="sim-model",
             tenant_cache_salt=True,
             cache_salt_secret="s" * 32,
+            trusted_proxies=[
+                "127.0.0.1"
+            ],  # the test client stands for the proxy setting the header
         ) as isolated:
             cached_for(isolated, "a")
             assert cached_for(isolated, "b") == 0

@@ -5,10 +5,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from app.admission import RedisRateLimits
 from app.devtools.ports import free_port
 from app.errors import Overloaded
 from app.ownership import redis_client
+from app.rates import RedisRateLimits
 from tests.conftest import running_router, running_simulators
 
 
@@ -48,7 +48,11 @@ def test_router_answers_429_past_the_tenant_rpm(redis_url: str) -> None:
     with (
         running_simulators(1, base_ttft_s=0.0, prefill_s_per_token=0.0) as sims,
         running_router(
-            [sims[0].url], served_model="sim-model", redis_url=redis_url, tenant_rpm=5
+            [sims[0].url],
+            served_model="sim-model",
+            redis_url=redis_url,
+            tenant_rpm=5,
+            trust_tenant_headers=True,
         ) as r,
     ):
         statuses = [

@@ -1,0 +1,177 @@
+"""The client-facing HTTP listener: uvicorn's httptools protocol with the limits it lacks.
+
+uvicorn's httptools protocol (the fast one; h11 costs several times its CPU) puts no bound on
+request headers or on the time a client takes to send them, and starts every connection it
+accepts. `GuardedHttpToolsProtocol` adds, per connection:
+- header bytes before the end of the headers (`MAX_HEADER_BYTES`) and header count
+  (`MAX_HEADERS`): past either, 431 and the connection is closed;
+- a deadline to finish the headers (`HEADER_TIMEOUT_S`), from the connection's start or the end
+  of the previous answer: a slow or silent client is cut (408 when it had begun a request);
+- open connections at once (`MAX_CONNECTIONS`): past it, 503 and close.
+Limits travel as a frozen value in a `functools.partial`, so worker processes get them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from app.config import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    max_header_bytes: int = 65536
+    max_headers: int = 100
+    header_timeout_s: float = 10.0
+    max_connections: int = 4096
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ListenerLimits:
+        return cls(
+            max_header_bytes=settings.max_header_bytes,
+            max_headers=settings.max_headers,
+            header_timeout_s=settings.header_timeout_s,
+            max_connections=settings.max_connections,
+        )
+
+
+def _refusal(status: int, reason: str, message: str) -> bytes:
+    body = orjson.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error" if status < 500 else "service_unavailable",
+                "param": None,
+                "code": reason,
+            }
+        }
+    )
+    phrase = {408: "Request Timeout", 431: "Request Header Fields Too Large"}.get(
+        status, "Service Unavailable"
+    )
+    head = (
+        f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, limits: ListenerLimits, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self._in_headers = (
+            True  # between a request's start (or the connection's) and its headers' end
+        )
+        self._header_bytes = 0
+        self._header_count = 0
+        self._refused = False
+        self._deadline: asyncio.TimerHandle | None = None
+
+    # --- connection ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            self._refuse(503, "too_many_connections", "the router has too many open connections")
+            return
+        self._arm_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._in_headers:
+            self._header_bytes += len(data)
+        super().data_received(data)
+        # Counted after parsing, so that a body arriving with the headers is not held against
+        # them; what the parser holds stays within one read past the limit.
+        if self._in_headers and self._header_bytes > self.limits.max_header_bytes:
+            self._refuse(
+                431,
+                "headers_too_large",
+                f"request headers exceed {self.limits.max_header_bytes} bytes",
+            )
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # The next request on this connection has the same deadline for its headers.
+        self._in_headers, self._header_bytes, self._header_count = True, 0, 0
+        self._arm_deadline()
+
+    # --- parser callbacks ----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_headers, self._header_count = True, 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count <= self.limits.max_headers:
+            super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        self._disarm_deadline()
+        if self._header_count > self.limits.max_headers:
+            self._refuse(
+                431,
+                "too_many_headers",
+                f"the request has {self._header_count} headers; the limit is "
+                f"{self.limits.max_headers}",
+            )
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
+
+    # --- limits --------------------------------------------------------------------------
+    def _arm_deadline(self) -> None:
+        self._disarm_deadline()
+        self._deadline = self.loop.call_later(self.limits.header_timeout_s, self._headers_late)
+
+    def _disarm_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _headers_late(self) -> None:
+        self._deadline = None
+        if not self._in_headers or self.transport.is_closing():
+            return
+        if self._header_bytes:
+            self._refuse(
+                408,
+                "header_timeout",
+                f"request headers not received within {self.limits.header_timeout_s:g} s",
+            )
+        else:
+            self._refused = True
+            self.transport.close()  # an idle connection: nothing to answer
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        self._refused = True
+        self._disarm_deadline()
+        if not self.transport.is_closing():
+            self.transport.write(_refusal(status, reason, message))
+            self.transport.close()
+
+
+def protocol_for(settings: Settings) -> functools.partial[GuardedHttpToolsProtocol]:
+    """What to give uvicorn as `http=`: the guarded protocol with these settings' limits."""
+    return functools.partial(
+        GuardedHttpToolsProtocol, limits=ListenerLimits.from_settings(settings)
+    )

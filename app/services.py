@@ -1,0 +1,234 @@
+"""The router's collaborators, built in one place from `Settings`, and their lifetime.
+
+`build_services(settings)` wires the pool, stores, policies, admission, rates, metrics and the
+upstream transport (tests pass a `MockTransport`); `running(services)` is the app's lifespan:
+it opens the transport and owns every background task (probes, admission ticks, the Redis
+writer, the dashboard series), cancelling and awaiting them at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from app.admission import Admission, Limits
+from app.backends import BackendPool
+from app.config import Settings
+from app.dashboard import SeriesRecorder, TenantTags
+from app.logs import RequestLog
+from app.metrics import RequestRecord, RouterMetrics
+from app.ownership import MemoryStore, OwnershipStore, RedisStore, redis_client
+from app.presentation import prom_gauges
+from app.rates import RateLimits, RedisRateLimits
+from app.routing import CostWeights, LeastLoaded, Policy, make_policy
+from app.security import KeyRing
+from app.tenancy import Network, parse_networks
+from app.tracing import Tracing, tracing_from_settings
+from app.transport import AiohttpTransport, Transport
+from app.upstream import Dispatcher
+
+log = logging.getLogger("kvroute.services")
+
+
+@dataclass(eq=False)
+class Services:
+    settings: Settings
+    metrics: RouterMetrics
+    request_log: RequestLog
+    tracing: Tracing
+    trusted: tuple[Network, ...]
+    keyring: KeyRing
+    pool: BackendPool
+    store: OwnershipStore
+    policy: Policy
+    admission: Admission
+    rates: RateLimits | RedisRateLimits
+    transport: Transport
+    dispatcher: Dispatcher
+    registry: CollectorRegistry
+    series: SeriesRecorder
+    tenant_tags: TenantTags = field(default_factory=TenantTags)
+    passthrough_policy: Policy = field(default_factory=LeastLoaded)
+    redis: Any = None  # redis.asyncio.Redis when REDIS_URL is set
+    started_at: int = field(default_factory=lambda: int(time.time()))
+
+    def ready_for(self, model: str) -> Callable[[], bool]:
+        """Whether some healthy backend serving `model` can take one more request now."""
+        per_backend = self.settings.max_in_flight_per_backend
+        max_waiting = self.settings.max_backend_waiting
+        backends = self.pool.backends
+
+        def ready() -> bool:
+            return any(
+                b.healthy
+                and model in b.models
+                and b.in_flight < per_backend
+                and (b.metrics is None or b.metrics.waiting <= max_waiting)
+                for b in backends
+            )
+
+        return ready
+
+    def rejections(self) -> dict[str, int]:
+        """Admission rejections by reason: queue limits and tenant rates (`rate_rpm`, ...)."""
+        local = self.rates.local if isinstance(self.rates, RedisRateLimits) else self.rates
+        rates = {f"rate_{kind}": n for kind, n in local.rejected.items()}
+        return {**self.admission.stats.rejected, **rates}
+
+    def ownership_fallbacks(self) -> int:
+        return self.store.fallbacks if isinstance(self.store, RedisStore) else 0
+
+
+def build_services(settings: Settings, *, transport: Transport | None = None) -> Services:
+    s = settings
+    redis = redis_client(s.redis_url, s.redis_timeout_s) if s.redis_url else None
+    store: OwnershipStore = (
+        RedisStore(
+            redis,
+            s.redis_url,
+            ttl_s=s.ownership_ttl_s,
+            timeout_s=s.redis_timeout_s,
+            retry_s=s.redis_retry_s,
+        )
+        if redis is not None
+        else MemoryStore(s.ownership_ttl_s)
+    )
+    pool = BackendPool(
+        s.backend_urls,
+        default_model=s.served_model,
+        unhealthy_after_failures=s.unhealthy_after_failures,
+        breaker_failures=s.breaker_failures,
+        breaker_cooldown_s=s.breaker_cooldown_s,
+        on_restart=store.forget_backend,
+    )
+    policy = make_policy(s.routing_policy, _weights(s))
+    transport = transport or AiohttpTransport(
+        connect_timeout_s=s.connect_timeout_s,
+        pool_idle_timeout_s=s.pool_idle_timeout_s,
+        max_per_host=s.max_connections_per_backend,
+    )
+    request_log = RequestLog()
+    tracing = tracing_from_settings(s)
+    metrics = RouterMetrics(on_record=_observer(request_log))
+    services = Services(
+        settings=s,
+        metrics=metrics,
+        request_log=request_log,
+        tracing=tracing,
+        trusted=parse_networks(s.trusted_proxies),
+        keyring=KeyRing(s.router_api_keys),
+        pool=pool,
+        store=store,
+        policy=policy,
+        admission=Admission(_limits(s)),
+        rates=_rates(s, redis),
+        transport=transport,
+        dispatcher=Dispatcher(
+            pool=pool,
+            policy=policy,
+            ownership=store,
+            transport=transport,
+            read_timeout_s=s.read_timeout_s,
+            retries=s.retries,
+            retry_budget_s=s.retry_budget_s,
+            max_in_flight_per_backend=s.max_in_flight_per_backend,
+        ),
+        registry=CollectorRegistry(auto_describe=True),
+        series=SeriesRecorder(metrics, pool),
+        redis=redis,
+    )
+    services.registry.register(
+        metrics.collector(
+            lambda: prom_gauges(pool, store), services.ownership_fallbacks, services.rejections
+        )
+    )
+    return services
+
+
+def _weights(s: Settings) -> CostWeights:
+    return CostWeights(
+        w_prefill=s.w_prefill,
+        w_load=s.w_load,
+        w_waiting=s.w_waiting,
+        cap_factor=s.load_cap_factor,
+        cap_floor=s.load_cap_floor,
+    )
+
+
+def _limits(s: Settings) -> Limits:
+    return Limits(
+        max_in_flight=s.max_in_flight,
+        max_in_flight_per_tenant=s.max_in_flight_per_tenant,
+        max_queue=s.max_queue,
+        max_queue_per_tenant=s.max_queue_per_tenant,
+        queue_timeout_s=s.queue_timeout_s,
+    )
+
+
+def _rates(s: Settings, redis: Any) -> RateLimits | RedisRateLimits:
+    if redis is None:
+        return RateLimits(s.tenant_rpm, s.tenant_tpm)
+    return RedisRateLimits(
+        redis, s.tenant_rpm, s.tenant_tpm, timeout_s=max(s.redis_timeout_s, 0.05)
+    )
+
+
+def _observer(request_log: RequestLog) -> Callable[[RequestRecord], None]:
+    def observed(rec: RequestRecord) -> None:
+        """A request is over (called once, from `metrics.record`): its log line and trace."""
+        request_log.emit(rec)
+        if rec.scope is not None and rec.scope.trace is not None:
+            rec.scope.trace.end(rec)
+
+    return observed
+
+
+@contextlib.asynccontextmanager
+async def running(services: Services) -> AsyncIterator[None]:
+    """The app's lifespan: the transport open, the background tasks running."""
+    s = services.settings
+    async with services.transport as transport:
+        pool = services.pool
+        await pool.probe_health(transport, s.probe_timeout_s)
+        await pool.probe_metrics(transport, s.probe_timeout_s)
+        if not pool.any_healthy():
+            log.warning("no backend is healthy yet; requests get 503 until one answers /health")
+        loops = [
+            pool.run_probes(
+                transport,
+                health_interval_s=s.health_interval_s,
+                metrics_interval_s=s.metrics_interval_s,
+                timeout_s=s.probe_timeout_s,
+            ),
+            services.admission.run(),
+            services.store.run(),
+            services.series.run(),
+        ]
+        try:
+            async with background(loops):
+                yield
+        finally:
+            services.tracing.shutdown()
+            if services.redis is not None:
+                await services.redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def background(loops: list[Coroutine[Any, Any, None]]) -> AsyncIterator[None]:
+    """Run `loops` as tasks for the body of the `async with`; cancel and await them after."""
+    tasks = [asyncio.create_task(loop) for loop in loops]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.error("background task failed: %r", result)

@@ -1,0 +1,163 @@
+"""Open a request on a backend: choose, dispatch, retry elsewhere before the first byte.
+
+`Dispatcher.open(...)` is an async context manager: inside it the caller holds one upstream
+response and one in-flight count on its backend; both are released when the `async with` ends,
+on every path. Retries happen inside, before anything reaches the client: a connection error
+or a 502/503 answer moves the request to another backend while the retry budget lasts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+
+from app.backends import BackendPool
+from app.errors import KvrouteError, NoHealthyBackend, Overloaded, UpstreamUnavailable
+from app.ownership import OwnershipStore
+from app.routing import Decision, Ownership, Policy, RouteRequest, candidates_for
+from app.tracing import NO_TRACE, RequestTrace
+from app.transport import Transport, UpstreamResponse
+
+log = logging.getLogger("kvroute.upstream")
+
+# Statuses that mean "this backend cannot take it now": safe to retry on another one.
+RETRYABLE_STATUSES = frozenset({502, 503})
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """What goes upstream, the same for every attempt (but the request id)."""
+
+    path: str
+    body: bytes
+    headers: Mapping[str, str]
+    request_id: str
+    started_s: float  # receipt at the router (time.monotonic), for the retry budget
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """An upstream response that answered with headers, and the decision that led to it."""
+
+    decision: Decision
+    response: UpstreamResponse
+    retries: int
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        pool: BackendPool,
+        policy: Policy,
+        ownership: OwnershipStore,
+        transport: Transport,
+        read_timeout_s: float,
+        retries: int,
+        retry_budget_s: float = 5.0,
+        max_in_flight_per_backend: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pool = pool
+        self.policy = policy
+        self.ownership = ownership
+        self.transport = transport
+        self.read_timeout_s = read_timeout_s
+        self.retries = retries
+        self.retry_budget_s = retry_budget_s
+        self.max_in_flight_per_backend = max_in_flight_per_backend
+        self._clock = clock
+
+    @contextlib.asynccontextmanager
+    async def open(
+        self,
+        route: RouteRequest,
+        ownership: Ownership,
+        out: Outgoing,
+        *,
+        policy: Policy | None = None,
+        remember: bool = True,
+        trace: RequestTrace = NO_TRACE,
+    ) -> AsyncIterator[Attempt]:
+        """Hold an answered attempt for the body of the `async with`.
+
+        A retry goes to another backend, and only while the request is younger than the retry
+        budget: a slow failover would break the time-to-first-token objective anyway."""
+        tried: list[str] = []
+        last_error: KvrouteError | None = None
+        for n in range(self.retries + 1):
+            if n and not self._within_budget(out):
+                break
+            decision = self._choose(route, ownership, policy or self.policy, tried)
+            if decision is None:
+                break
+            tried.append(decision.backend)
+            with self.pool.lease(decision.backend) as backend:
+                if remember:
+                    # Recorded at dispatch, not at the answer, so that requests arriving
+                    # meanwhile (the next conversations on this system prompt) see this home.
+                    await self.ownership.record(
+                        route.keys,
+                        backend.name,
+                        route.prompt_tokens,
+                        claim=ownership.owner is None and n == 0,
+                    )
+                # vLLM wants ids unique among its in-flight requests: a retry gets a fresh one.
+                headers = {
+                    **out.headers,
+                    "X-Request-Id": f"{out.request_id}-r{n}" if n else out.request_id,
+                }
+                trace.upstream(backend.name, n, headers)
+                try:
+                    response = await self.transport.request(
+                        "POST", backend.url + out.path, out.body, headers,
+                        read_timeout_s=self.read_timeout_s,
+                    )  # fmt: skip
+                except UpstreamUnavailable as exc:
+                    self.pool.mark_failed(backend.name, exc.message)
+                    last_error = UpstreamUnavailable(
+                        f"backend {backend.name} is unreachable ({exc.message})",
+                        backend=backend.name,
+                    )
+                    log.warning("attempt %d on %s failed: %s", n + 1, backend.name, exc.message)
+                    continue
+                try:
+                    if response.status in RETRYABLE_STATUSES:
+                        self.pool.record_failure(backend.name, f"answered {response.status}")
+                        if n < self.retries and self._within_budget(out):
+                            last_error = UpstreamUnavailable(
+                                f"backend {backend.name} answered {response.status}",
+                                backend=backend.name,
+                            )
+                            log.warning(
+                                "attempt %d on %s answered %d", n + 1, backend.name, response.status
+                            )
+                            continue  # its body is not read: the connection is closed below
+                    else:
+                        self.pool.record_success(backend.name)
+                    yield Attempt(decision=decision, response=response, retries=n)
+                    return
+                finally:
+                    response.close()
+        if last_error is not None:
+            raise last_error
+        raise NoHealthyBackend(f"no healthy backend serves model {route.model!r}")
+
+    def _within_budget(self, out: Outgoing) -> bool:
+        return self._clock() - out.started_s <= self.retry_budget_s
+
+    def _choose(
+        self, route: RouteRequest, ownership: Ownership, policy: Policy, tried: list[str]
+    ) -> Decision | None:
+        snapshot = self.pool.snapshot()
+        candidates = candidates_for(
+            snapshot, route.model, frozenset(tried), self.max_in_flight_per_backend
+        )
+        if not candidates:
+            if not tried and candidates_for(snapshot, route.model):
+                raise Overloaded("every backend serving this model is at its in-flight limit")
+            return None
+        return policy.choose(route, candidates, ownership)
