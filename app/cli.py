@@ -78,14 +78,30 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _interrupt_once() -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt the first time and are ignored after, so the
+    clean-up they start is not cut short: through `uv run`, Ctrl-C arrives twice (the terminal
+    sends it to the process group, and uv passes its own on)."""
+    fired = False
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal fired
+        if not fired:
+            fired = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def demo(port: int, backends: int, host: str) -> int:
     from app.simulator.config import SimConfig
     from app.simulator.runner import SimulatorProcess
 
     sims: list[SimulatorProcess] = []
-    # SIGTERM becomes KeyboardInterrupt, so cleanup runs; uvicorn re-raises the signals it caught
-    # once it has shut down, which lands here too.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGINT/SIGTERM become one KeyboardInterrupt, so cleanup runs; uvicorn re-raises the signals
+    # it caught once it has shut down, which lands here too.
+    _interrupt_once()
     try:
         for i in range(backends):
             sim = SimulatorProcess(SimConfig(model=DEMO_MODEL, seed=i))

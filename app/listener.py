@@ -71,6 +71,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         )
         self._header_bytes = 0
         self._header_count = 0
+        self._header_size = 0  # of the request line's target and the headers, as parsed
         self._refused = False
         self._deadline: asyncio.TimerHandle | None = None
 
@@ -92,8 +93,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._in_headers:
             self._header_bytes += len(data)
         super().data_received(data)
-        # Counted after parsing, so that a body arriving with the headers is not held against
-        # them; what the parser holds stays within one read past the limit.
+        # Headers not yet complete: what the parser holds is bounded by this raw count (complete
+        # ones are measured exactly in `on_headers_complete`, body bytes not held against them).
         if self._in_headers and self._header_bytes > self.limits.max_header_bytes:
             self._refuse(
                 431,
@@ -110,16 +111,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # --- parser callbacks ----------------------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_headers, self._header_count = True, 0
+        self._in_headers, self._header_count, self._header_size = True, 0, 0
+
+    def on_url(self, url: bytes) -> None:
+        self._header_size += len(url)
+        super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
+        self._header_size += len(name) + len(value) + 4
         if self._header_count <= self.limits.max_headers:
             super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
         self._disarm_deadline()
+        if self._header_size > self.limits.max_header_bytes:
+            self._refuse(
+                431,
+                "headers_too_large",
+                f"request headers exceed {self.limits.max_header_bytes} bytes",
+            )
+            return
         if self._header_count > self.limits.max_headers:
             self._refuse(
                 431,

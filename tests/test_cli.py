@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import time
 
 import httpx
 import orjson
+import pytest
 
 from app.devtools.ports import free_port
 from tests.conftest import wait_for
@@ -22,13 +24,19 @@ def refuses(url: str) -> bool:
         return s.connect_ex((host, int(port))) != 0
 
 
-def test_demo_serves_a_stream_and_cleans_up_on_sigterm() -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_demo_through_uv_run_stops_cleanly_on_a_signal_to_its_group(signum: int) -> None:
+    """As a terminal's Ctrl-C does it: the signal goes to the whole process group (uv and the
+    router both get it). Every child must be gone, its ports closed, and no traceback."""
+    if shutil.which("uv") is None:
+        pytest.fail("uv is not on PATH: the README's commands need it")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "demo", "--port", str(port), "--backends", "2"],
+        ["uv", "run", "--no-sync", "kvroute", "demo", "--port", str(port), "--backends", "3"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own group, as a shell gives a foreground job
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -39,7 +47,7 @@ def test_demo_serves_a_stream_and_cleans_up_on_sigterm() -> None:
             except httpx.HTTPError:
                 return False
 
-        wait_for(healthy, timeout_s=30)
+        wait_for(healthy, timeout_s=60)
         backends = [b["url"] for b in httpx.get(f"{url}/health").json()["backends"]]
         body = {
             "model": "demo-model",
@@ -50,17 +58,15 @@ def test_demo_serves_a_stream_and_cleans_up_on_sigterm() -> None:
         raw = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10).content
         events = [e for e in raw.split(b"\n\n") if e.strip()]
         assert events[-1] == b"data: [DONE]"
-        assert events[-2].startswith(b"event: router.stream_stats\ndata: ")
-        assert (
-            orjson.loads(events[-2].split(b"data: ", 1)[1])["router_stats"]["completion_tokens"]
-            == 4
-        )
+        stats = orjson.loads(events[-2].split(b"data: ", 1)[1])["router_stats"]
+        assert stats["completion_tokens"] == 4
     finally:
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signum)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
-    assert "curl -N" in out
-    assert all(refuses(b) for b in backends), "a simulated backend outlived the demo"
+    assert "curl -N" in out and "Traceback" not in out, out
+    assert len(backends) == 3 and all(refuses(b) for b in backends), "a backend outlived the demo"
+    assert refuses(url)
 
 
 def test_serve_without_backends_says_what_to_set() -> None:

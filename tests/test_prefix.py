@@ -1,8 +1,19 @@
 from __future__ import annotations
 
-import pytest
+from typing import Any, ClassVar
 
-from app.prefix import chat_keys, completion_keys, content_text, effective_tenant, normalize
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app.prefix import (
+    chat_keys,
+    completion_keys,
+    content_text,
+    effective_tenant,
+    normalize,
+    normalize_prefix,
+)
 
 
 def conv(*turns: tuple[str, str]) -> list[dict[str, str]]:
@@ -117,3 +128,36 @@ def test_cache_salt_joins_the_tenant() -> None:
     assert effective_tenant("t", None) == "t"
     assert effective_tenant("t", "") == "t"
     assert normalize(" a \n b ") == "a b"
+
+
+@given(st.text(alphabet=" \t\nab", max_size=300), st.integers(min_value=1, max_value=50))
+def test_normalize_prefix_equals_normalize_then_cut(text: str, limit: int) -> None:
+    assert normalize_prefix(text, limit) == normalize(text)[:limit]
+
+
+class _Watched(str):
+    """A string that records how much of it is sliced out."""
+
+    reads: ClassVar[list[int]] = []
+
+    def __getitem__(self, key: Any) -> str:
+        piece = str.__getitem__(self, key)
+        _Watched.reads.append(len(piece))
+        return piece
+
+
+def test_keys_read_only_a_window_of_a_huge_message() -> None:
+    window = 2048
+    huge = _Watched("word " * 3_000_000)  # 15 MB
+    _Watched.reads.clear()
+    keys = chat_keys(
+        "t", "m", [{"role": "system", "content": huge}, {"role": "user", "content": huge}], window
+    )
+    assert max(_Watched.reads) <= window * 16 * 4
+    assert keys.prompt_chars == 2 * len(huge)
+    # The same keys as the messages cut to what was read: nothing past the window counts.
+    short = str.__getitem__(huge, slice(0, window * 64))
+    cut = chat_keys(
+        "t", "m", [{"role": "system", "content": short}, {"role": "user", "content": short}], window
+    )
+    assert (keys.conversation, keys.system) == (cut.conversation, cut.system)

@@ -352,6 +352,12 @@ def test_a_client_that_leaves_while_queued_is_counted_and_frees_its_place() -> N
                 assert router.router.admission.waiting == 1
                 leaver.cancel()
                 await asyncio.gather(leaver, return_exceptions=True)
+                # It leaves the queue at once, while the holder still streams.
+                for _ in range(50):
+                    if router.router.admission.waiting == 0:
+                        break
+                    await asyncio.sleep(0.005)
+                assert router.router.admission.waiting == 0 and not holder.done()
                 status, events, _ = await holder
                 assert status == 200 and events[-1] == b"data: [DONE]"
 
@@ -364,3 +370,5 @@ def test_a_client_that_leaves_while_queued_is_counted_and_frees_its_place() -> N
         assert metrics["requests"]["by_endpoint_status"].get("chat 499") == 1
         resp = httpx.post(f"{router.url}/v1/chat/completions", json=body(2, stream=False))
         assert resp.status_code == 200
+        # The leaver's request never reached the backend: only the holder's and the last one.
+        assert httpx.get(f"{sims[0].url}/sim/stats").json()["requests"]["chat"] == 2

@@ -1,0 +1,302 @@
+"""Hostile backends and hostile clients: each gets its bounded, documented answer, and nothing is
+left held. Real servers on loopback; raw sockets where a client breaks HTTP on purpose."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import RouterServer, running_router, running_simulators, wait_for
+from tests.integration.hostile_backend import HostileBackend
+
+CHAT: dict[str, Any] = {
+    "model": "sim-model",
+    "max_tokens": 5,
+    "messages": [{"role": "user", "content": "hello"}],
+}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def events_of(raw: bytes) -> list[bytes]:
+    return [e for e in raw.replace(b"\r\n", b"\n").split(b"\n\n") if e.strip()]
+
+
+def router_idle(router: RouterServer) -> bool:
+    metrics = httpx.get(f"{router.url}/metrics").json()
+    return sum(metrics["in_flight"].values()) == 0 and metrics["admission"]["in_flight"] == 0
+
+
+# --- hostile backends --------------------------------------------------------------------------
+def test_an_event_that_never_ends_is_cut_and_memory_stays_flat() -> None:
+    with (
+        HostileBackend("endless_event") as backend,
+        running_router(
+            [backend.url], served_model="sim-model", max_sse_event_bytes=1 << 20
+        ) as router,
+    ):
+        before = rss_bytes()
+        resp = httpx.post(
+            f"{router.url}/v1/chat/completions", json={**CHAT, "stream": True}, timeout=30
+        )
+        grown = rss_bytes() - before
+        events = events_of(resp.content)
+        assert resp.status_code == 200 and events[-1] == b"data: [DONE]"
+        error = orjson.loads(events[-3].removeprefix(b"data: "))["error"]
+        assert "without ending an SSE event" in error["message"]
+        stats = orjson.loads(events[-2].split(b"data: ", 1)[1])["router_stats"]
+        assert "error" in stats
+        assert grown < 64 << 20, f"router memory grew {grown >> 20} MB"
+        wait_for(lambda: router_idle(router))
+        wait_for(lambda: backend.streams_open == 0)  # upstream was closed
+
+
+def test_crlf_framed_stream_is_relayed_with_one_done() -> None:
+    with (
+        HostileBackend("crlf") as backend,
+        running_router([backend.url], served_model="sim-model") as router,
+    ):
+        resp = httpx.post(f"{router.url}/v1/chat/completions", json={**CHAT, "stream": True})
+        events = events_of(resp.content)
+        assert resp.status_code == 200
+        assert events.count(b"data: [DONE]") == 1 and events[-1] == b"data: [DONE]"
+        assert not any(b'"error"' in e for e in events)
+        contents = [e for e in events if b'"content":"t' in e]
+        assert len(contents) == 5
+        stats = orjson.loads(events[-2].split(b"data: ", 1)[1])["router_stats"]
+        assert (stats["completion_tokens"], stats["token_source"]) == (5, "backend")
+        assert b'"usage"' not in resp.content  # the injected usage chunk is hidden
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gzip_answers_are_decoded(stream: bool) -> None:
+    with (
+        HostileBackend("gzip") as backend,
+        running_router([backend.url], served_model="sim-model") as router,
+    ):
+        resp = httpx.post(f"{router.url}/v1/chat/completions", json={**CHAT, "stream": stream})
+        assert resp.status_code == 200 and "content-encoding" not in resp.headers
+        if stream:
+            events = events_of(resp.content)
+            contents = [e for e in events if b'"content":"t' in e]
+            assert events[-1] == b"data: [DONE]" and len(contents) == 5
+        else:
+            assert resp.json()["choices"][0]["message"]["content"] == "zipped"
+
+
+def test_upstream_silence_ends_the_stream_after_the_read_timeout() -> None:
+    with (
+        HostileBackend("silence") as backend,
+        running_router([backend.url], served_model="sim-model", read_timeout_s=0.5) as router,
+    ):
+        resp = httpx.post(
+            f"{router.url}/v1/chat/completions", json={**CHAT, "stream": True}, timeout=10
+        )
+        events = events_of(resp.content)
+        assert events[-1] == b"data: [DONE]"
+        assert b"mid-stream" in events[-3]
+        wait_for(lambda: router_idle(router))
+
+
+def test_a_503_whose_body_breaks_is_a_502_and_releases_everything() -> None:
+    with (
+        HostileBackend("broken_503") as backend,
+        running_router([backend.url], served_model="sim-model", retries=0) as router,
+    ):
+        resp = httpx.post(f"{router.url}/v1/chat/completions", json=CHAT)
+        assert resp.status_code == 502 and resp.json()["error"]["type"] == "upstream_error"
+        wait_for(lambda: router_idle(router))
+
+
+# --- hostile clients ---------------------------------------------------------------------------
+@pytest.fixture
+def plain_router() -> Iterator[tuple[RouterServer, str]]:
+    fast = {"base_ttft_s": 0.001, "prefill_s_per_token": 0.0, "decode_tokens_per_s": 2000.0}
+    with (
+        running_simulators(1, **fast) as sims,
+        running_router(
+            [sims[0].url],
+            served_model="sim-model",
+            header_timeout_s=1.0,
+            max_header_bytes=16384,
+            max_headers=50,
+        ) as router,
+    ):
+        yield router, sims[0].url
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_tokens", -1_000_000), ("max_tokens", 0), ("max_completion_tokens", -5), ("n", 0)],
+)
+def test_counts_below_one_are_400(
+    plain_router: tuple[RouterServer, str], field: str, value: int
+) -> None:
+    router, _ = plain_router
+    resp = httpx.post(f"{router.url}/v1/chat/completions", json={**CHAT, field: value})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == field
+
+
+def test_json_nested_too_deep_is_400(plain_router: tuple[RouterServer, str]) -> None:
+    router, _ = plain_router
+    deep: Any = "x"
+    for _ in range(300):
+        deep = [deep]
+    for body in (
+        {**CHAT, "stream": True, "tools": deep},
+        {
+            **CHAT,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": deep}]}],
+            "stream": True,
+        },
+    ):
+        resp = httpx.post(
+            f"{router.url}/v1/chat/completions",
+            content=_deep_json(body),
+            headers={"content-type": "application/json"},
+        )
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["type"] == "invalid_request_error"
+
+
+def _deep_json(body: Any) -> bytes:
+    """JSON text of `body`, however deep (orjson itself refuses past 254 levels)."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)
+    try:
+        return json.dumps(body).encode()
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def test_request_ids_are_kept_only_when_short_printable_ascii(
+    plain_router: tuple[RouterServer, str],
+) -> None:
+    router, sim = plain_router
+    kept = httpx.post(
+        f"{router.url}/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "abc-123"}
+    )
+    assert kept.headers["x-request-id"] == "abc-123"
+    for bad in ("x" * 6000, "caf\u00e9", "has space"):
+        resp = httpx.post(
+            f"{router.url}/v1/chat/completions",
+            json=CHAT,
+            headers={"X-Request-Id": bad.encode()},
+        )
+        assert resp.status_code == 200
+        assert len(resp.headers["x-request-id"]) == 32 and resp.headers["x-request-id"] != bad
+    sent = [
+        entry["headers"].get("x-request-id")
+        for entry in httpx.get(f"{sim}/sim/stats").json()["log"]
+    ]
+    assert "abc-123" in sent and all(len(s) <= 128 for s in sent if s)
+
+
+def test_no_redirect_anywhere(plain_router: tuple[RouterServer, str]) -> None:
+    router, _ = plain_router
+    for method, path in (
+        ("POST", "/v1/responses"),
+        ("POST", "/v1/responses/"),
+        ("GET", "/v1/responses/resp_1"),
+        ("POST", "/v1/chat/completions/"),
+        ("GET", "/health/"),
+    ):
+        resp = httpx.request(
+            method, f"{router.url}{path}", json=CHAT, headers={"Host": "evil.example"}
+        )
+        assert resp.status_code in (404, 405, 501), (path, resp.status_code)
+        assert "location" not in resp.headers and "error" in resp.json()
+
+
+def raw_exchange(port: int, payload: bytes, timeout_s: float = 5.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(payload)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_http10_client_gets_a_stream_it_can_read(plain_router: tuple[RouterServer, str]) -> None:
+    router, _ = plain_router
+    body = orjson.dumps({**CHAT, "stream": True})
+    raw = raw_exchange(
+        router.port,
+        b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body,
+    )
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0]
+    assert b"transfer-encoding" not in head.lower()
+    length = int(
+        next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[
+            1
+        ]
+    )
+    assert length == len(payload) and payload.endswith(b"data: [DONE]\n\n")
+
+
+def test_huge_or_many_headers_are_431(plain_router: tuple[RouterServer, str]) -> None:
+    router, _ = plain_router
+    huge = raw_exchange(
+        router.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
+    )
+    assert huge.startswith(b"HTTP/1.1 431") and b"headers_too_large" in huge
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(80))
+    resp = raw_exchange(router.port, b"GET /health HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
+    assert resp.startswith(b"HTTP/1.1 431") and b"too_many_headers" in resp
+    assert httpx.get(f"{router.url}/health").status_code == 200
+
+
+def test_slow_headers_are_cut(plain_router: tuple[RouterServer, str]) -> None:
+    router, _ = plain_router
+    with socket.create_connection(("127.0.0.1", router.port), timeout=5) as sock:
+        start = time.monotonic()
+        sock.sendall(b"GET /health HTTP/1.1\r\n")
+        answer = b""
+        for _ in range(40):  # one header byte every 0.1 s: never done within the 1 s deadline
+            try:
+                sock.sendall(b"X")
+            except OSError:
+                break
+            time.sleep(0.1)
+            sock.settimeout(0.01)
+            try:
+                answer += sock.recv(4096)
+            except TimeoutError:
+                continue
+            if answer:
+                break
+        assert time.monotonic() - start < 3
+        assert answer.startswith(b"HTTP/1.1 408")
+    with socket.create_connection(("127.0.0.1", router.port), timeout=5) as idle:
+        idle.settimeout(3)
+        assert idle.recv(10) == b""  # an idle connection is closed too
+
+
+def test_connections_past_the_cap_are_refused() -> None:
+    with (
+        running_simulators(1) as sims,
+        running_router([sims[0].url], served_model="sim-model", max_connections=3) as router,
+    ):
+        held = [socket.create_connection(("127.0.0.1", router.port)) for _ in range(3)]
+        try:
+            wait_for(lambda: raw_exchange(router.port, b"").startswith(b"HTTP/1.1 503"))
+        finally:
+            for sock in held:
+                sock.close()
+        wait_for(lambda: httpx.get(f"{router.url}/health").status_code == 200)
