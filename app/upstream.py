@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
-from app.backends import BackendPool
+from app.backends import Backend, BackendPool
 from app.errors import KvrouteError, NoHealthyBackend, Overloaded, UpstreamUnavailable
 from app.ownership import OwnershipStore
 from app.routing import Decision, Ownership, Policy, RouteRequest, candidates_for
@@ -99,45 +99,22 @@ class Dispatcher:
                 if remember:
                     # Recorded at dispatch, not at the answer, so that requests arriving
                     # meanwhile (the next conversations on this system prompt) see this home.
+                    claim = ownership.owner is None and n == 0
                     await self.ownership.record(
-                        route.keys,
-                        backend.name,
-                        route.prompt_tokens,
-                        claim=ownership.owner is None and n == 0,
+                        route.keys, backend.name, route.prompt_tokens, claim=claim
                     )
-                # vLLM wants ids unique among its in-flight requests: a retry gets a fresh one.
-                headers = {
-                    **out.headers,
-                    "X-Request-Id": f"{out.request_id}-r{n}" if n else out.request_id,
-                }
-                trace.upstream(backend.name, n, headers)
                 try:
-                    response = await self.transport.request(
-                        "POST", backend.url + out.path, out.body, headers,
-                        read_timeout_s=self.read_timeout_s,
-                    )  # fmt: skip
+                    response = await self._send(backend, n, out, trace)
                 except UpstreamUnavailable as exc:
-                    self.pool.mark_failed(backend.name, exc.message)
-                    last_error = UpstreamUnavailable(
-                        f"backend {backend.name} is unreachable ({exc.message})",
-                        backend=backend.name,
-                    )
-                    log.warning("attempt %d on %s failed: %s", n + 1, backend.name, exc.message)
+                    last_error = exc
                     continue
                 try:
-                    if response.status in RETRYABLE_STATUSES:
-                        self.pool.record_failure(backend.name, f"answered {response.status}")
-                        if n < self.retries and self._within_budget(out):
-                            last_error = UpstreamUnavailable(
-                                f"backend {backend.name} answered {response.status}",
-                                backend=backend.name,
-                            )
-                            log.warning(
-                                "attempt %d on %s answered %d", n + 1, backend.name, response.status
-                            )
-                            continue  # its body is not read: the connection is closed below
-                    else:
-                        self.pool.record_success(backend.name)
+                    if self._retry_elsewhere(backend, response, n, out):
+                        last_error = UpstreamUnavailable(
+                            f"backend {backend.name} answered {response.status}",
+                            backend=backend.name,
+                        )
+                        continue  # its body is not read: the connection is closed below
                     yield Attempt(decision=decision, response=response, retries=n)
                     return
                 finally:
@@ -145,6 +122,41 @@ class Dispatcher:
         if last_error is not None:
             raise last_error
         raise NoHealthyBackend(f"no healthy backend serves model {route.model!r}")
+
+    async def _send(
+        self, backend: Backend, n: int, out: Outgoing, trace: RequestTrace
+    ) -> UpstreamResponse:
+        # vLLM wants ids unique among its in-flight requests: a retry gets a fresh one.
+        request_id = f"{out.request_id}-r{n}" if n else out.request_id
+        headers = {**out.headers, "X-Request-Id": request_id}
+        trace.upstream(backend.name, n, headers)
+        try:
+            return await self.transport.request(
+                "POST",
+                backend.url + out.path,
+                out.body,
+                headers,
+                read_timeout_s=self.read_timeout_s,
+            )
+        except UpstreamUnavailable as exc:
+            self.pool.mark_failed(backend.name, exc.message)
+            log.warning("attempt %d on %s failed: %s", n + 1, backend.name, exc.message)
+            raise UpstreamUnavailable(
+                f"backend {backend.name} is unreachable ({exc.message})", backend=backend.name
+            ) from exc
+
+    def _retry_elsewhere(
+        self, backend: Backend, response: UpstreamResponse, n: int, out: Outgoing
+    ) -> bool:
+        """Whether this answer should be dropped for another backend (and the breaker told)."""
+        if response.status not in RETRYABLE_STATUSES:
+            self.pool.record_success(backend.name)
+            return False
+        self.pool.record_failure(backend.name, f"answered {response.status}")
+        if n < self.retries and self._within_budget(out):
+            log.warning("attempt %d on %s answered %d", n + 1, backend.name, response.status)
+            return True
+        return False
 
     def _within_budget(self, out: Outgoing) -> bool:
         return self._clock() - out.started_s <= self.retry_budget_s

@@ -214,8 +214,13 @@ async def wait_ready(server: ServerProcess, timeout_s: float = 60.0) -> None:
 
 
 def kvroute_server(
-    backend_urls: Sequence[str], log_dir: Path, extra_env: Mapping[str, str] | None = None
+    backend_urls: Sequence[str],
+    log_dir: Path,
+    extra_env: Mapping[str, str] | None = None,
+    *,
+    checkout: Path | None = None,
 ) -> ServerProcess:
+    """kvroute from this tree, or (`checkout`) from another one: a before/after in one run."""
     port = free_port()
     env = {
         "BACKEND_URLS": ",".join(backend_urls),
@@ -227,7 +232,11 @@ def kvroute_server(
     }
     workers = env.get("WORKERS", "1")
     name = "kvroute" if workers == "1" and "REDIS_URL" not in env else f"kvroute x{workers}"
-    return ServerProcess(name, [sys.executable, "main.py"], port, env=env, log_dir=log_dir)
+    if checkout is not None:
+        name = f"kvroute@{checkout.name}"
+    return ServerProcess(
+        name, [sys.executable, "main.py"], port, env=env, log_dir=log_dir, cwd=checkout or REPO_ROOT
+    )
 
 
 def peer_server(plan: PeerPlan, log_dir: Path) -> ServerProcess:
@@ -492,6 +501,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--peer-names", default=",".join(("vllm-router", "sglang-router", "litellm"))
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run kvroute from another checkout (e.g. a `git worktree` of main) in the same run",
+    )
     parser.add_argument("--workers", default="1,2,4", help="router processes in the scaling run")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling run")
     parser.add_argument(
@@ -566,6 +580,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         router = await start_server(kvroute_server(urls, log_dir), stack)
         router_rss_start = rss_bytes(router.tree())
         targets: list[tuple[str, ServerProcess]] = [("kvroute", router)]
+        if args.baseline:
+            baseline = kvroute_server(urls, log_dir, checkout=Path(args.baseline).resolve())
+            targets.append(("peer", await start_server(baseline, stack)))
+            notes.append(f"{baseline.name}: kvroute from {args.baseline}, for a before/after")
         if args.peers:
             only = [n.strip() for n in args.peer_names.split(",") if n.strip()]
             for plan in peer_plans(urls, MODEL, free_port, only=only):

@@ -110,7 +110,7 @@ class Storm:
             resp.close()  # gone, with the stream still running
 
     async def _raw_then_leave(self, payload: bytes, after_s: float) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         writer.write(payload)
         await writer.drain()
         await asyncio.sleep(after_s)

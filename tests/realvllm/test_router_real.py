@@ -23,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.devtools.realvllm import RealVllmServers
+from app.handlers import route_for
 from app.routing import Ownership
 from tests.conftest import RouterServer, running_router, wait_for
 
@@ -503,7 +504,7 @@ def conversations_for_b(router: RouterServer, model: str, tenant: str, count: in
             {"role": "user", "content": "Say something."},
         ]
         body = chat_body(model, messages, stream=True, max_tokens=4)
-        route = state.route_for("chat", tenant, model, body)
+        route = route_for(state, "chat", tenant, model, body)
         if state.policy.choose(route, idle, Ownership()).backend == "b1":
             bodies.append(body)
     return bodies

@@ -1,0 +1,164 @@
+"""The request path against an in-process fake upstream (`MockTransport`), through the ASGI app:
+relay, retries and every release, with no network at all."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import orjson
+
+from app.api import create_app
+from app.config import Settings
+from app.errors import UpstreamBroken, UpstreamUnavailable
+from app.services import Services, build_services, running
+from app.transport import MockRequest, MockResponse, MockTransport, sse_body
+from tests.integration.hostile_backend import chat_chunks
+
+CHAT: dict[str, Any] = {
+    "model": "m",
+    "max_tokens": 5,
+    "messages": [{"role": "user", "content": "hello"}],
+}
+Answer = Callable[[MockRequest], Awaitable[MockResponse]]
+
+
+def vllm(generate: Answer) -> Answer:
+    """A fake vLLM: health, models and metrics answered; generation by `generate`."""
+
+    async def handler(request: MockRequest) -> MockResponse:
+        path = request.url.split("/", 3)[3]
+        if path == "health":
+            return MockResponse(200)
+        if path == "v1/models":
+            return MockResponse(200, chunks=[orjson.dumps({"data": [{"id": "m"}]})])
+        if path == "metrics":
+            return MockResponse(200, chunks=[b"vllm:num_requests_waiting 0\n"])
+        return await generate(request)
+
+    return handler
+
+
+async def stream_answer(request: MockRequest) -> MockResponse:
+    events = [*chat_chunks(3, "m"), b"[DONE]"]
+    return MockResponse(200, {"content-type": "text/event-stream"}, sse_body(events))
+
+
+@asynccontextmanager
+async def app_with(
+    generate: Answer, backends: int = 1, **settings: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, Services, MockTransport]]:
+    transport = MockTransport(vllm(generate))
+    s = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        backend_urls=[f"http://b{i}.test:8000" for i in range(backends)],
+        **settings,
+    )
+    services = build_services(s, transport=transport)
+    app = create_app(s, services)
+    async with running(services):
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r")
+        async with client:
+            yield client, services, transport
+
+
+def idle(services: Services) -> bool:
+    return services.admission.in_flight == 0 and all(
+        b.in_flight == 0 for b in services.pool.backends
+    )
+
+
+async def test_stream_is_relayed_with_stats_and_its_upstream_closed() -> None:
+    async with app_with(stream_answer) as (client, services, transport):
+        resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        events = [e for e in resp.content.split(b"\n\n") if e]
+        assert events[-1] == b"data: [DONE]"
+        assert (
+            orjson.loads(events[-2].split(b"data: ", 1)[1])["router_stats"]["completion_tokens"]
+            == 3
+        )
+        sent = orjson.loads(transport.requests[-1].body or b"{}")
+        assert sent["stream_options"] == {"include_usage": True}
+        assert all(r.closed for r in transport.responses) and idle(services)
+
+
+async def test_retry_on_503_goes_to_the_other_backend_and_closes_the_first() -> None:
+    calls: list[str] = []
+
+    async def answer(request: MockRequest) -> MockResponse:
+        calls.append(request.url)
+        if len(calls) == 1:
+            return MockResponse(503, chunks=[b'{"error": ', UpstreamBroken("reset")])
+        return MockResponse(200, {"content-type": "application/json"}, [b'{"ok": true}'])
+
+    async with app_with(answer, backends=2, retries=1) as (client, services, transport):
+        resp = await client.post("/v1/chat/completions", json=CHAT)
+        assert resp.status_code == 200 and resp.json() == {"ok": True}
+        assert len({c.split("/")[2] for c in calls}) == 2
+        assert (
+            resp.headers["x-request-id"] + "-r1" == transport.requests[-1].headers["X-Request-Id"]
+        )
+        assert all(r.closed for r in transport.responses) and idle(services)
+
+
+async def test_connection_error_on_every_backend_is_a_502() -> None:
+    async def refuse(request: MockRequest) -> MockResponse:
+        raise UpstreamUnavailable("connection refused")
+
+    async with app_with(refuse, backends=2, retries=1) as (client, services, _):
+        resp = await client.post("/v1/chat/completions", json=CHAT)
+        assert resp.status_code == 502 and "unreachable" in resp.json()["error"]["message"]
+        assert idle(services)
+
+
+async def test_failure_mid_stream_is_an_error_event_then_stats_then_done() -> None:
+    async def breaks(request: MockRequest) -> MockResponse:
+        chunks = sse_body(chat_chunks(3, "m")[:3])
+        return MockResponse(200, {}, [*chunks, b'data: {"partial', UpstreamBroken("reset by peer")])
+
+    async with app_with(breaks) as (client, services, transport):
+        resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        events = [e for e in resp.content.split(b"\n\n") if e]
+        assert events[-1] == b"data: [DONE]"
+        assert b"reset by peer" in events[-3] and b"partial" not in resp.content
+        stats = orjson.loads(events[-2].split(b"data: ", 1)[1])["router_stats"]
+        assert "error" in stats and stats["token_source"] == "estimate"
+        assert transport.responses[-1].closed and idle(services)
+        assert services.metrics.errors["UpstreamBroken"] == 1
+
+
+async def test_oversized_whole_answer_is_a_502() -> None:
+    async def big(request: MockRequest) -> MockResponse:
+        return MockResponse(200, {}, [b"x" * 70_000, b"y" * 70_000])
+
+    async with app_with(big, max_response_bytes=100_000) as (client, services, _):
+        resp = await client.post("/v1/chat/completions", json=CHAT)
+        assert resp.status_code == 502 and "larger than" in resp.json()["error"]["message"]
+        assert idle(services)
+
+
+async def test_client_leaving_while_the_backend_prepares_closes_upstream() -> None:
+    started = asyncio.Event()
+
+    class Slow(MockResponse):
+        async def read_chunk(self) -> bytes:
+            started.set()
+            await asyncio.sleep(30)
+            return b""
+
+    async def slow(request: MockRequest) -> MockResponse:
+        return Slow(200, {})
+
+    async with app_with(slow) as (client, services, transport):
+        task = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+        await asyncio.wait_for(started.wait(), 5)
+        task.cancel()  # httpx's ASGI transport then reports the disconnect
+        await asyncio.gather(task, return_exceptions=True)
+        for _ in range(200):
+            if idle(services) and transport.responses[-1].closed:
+                break
+            await asyncio.sleep(0.01)
+        assert idle(services) and transport.responses[-1].closed
