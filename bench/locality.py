@@ -31,7 +31,6 @@ from typing import Any
 import aiohttp
 import orjson
 
-from app.devtools.ports import free_port
 from app.simulator.config import SimConfig
 from app.simulator.prompt import render_chat, tokenize
 from app.simulator.runner import SimulatorProcess
@@ -44,6 +43,7 @@ from bench.overhead import (
     wait_ready,
 )
 from bench.peers import INSTALL_HINT, missing_peers, peer_plans
+from harness.ports import free_port
 
 MODEL = "bench-model"
 WORDS = [

@@ -30,11 +30,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-from app.devtools.ports import free_port
 from app.simulator.config import SimConfig
 from app.simulator.runner import SimulatorProcess, event_loop_factory
 from bench.loadgen import CHAT_PATH, LoadResult, LoadSpec, chat_body, run_load
 from bench.peers import INSTALL_HINT, PEER_NAMES, PeerPlan, missing_peers, peer_plans, peers_venv
+from harness.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "bench-model"

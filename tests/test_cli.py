@@ -12,7 +12,7 @@ import time
 import httpx
 import orjson
 
-from app.devtools.ports import free_port
+from harness.ports import free_port
 from tests.conftest import wait_for
 
 

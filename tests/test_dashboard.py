@@ -20,9 +20,9 @@ import pytest
 from app.backends import BackendPool, VllmMetrics
 from app.dashboard import TenantTags, dashboard_data, page_headers, page_html
 from app.dashboard.series import SeriesRecorder, Totals, quantile, sample_between
-from app.devtools.dashboard_shot import dashboard_page, find_chromium, polls, wait_polls
 from app.metrics import RequestRecord, RequestScope, RouterMetrics
 from tests.conftest import RouterServer, missing_service, wait_for
+from tools.dashboard_shot import dashboard_page, find_chromium, polls, wait_polls
 
 CHAT = {"model": "sim-model", "max_tokens": 8, "stream": True}
 

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from app.devtools.ports import free_port
 from app.ownership import RedisStore, redis_client
 from app.prefix import PrefixKeys
+from harness.ports import free_port
 from tests.conftest import missing_service
 from tests.integration.redis_server import RedisProcess
 

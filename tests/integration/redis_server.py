@@ -9,7 +9,7 @@ import time
 
 import redis
 
-from app.devtools.ports import free_port
+from harness.ports import free_port
 
 
 class RedisProcess:

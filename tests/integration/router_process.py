@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from app.devtools.ports import free_port
+from harness.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import asyncssh
 
-from app.devtools.ports import free_port
+from harness.ports import free_port
 
 SSHD = "/usr/sbin/sshd"
 PASSED_PREFIXES = ("PIP_", "UV_")

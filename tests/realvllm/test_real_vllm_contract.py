@@ -22,9 +22,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.devtools.realvllm import RealVllmServers
 from app.simulator.config import SimConfig
 from app.simulator.runner import SimulatorServer
+from tools.realvllm import RealVllmServers
 
 ROUTER_METRICS = (
     "vllm:num_requests_running",

@@ -22,9 +22,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.devtools.realvllm import RealVllmServers
 from app.routing import Ownership
 from tests.conftest import RouterServer, running_router, wait_for
+from tools.realvllm import RealVllmServers
 
 BLOCK_TOKENS = 128  # vLLM's KV block on the CPU backend: prefix hits come in these
 MAX_TOKENS = 8

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from app.devtools.ports import free_ports
+from harness.ports import free_ports
 
 VLLM_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0+cpu"
@@ -564,7 +564,7 @@ def serving_pair(
     ``cache_dir`` (default ``~/.cache/kvroute``) holds the tiny model; the venv follows
     ``ensure_vllm_venv``'s own default.
     """
-    from app.devtools.tiny_model import build_tiny_model
+    from tools.tiny_model import build_tiny_model
 
     cache = cache_dir if cache_dir is not None else DEFAULT_VENV.parent
     venv = ensure_vllm_venv()
