@@ -11,8 +11,8 @@ import pytest
 from app.ownership import RedisStore, redis_client
 from app.prefix import PrefixKeys
 from harness.ports import free_port
+from harness.redis import PrivateRedis
 from tests.conftest import missing_service
-from tests.integration.redis_server import RedisProcess
 
 pytestmark = pytest.mark.redis
 
@@ -111,7 +111,7 @@ async def test_unreachable_redis_serves_from_memory_and_counts() -> None:
 async def test_redis_stopped_mid_run_then_back() -> None:
     if shutil.which("redis-server") is None:
         missing_service("redis-server is not installed (apt-get install redis-server)")
-    server = RedisProcess().start()
+    server = PrivateRedis().start()
     store = RedisStore(
         redis_client(server.url, 0.5), server.url, ttl_s=60, timeout_s=0.2, retry_s=0.2, cache_s=0.0
     )
@@ -124,7 +124,7 @@ async def test_redis_stopped_mid_run_then_back() -> None:
             assert (await store.lookup(keys("k"))).owner == "b0"
             await store.record(keys(f"n{i}"), "b1", 1, claim=True)
         assert store.fallbacks >= 1
-        server = RedisProcess(port=server.port).start()
+        server = PrivateRedis(port=server.port).start()
         await asyncio.sleep(0.3)
         await store.record(keys("after"), "b2", 1, claim=True)
         await settle(store)

@@ -15,8 +15,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.simulator import SimConfig, SimulatorProcess, SimulatorServer
+from app.simulator import SimConfig, SimulatorProcess
 from app.simulator.config import config_to_argv, parse_argv
+from harness.simulator import SimulatorThread
 
 FAST = SimConfig(
     model=("sim-model", "sim-alias"),
@@ -88,25 +89,25 @@ def payloads(events: list[bytes]) -> list[Any]:
 
 # --- fixtures ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def fast_server() -> Iterator[SimulatorServer]:
-    with SimulatorServer(FAST) as server:
+def fast_server() -> Iterator[SimulatorThread]:
+    with SimulatorThread(FAST) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def slow_server() -> Iterator[SimulatorServer]:
-    with SimulatorServer(SLOW) as server:
+def slow_server() -> Iterator[SimulatorThread]:
+    with SimulatorThread(SLOW) as server:
         yield server
 
 
 @pytest.fixture
-def sim(fast_server: SimulatorServer) -> str:
+def sim(fast_server: SimulatorThread) -> str:
     control(fast_server.url, reset=True)
     return fast_server.url
 
 
 @pytest.fixture
-def slow(slow_server: SimulatorServer) -> str:
+def slow(slow_server: SimulatorThread) -> str:
     control(slow_server.url, reset=True)
     return slow_server.url
 
@@ -247,7 +248,7 @@ async def test_cache_salt_isolates(sim: str, http: aiohttp.ClientSession) -> Non
 
 async def test_prompt_tokens_details_can_be_off(http: aiohttp.ClientSession) -> None:
     config = SimConfig(prompt_tokens_details=False, no_delay=True)
-    with SimulatorServer(config) as server:
+    with SimulatorThread(config) as server:
         async with http.post(server.url + "/v1/chat/completions", json=chat()) as response:
             usage = (await response.json())["usage"]
     assert "prompt_tokens_details" not in usage
@@ -647,7 +648,7 @@ async def test_reset_restores_defaults(sim: str, http: aiohttp.ClientSession) ->
 
 # --- auth and the openai client ------------------------------------------------------------
 async def test_api_key_guards_v1_only(http: aiohttp.ClientSession) -> None:
-    with SimulatorServer(SimConfig(api_key=KEY, no_delay=True)) as server:
+    with SimulatorThread(SimConfig(api_key=KEY, no_delay=True)) as server:
         url = server.url
         async with http.get(url + "/v1/models") as response:
             assert response.status == 401
@@ -693,7 +694,7 @@ async def test_openai_client_reads_everything(sim: str) -> None:
 
 # --- runners -------------------------------------------------------------------------------
 async def test_stop_cuts_open_streams(http: aiohttp.ClientSession) -> None:
-    server = SimulatorServer(SimConfig(decode_tokens_per_s=20.0))
+    server = SimulatorThread(SimConfig(decode_tokens_per_s=20.0))
     server.start()
     response = await http.post(
         server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1000, "stream": True}

@@ -12,8 +12,8 @@ import httpx
 import orjson
 
 from bench.locality import Workload, build_conversations, drive, ideal_ratio
+from harness.redis import PrivateRedis
 from tests.conftest import missing_service, running_router, running_simulators, wait_for
-from tests.integration.redis_server import RedisProcess
 from tests.integration.router_process import RouterProcess
 
 SIM = {"base_ttft_s": 0.001, "prefill_s_per_token": 0.00002, "decode_tokens_per_s": 2000.0}
@@ -130,7 +130,7 @@ def test_two_router_processes_sharing_redis_agree_on_owners(redis_url: str) -> N
 def test_redis_stopped_mid_run_costs_no_request() -> None:
     if shutil.which("redis-server") is None:
         missing_service("redis-server is not installed")
-    server = RedisProcess().start()
+    server = PrivateRedis().start()
     with running_simulators(2, **SIM) as sims:
         env = {
             "BACKEND_URLS": ",".join(s.url for s in sims),
@@ -174,7 +174,7 @@ def test_redis_stopped_mid_run_costs_no_request() -> None:
                 stop.wait(0.05)
             states = [httpx.get(f"{r.url}/metrics").json()["ownership"] for r in routers]
             assert all(s["fallbacks"] > 0 for s in states), states
-            server = RedisProcess(port=server.port).start()
+            server = PrivateRedis(port=server.port).start()
             before = sum(statuses.values())
             while sum(statuses.values()) < before + 40:
                 stop.wait(0.05)

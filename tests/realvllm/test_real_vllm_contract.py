@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.simulator.config import SimConfig
-from app.simulator.runner import SimulatorServer
+from harness.simulator import SimulatorThread
 from tools.realvllm import RealVllmServers
 
 ROUTER_METRICS = (
@@ -52,7 +52,7 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def pair(real_vllm_servers: RealVllmServers) -> Iterator[Pair]:
-    sim = SimulatorServer(SimConfig(model=real_vllm_servers.model, max_model_len=2048))
+    sim = SimulatorThread(SimConfig(model=real_vllm_servers.model, max_model_len=2048))
     sim.start()
     try:
         yield Pair(real=real_vllm_servers.urls[0], sim=sim.url, model=real_vllm_servers.model)
