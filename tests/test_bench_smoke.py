@@ -7,16 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.loadgen import percentile
+from bench.loadgen import percentiles
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_percentile_interpolates_between_ranks() -> None:
-    assert percentile([], 50) is None
-    assert percentile([4.0], 99) == 4.0
-    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
-    assert percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
+def test_percentiles_use_the_nearest_rank() -> None:
+    assert percentiles([]) == {"p50": None, "p90": None, "p99": None, "max": None}
+    values = [float(i) for i in range(1, 11)]
+    assert percentiles(values) == {"p50": 5.0, "p90": 9.0, "p99": 10.0, "max": 10.0}
 
 
 def test_overhead_bench_smoke(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from app.backends import BackendPool, VllmMetrics
 from app.dashboard import TenantTags, dashboard_data, page_headers, page_html
-from app.dashboard.series import SeriesRecorder, Totals, quantile, sample_between
+from app.dashboard.series import SeriesRecorder, Totals, sample_between
 from app.metrics import RequestRecord, RequestScope, RouterMetrics
 from tests.conftest import RouterServer, missing_service, wait_for
 from tools.dashboard_shot import dashboard_page, find_chromium, polls, wait_polls
@@ -44,19 +44,6 @@ def record(m: RouterMetrics, tenant: str, outcome: str, ttft_ms: float, prompt: 
 
 
 # --- pure --------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("values", "q", "expected"),
-    [
-        ([], 0.5, None),
-        ([5.0], 0.99, 5.0),
-        ([1.0, 2.0, 3.0, 4.0], 0.5, 2.0),
-        ([1.0, 2.0], 0.99, 2.0),
-    ],
-)
-def test_quantile(values: list[float], q: float, expected: float | None) -> None:
-    assert quantile(values, q) == expected
-
-
 def test_sample_between_is_the_interval() -> None:
     prev = Totals(requests=10, prompt_tokens=1000, cached_tokens=400, ttft_seen=8)
     cur = Totals(requests=30, prompt_tokens=3000, cached_tokens=1900, ttft_seen=12)

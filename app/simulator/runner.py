@@ -1,8 +1,10 @@
-"""Ways to run a simulator: in a thread of this process (tests) or as a child process (demo, benches).
+"""The product's own ways to run a simulator: in a thread of this process, or as a child process
+(`kvroute demo`). The test suite and the benches use `harness/` instead.
 
 `SimulatorServer` serves on a socket bound before start (port 0 picks a free port, no race) from a
 daemon thread with its own event loop. `SimulatorProcess` runs `python -m app.simulator` in a new
-process group, so the simulated backend does not share the router's CPU and GIL.
+process group, so the simulated backend does not share the router's CPU and GIL. `UvicornServer`,
+`bind_socket` and `event_loop_factory` are shared with `python -m app.simulator` and the harness.
 """
 
 from __future__ import annotations
