@@ -31,9 +31,10 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from harness.ports import free_port
 from tests.conftest import missing_service
 from tests.integration.fake_hub import FakeHub, HubRepo
-from tests.integration.sshd import SSHD, Gpu, SshdServer, free_port, passed_environment
+from tests.integration.sshd import SSHD, Gpu, SshdServer, passed_environment
 from tools.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.sshd
