@@ -11,8 +11,9 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -23,6 +24,9 @@ from app.dashboard.series import SeriesRecorder, Totals, sample_between
 from app.metrics import RequestRecord, RequestScope, RouterMetrics
 from tests.conftest import RouterServer, missing_service, wait_for
 from tools.dashboard_shot import dashboard_page, find_chromium, polls, wait_polls
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 CHAT = {"model": "sim-model", "max_tokens": 8, "stream": True}
 
@@ -180,6 +184,23 @@ def texts(page: Any, selector: str) -> list[str]:
     return [t.strip() for t in page.locator(selector).all_inner_texts()]
 
 
+@dataclass(frozen=True, slots=True)
+class RpsChart:
+    """What the requests chart shows: the total, its points, the drawn line."""
+
+    requests: str
+    points: int
+    path: str | None
+
+
+def rps_chart(page: Page) -> RpsChart:
+    return RpsChart(
+        requests=page.inner_text("#total-requests"),
+        points=int(page.locator("#chart-rps").get_attribute("data-points") or 0),
+        path=page.locator("#chart-rps path.line").get_attribute("d"),
+    )
+
+
 def test_dashboard_in_chromium(router: RouterServer, chromium: str, tmp_path: Path) -> None:
     with load(router.url):
         wait_for(lambda: len(router.router.series.samples) >= 2, timeout_s=10)
@@ -188,20 +209,14 @@ def test_dashboard_in_chromium(router: RouterServer, chromium: str, tmp_path: Pa
             wait_for(
                 lambda: page.locator("#chart-rps").get_attribute("data-points") not in (None, "0")
             )
-            before = {
-                "requests": page.inner_text("#total-requests"),
-                "points": int(page.locator("#chart-rps").get_attribute("data-points") or 0),
-                "rps_path": page.locator("#chart-rps path.line").get_attribute("d"),
-            }
+            before = rps_chart(page)
             wait_polls(page, polls(page) + 2)
-            after = {
-                "requests": page.inner_text("#total-requests"),
-                "points": int(page.locator("#chart-rps").get_attribute("data-points") or 0),
-                "rps_path": page.locator("#chart-rps path.line").get_attribute("d"),
-            }
+            after = rps_chart(page)
             # The page updates itself: new data between two polls, longer series.
-            assert first >= 1 and after["requests"] != before["requests"]
-            assert after["points"] > before["points"] and after["rps_path"] != before["rps_path"]
+            assert first >= 1
+            assert after.requests != before.requests
+            assert after.points > before.points
+            assert after.path != before.path
             assert float(page.inner_text("#kpi-rps")) > 0
             # Every chart drew its series.
             for chart in ("#chart-rps", "#chart-ttft", "#chart-cached", "#chart-kv"):

@@ -495,7 +495,7 @@ async def test_disconnect_mid_stream_aborts_and_frees_the_slot(
 
     async def settled() -> bool:
         result = await stats(http, slow)
-        return result["aborted"] == 2 and result["running"] == 0
+        return bool(result["aborted"] == 2 and result["running"] == 0)
 
     await eventually(settled, what="both streams aborted")
     result = await stats(http, slow)
@@ -576,7 +576,7 @@ async def test_fail_mid_stream_cuts_the_connection(sim: str, http: aiohttp.Clien
 
     async def counted() -> bool:
         result = await stats(http, sim)
-        return result["dropped"] == 1 and result["running"] == 0
+        return bool(result["dropped"] == 1 and result["running"] == 0)
 
     await eventually(counted, what="the dropped stream to be counted")
     async with http.post(sim + "/v1/chat/completions", json=body) as response:  # one-shot

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import socket
 import subprocess
 import sys
@@ -91,7 +92,12 @@ def test_sparkline() -> None:
 
 
 def test_cli_knows_top() -> None:
-    assert "top" in build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    commands = next(
+        action
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    assert "top" in commands.choices
 
 
 def run_top(*args: str) -> subprocess.CompletedProcess[str]:

@@ -10,6 +10,7 @@ opens with a fresh nonce so that it cannot hit blocks left by an earlier test or
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -20,6 +21,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.routing import Ownership
@@ -169,7 +171,7 @@ def test_chat_with_openai_client_stats_equal_vllm_usage(
 ) -> None:
     model = real_vllm_servers.model
     client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0)
-    messages = [
+    messages: list[ChatCompletionMessageParam] = [
         {"role": "system", "content": rules(14)},  # ~310 tokens: two whole cache blocks
         {"role": "user", "content": "Say something."},
     ]
@@ -178,7 +180,7 @@ def test_chat_with_openai_client_stats_equal_vllm_usage(
         chunks = list(
             client.chat.completions.create(
                 model=model,
-                messages=messages,  # type: ignore[arg-type]
+                messages=messages,
                 max_tokens=MAX_TOKENS,
                 stream=True,
                 stream_options={"include_usage": True},
@@ -213,7 +215,7 @@ def test_chat_with_openai_client_stats_equal_vllm_usage(
 
     raw = client.chat.completions.with_raw_response.create(
         model=model,
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         max_tokens=MAX_TOKENS,
         extra_body={"ignore_eos": True},
         extra_headers={"X-Tenant-ID": "real-chat"},
@@ -436,7 +438,7 @@ async def test_router_reads_real_metrics_and_avoids_a_queueing_server(
                 )
 
             for i in range(2):
-                await until(lambda i=i: parsed_equals_vllm(i), f"b{i} metrics as vLLM's")
+                await until(functools.partial(parsed_equals_vllm, i), f"b{i} metrics as vLLM's")
                 seen = pool.backends[i].metrics
                 assert seen is not None and seen.prefix_hits >= 2 * BLOCK_TOKENS
                 assert seen.prefix_queries > seen.prefix_hits
@@ -471,7 +473,7 @@ async def test_router_reads_real_metrics_and_avoids_a_queueing_server(
                     # ...and while it queues, the other new conversations go to A.
                     for body in fresh:
                         # "While it queues" as the router sees it at each decision.
-                        await until(lambda: b.metrics.waiting > 0, "router sees B queueing")  # type: ignore[union-attr]
+                        await until(lambda: b.metrics.waiting > 0, "router sees B queueing")
                         stats = await routed_stats(router, body, tenant)
                         views = [
                             (v.name, v.healthy, v.in_flight, v.waiting, v.capacity, v.others)
