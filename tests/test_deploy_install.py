@@ -26,11 +26,13 @@ from tests.deploy_examples import assert_sh_syntax, facts, paths_for, spec
 def test_install_script_cpu_fixes() -> None:
     s = spec(device="cpu")
     script = install_script(s, paths_for(s), facts(uv="/opt/uv"))
-    assert "PIP_FIND_LINKS" in script and "--find-links" in script
+    assert "PIP_FIND_LINKS" in script
+    assert "--find-links" in script
     assert "torchvision torchaudio torchcodec triton" in script
     assert "+cpu.dist-info" in script
     gpu = install_script(spec(), paths_for(spec()), facts(uv="/opt/uv"))
-    assert "UV_TORCH_BACKEND=auto" in gpu and "triton" not in gpu
+    assert "UV_TORCH_BACKEND=auto" in gpu
+    assert "triton" not in gpu
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,8 @@ def test_parse_host_facts() -> None:
     assert f.home == "/home/ada"
     assert f.python_version == (3, 11, 2)
     assert f.uv == "/home/ada/.local/bin/uv"
-    assert f.has_setsid and f.has_curl
+    assert f.has_setsid
+    assert f.has_curl
     assert f.nvidia_smi == "ok"
     assert [g.free_mib for g in f.gpus] == [81000, 1200]
     assert f.disk_free_bytes == 1521802432 * 1024
@@ -55,7 +56,8 @@ def test_parse_host_facts_without_tools() -> None:
     f = parse_host_facts("home=/root\npython=missing\nnvidia_smi=missing\nport_bind_free=no\n")
     assert f.python_version is None
     assert f.nvidia_smi == "missing"
-    assert f.listening_ports is None and f.port_bind_free is False
+    assert f.listening_ports is None
+    assert f.port_bind_free is False
     assert parse_host_facts("nvidia_smi_error=NVIDIA-SMI has failed\n").nvidia_smi == "error"
 
 

@@ -69,7 +69,8 @@ def test_start_script_reads_api_key_from_stdin_only() -> None:
     script = start_script(s, paths_for(s))
     assert key not in script
     assert "IFS= read -r VLLM_API_KEY" in script
-    assert "setsid nohup" in script and "</dev/null" in script
+    assert "setsid nohup" in script
+    assert "</dev/null" in script
     assert_sh_syntax(script)
     plain = start_script(spec(), paths_for(spec()))
     assert "unset VLLM_API_KEY" in plain

@@ -26,7 +26,8 @@ def test_parse_state_and_list() -> None:
     assert (empty.pid, empty.alive, empty.fingerprint, dict(empty.info)) == (None, False, None, {})
     listing = parse_list("name=a-1\n" + text + "name=b-2\npid=\nalive=no\n")
     assert set(listing) == {"a-1", "b-2"}
-    assert listing["a-1"].alive and not listing["b-2"].alive
+    assert listing["a-1"].alive
+    assert not listing["b-2"].alive
 
 
 def test_state_scripts_are_valid_sh() -> None:

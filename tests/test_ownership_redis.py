@@ -60,7 +60,8 @@ async def test_first_claim_is_atomic(replicas: tuple[RedisStore, RedisStore]) ->
     await settle(a, b)
     owner_a = (await a.lookup(keys("race"))).owner
     owner_b = (await b.lookup(keys("race"))).owner
-    assert owner_a == owner_b and owner_a in {"b0", "b1"}
+    assert owner_a == owner_b
+    assert owner_a in {"b0", "b1"}
     # The loser follows the winner in its own memory too (its fallback view).
     assert (
         a.memory.lookup_now(keys("race")).owner
@@ -89,7 +90,8 @@ async def test_restarted_backend_loses_its_keys(replicas: tuple[RedisStore, Redi
     await asyncio.sleep(0.01)
     await a.forget_backend("b0")
     found = await a.lookup(keys("k"))
-    assert found.owner is None and found.system_holders == ()
+    assert found.owner is None
+    assert found.system_holders == ()
 
 
 async def test_unreachable_redis_serves_from_memory_and_counts() -> None:
@@ -102,7 +104,8 @@ async def test_unreachable_redis_serves_from_memory_and_counts() -> None:
     )
     await store.record(keys("k"), "b1", 7, claim=True)
     found = await store.lookup(keys("other"))
-    assert found.owner is None and not store.is_up()
+    assert found.owner is None
+    assert not store.is_up()
     assert (await store.lookup(keys("k"))).owner == "b1"
     assert store.fallbacks >= 1
     assert str(store.describe()["state"]).startswith("down")
@@ -119,7 +122,8 @@ async def test_redis_stopped_mid_run_then_back() -> None:
     try:
         await store.record(keys("k"), "b0", 1, claim=True)
         await settle(store)
-        assert (await store.lookup(keys("k"))).owner == "b0" and store.is_up()
+        assert (await store.lookup(keys("k"))).owner == "b0"
+        assert store.is_up()
         server.stop()
         for i in range(20):  # every look-up answers, from memory
             assert (await store.lookup(keys("k"))).owner == "b0"
@@ -129,7 +133,8 @@ async def test_redis_stopped_mid_run_then_back() -> None:
         await asyncio.sleep(0.3)
         await store.record(keys("after"), "b2", 1, claim=True)
         await settle(store)
-        assert (await store.lookup(keys("after"))).owner == "b2" and store.is_up()
+        assert (await store.lookup(keys("after"))).owner == "b2"
+        assert store.is_up()
     finally:
         await store.close()
         server.stop()

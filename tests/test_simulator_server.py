@@ -188,7 +188,8 @@ async def test_completions_shapes(sim: str, http: aiohttp.ClientSession) -> None
     assert [c["object"] for c in chunks] == ["text_completion"] * 3
     assert [c["choices"][0]["text"] for c in chunks] == ["tok0 ", "tok1 ", "tok2 "]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["prompt_tokens"] == 43
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"]["prompt_tokens"] == 43
 
     ids = {"prompt": [1, 2, 3, 4, 5], "max_tokens": 2}  # token ids, model defaults to the first
     async with http.post(sim + "/v1/completions", json=ids) as response:
@@ -397,9 +398,12 @@ async def test_models_health_version(sim: str, http: aiohttp.ClientSession) -> N
     assert models["object"] == "list"
     assert [m["id"] for m in models["data"]] == ["sim-model", "sim-alias"]
     card = models["data"][0]
-    assert card["owned_by"] == "vllm" and card["parent"] is None and card["max_model_len"] == 4096
+    assert card["owned_by"] == "vllm"
+    assert card["parent"] is None
+    assert card["max_model_len"] == 4096
     async with http.get(sim + "/health") as response:
-        assert response.status == 200 and await response.read() == b""
+        assert response.status == 200
+        assert await response.read() == b""
     async with http.get(sim + "/version") as response:
         assert (await response.json())["simulator"] is True
 
@@ -550,7 +554,8 @@ async def test_fail_next(sim: str, http: aiohttp.ClientSession) -> None:
         if response.status == 503:
             assert response.content_type == "application/json"
             error = json.loads(body)["error"]
-            assert error["code"] == 503 and error["type"] == "ServiceUnavailableError"
+            assert error["code"] == 503
+            assert error["type"] == "ServiceUnavailableError"
     assert statuses == [503, 503, 200]
     assert (await stats(http, sim))["failed"] == 2
     control(sim, fail_next=1, status=429)
@@ -592,7 +597,8 @@ async def test_error_mid_stream_sends_error_event(sim: str, http: aiohttp.Client
         data = payloads(await read_events(response))
     assert len(data) == 3
     assert data[0]["choices"][0]["text"] == "tok0 "
-    assert data[1]["error"]["code"] == 500 and "choices" not in data[1]
+    assert data[1]["error"]["code"] == 500
+    assert "choices" not in data[1]
     assert data[2] == "[DONE]"
 
 
@@ -684,7 +690,8 @@ async def test_openai_client_reads_everything(sim: str) -> None:
                     text += chunk.choices[0].delta.content or ""
                 usage = chunk.usage or usage
             assert text == "tok0 tok1 tok2 tok3 tok4 "
-            assert usage is not None and usage.prompt_tokens_details is not None
+            assert usage is not None
+            assert usage.prompt_tokens_details is not None
             assert ((usage.prompt_tokens_details.cached_tokens or 0) > 0) is expected_cached
         with pytest.raises(openai.NotFoundError):
             await client.completions.create(model="nope", prompt="hi")

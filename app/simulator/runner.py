@@ -159,7 +159,8 @@ class SimulatorServer:
             self._socket.close()
 
     def _run(self) -> None:
-        assert self._server is not None and self._socket is not None
+        assert self._server is not None
+        assert self._socket is not None
         loop = event_loop_factory()()
         self._loop = loop
         asyncio.set_event_loop(loop)

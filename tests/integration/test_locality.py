@@ -21,7 +21,8 @@ SIM = {"base_ttft_s": 0.001, "prefill_s_per_token": 0.00002, "decode_tokens_per_
 
 def stats_of(raw: bytes) -> dict[str, Any]:
     events = [e for e in raw.split(b"\n\n") if e.strip()]
-    assert events[-1] == b"data: [DONE]" and events[-2].startswith(b"event: router.stream_stats")
+    assert events[-1] == b"data: [DONE]"
+    assert events[-2].startswith(b"event: router.stream_stats")
     return orjson.loads(events[-2].split(b"data: ", 1)[1])["router_stats"]  # type: ignore[no-any-return]
 
 
@@ -91,7 +92,8 @@ def test_killing_the_owner_moves_the_key_and_the_conversation_goes_on() -> None:
         assert second["cache_outcome"] in ("reassigned", "spill")
         messages += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "again"}]
         third = turn(router.url, "t", messages)
-        assert third["backend"] == second["backend"] and third["cache_outcome"] == "hit"
+        assert third["backend"] == second["backend"]
+        assert third["cache_outcome"] == "hit"
         assert third["cached_tokens"] > 0
 
 

@@ -91,7 +91,8 @@ def sse_events(raw: bytes) -> list[tuple[str | None, str]]:
     for block in text[:-2].split("\n\n"):
         lines = block.split("\n")
         name = lines.pop(0).removeprefix("event: ") if lines[0].startswith("event: ") else None
-        assert len(lines) == 1 and lines[0].startswith("data: "), f"bad event: {block[:120]!r}"
+        assert len(lines) == 1, f"bad event: {block[:120]!r}"
+        assert lines[0].startswith("data: "), f"bad event: {block[:120]!r}"
         events.append((name, lines[0].removeprefix("data: ")))
     return events
 
@@ -192,9 +193,11 @@ def test_chat_with_openai_client_stats_equal_vllm_usage(
         usage_chunk, stats_chunk = chunks[-2:]
         # vLLM's usage chunk (asked for), then the router's event; both with `choices: []`.
         assert [c for c in chunks if not c.choices] == [usage_chunk, stats_chunk]
-        assert usage_chunk.usage is not None and usage_chunk.usage.completion_tokens == MAX_TOKENS
+        assert usage_chunk.usage is not None
+        assert usage_chunk.usage.completion_tokens == MAX_TOKENS
         assert content[-1].choices[0].finish_reason == "length"
-        assert stats_chunk.id == content[0].id and stats_chunk.model == model
+        assert stats_chunk.id == content[0].id
+        assert stats_chunk.model == model
         stats = (stats_chunk.model_extra or {})["router_stats"]
         usage = usage_chunk.usage
         assert usage.prompt_tokens_details is not None
@@ -223,12 +226,15 @@ def test_chat_with_openai_client_stats_equal_vllm_usage(
     completion = raw.parse()
     assert raw.headers["x-router-backend"] == first["backend"]
     assert raw.headers["x-router-cache-outcome"] == "hit"
-    assert completion.object == "chat.completion" and completion.model == model
+    assert completion.object == "chat.completion"
+    assert completion.model == model
     assert completion.choices[0].finish_reason == "length"
-    assert completion.usage is not None and completion.usage.completion_tokens == MAX_TOKENS
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == MAX_TOKENS
     assert completion.usage.prompt_tokens == first["prompt_tokens"]
     details = completion.usage.prompt_tokens_details
-    assert details is not None and details.cached_tokens == second["cached_tokens"]
+    assert details is not None
+    assert details.cached_tokens == second["cached_tokens"]
 
 
 async def test_completions_with_async_openai_client_stats_equal_vllm_usage(
@@ -255,7 +261,8 @@ async def test_completions_with_async_openai_client_stats_equal_vllm_usage(
             assert all(c.object == "text_completion" for c in chunks)
             stats = (stats_chunk.model_extra or {})["router_stats"]
             usage = usage_chunk.usage
-            assert usage is not None and usage.prompt_tokens_details is not None
+            assert usage is not None
+            assert usage.prompt_tokens_details is not None
             assert stats["token_source"] == "backend"
             assert (stats["prompt_tokens"], stats["completion_tokens"], stats["cached_tokens"]) == (
                 usage.prompt_tokens,
@@ -276,7 +283,8 @@ async def test_completions_with_async_openai_client_stats_equal_vllm_usage(
         assert raw.headers["x-router-backend"] == first["backend"]
         assert completion.object == "text_completion"
         assert completion.choices[0].finish_reason == "length"
-        assert completion.usage is not None and completion.usage.completion_tokens == MAX_TOKENS
+        assert completion.usage is not None
+        assert completion.usage.completion_tokens == MAX_TOKENS
 
 
 def plain_stream(kind: str, model: str) -> dict[str, Any]:
@@ -304,7 +312,8 @@ def test_injected_usage_chunk_is_hidden_from_a_client_that_did_not_ask(
     whole = httpx.post(real_vllm_servers.urls[0] + path, json={**body, "stream": False}).json()
     # The router asked vLLM for usage and got it...
     stats = relayed.stats
-    assert stats["token_source"] == "backend" and stats["backend"] == backend
+    assert stats["token_source"] == "backend"
+    assert stats["backend"] == backend
     assert stats["completion_tokens"] == MAX_TOKENS
     assert stats["prompt_tokens"] == whole["usage"]["prompt_tokens"]
     # ...but the client gets no usage chunk, and chunks with the keys vLLM sends a client that
@@ -315,7 +324,9 @@ def test_injected_usage_chunk_is_hidden_from_a_client_that_did_not_ask(
     ignore = "system_fingerprint"
     assert chunk_keys(relayed.chunks, ignore=ignore) == chunk_keys(direct.chunks, ignore=ignore)
     event = relayed.stats_event
-    assert event is not None and event["choices"] == [] and event["model"] == model
+    assert event is not None
+    assert event["choices"] == []
+    assert event["model"] == model
     assert event["id"] == relayed.chunks[0]["id"]
     assert event["object"] == ("chat.completion.chunk" if kind == "chat" else "text_completion")
 
@@ -440,7 +451,8 @@ async def test_router_reads_real_metrics_and_avoids_a_queueing_server(
             for i in range(2):
                 await until(functools.partial(parsed_equals_vllm, i), f"b{i} metrics as vLLM's")
                 seen = pool.backends[i].metrics
-                assert seen is not None and seen.prefix_hits >= 2 * BLOCK_TOKENS
+                assert seen is not None
+                assert seen.prefix_hits >= 2 * BLOCK_TOKENS
                 assert seen.prefix_queries > seen.prefix_hits
 
             # New conversations the idle fleet sends to B; the first one proves it, idle.
@@ -539,11 +551,13 @@ def test_unknown_model_is_the_routers_own_openai_404(
         assert set(error) == {"message", "type", "param", "code"}
         assert error["param"] == theirs.json()["error"]["param"] == "model"
         assert (error["type"], error["code"]) == ("invalid_request_error", "model_not_found")
-        assert "nope" in error["message"] and "tiny" in error["message"]
+        assert "nope" in error["message"]
+        assert "tiny" in error["message"]
     client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="nope", messages=messages)  # type: ignore[arg-type]
-    assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "model"
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["param"] == "model"
 
 
 @pytest.mark.parametrize("case", ["max_tokens above max_model_len", "prompt too long"])
