@@ -19,6 +19,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from app.percentile import nearest_rank
+
 CHAT_PATH = "/v1/chat/completions"
 EVENT_END = b"\n\n"
 _CONTENT = b'"content":"'
@@ -102,20 +104,10 @@ class LoadResult:
         }
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default); None for no values."""
-    if not sorted_values:
-        return None
-    pos = (len(sorted_values) - 1) * q / 100
-    low = math.floor(pos)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
-
-
 def percentiles(sorted_values: Sequence[float]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
-    for name, q in (("p50", 50.0), ("p90", 90.0), ("p99", 99.0)):
-        value = percentile(sorted_values, q)
+    for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+        value = nearest_rank(sorted_values, q)
         out[name] = None if value is None else round(value, 3)
     out["max"] = round(sorted_values[-1], 3) if sorted_values else None
     return out

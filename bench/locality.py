@@ -31,21 +31,16 @@ from typing import Any
 import aiohttp
 import orjson
 
-from app.devtools.ports import free_port
+from app.percentile import nearest_rank
 from app.simulator.config import SimConfig
 from app.simulator.prompt import render_chat, tokenize
-from app.simulator.runner import SimulatorProcess
-from bench.overhead import (
-    DEFAULT_REDIS_URL,
-    ServerProcess,
-    kvroute_server,
-    peer_server,
-    redis_or_private,
-    wait_ready,
-)
 from bench.peers import INSTALL_HINT, missing_peers, peer_plans
+from bench.servers import DEFAULT_REDIS_URL, MODEL, kvroute_server, peer_server, start_server
+from harness.ports import free_port
+from harness.process import ChildServer
+from harness.redis import redis_or_private
+from harness.simulator import SimulatorChild
 
-MODEL = "bench-model"
 WORDS = [
     "cache",
     "prefix",
@@ -328,16 +323,16 @@ POLICIES: dict[str, dict[str, str]] = {
 
 async def run_policy(
     name: str,
-    server: ServerProcess,
+    server: ChildServer,
+    headers: dict[str, str],
     sims: list[str],
     conversations: list[Conversation],
     args: argparse.Namespace,
 ) -> RunResult:
     """One policy: a cold fleet, one router (ours or a peer), the whole workload."""
     await restart_sims(sims)
-    try:
-        server.start()
-        await wait_ready(server)
+    with contextlib.ExitStack() as stack:
+        await start_server(server, stack, headers)
         await restart_sims(sims)  # the readiness probe's request must not warm any cache
         await asyncio.sleep(0.6)  # let the router's metrics poll see that restart first
         # Fresh tenant names per run: ownership kept in a shared Redis by an earlier run (whose
@@ -356,8 +351,6 @@ async def run_policy(
             timeout=args.timeout_s,
         )
         wall = time.monotonic() - start
-    finally:
-        server.stop()
     stats = await sim_stats(sims)
     prompt = sum(s["prompt_tokens_total"] for s in stats)
     cached = sum(s["cached_tokens_total"] for s in stats)
@@ -375,8 +368,8 @@ async def run_policy(
         cached_ratio=round(ratio, 4),
         ideal_ratio=round(ideal, 4),
         share_of_ideal=round(ratio / ideal, 4) if ideal else 0.0,
-        ttft_p50_ms=round(ttfts[len(ttfts) // 2], 1) if ttfts else 0.0,
-        ttft_p99_ms=round(ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))], 1) if ttfts else 0.0,
+        ttft_p50_ms=round(nearest_rank(ttfts, 0.5) or 0.0, 1),
+        ttft_p99_ms=round(nearest_rank(ttfts, 0.99) or 0.0, 1),
         max_over_mean=round(max(per_backend) / mean, 3) if mean else 0.0,
         per_backend=per_backend,
         wall_s=round(wall, 1),
@@ -423,7 +416,7 @@ async def run_capacity(
         base_ttft_s=0.002,
         decode_tokens_per_s=args.decode_tokens_per_s,
     )
-    sims = [SimulatorProcess(config) for _ in range(args.backends)]
+    sims = [SimulatorChild(config) for _ in range(args.backends)]
     results: list[RunResult] = []
     with contextlib.ExitStack() as stack:
         for sim in sims:
@@ -438,7 +431,7 @@ async def run_capacity(
             if redis_url is None:
                 print(f"  {REPLICAS}: not run (no Redis at {args.redis_url})", file=sys.stderr)
                 wanted.remove(REPLICAS)
-        servers = [
+        servers: list[tuple[str, ChildServer, dict[str, str]]] = [
             (
                 name,
                 kvroute_server(
@@ -450,18 +443,20 @@ async def run_capacity(
                         **({"REDIS_URL": redis_url or ""} if name == REPLICAS else {}),
                     },
                 ),
+                {},
             )
             for name in wanted
         ]
         if args.peers:
             plans = peer_plans(urls, MODEL, free_port, only=("sglang-router", "vllm-router"))
             servers += [
-                (f"{p.name} ({p.note.split(' (')[0]})", peer_server(p, log_dir)) for p in plans
+                (f"{p.name} ({p.note.split(' (')[0]})", peer_server(p, log_dir), p.headers)
+                for p in plans
             ]
             for missing in missing_peers(only=("sglang-router", "vllm-router")):
                 print(f"  {missing}: not installed ({INSTALL_HINT})", file=sys.stderr)
-        for name, server in servers:
-            results.append(await run_policy(name, server, urls, conversations, args))
+        for name, server, headers in servers:
+            results.append(await run_policy(name, server, headers, urls, conversations, args))
             print(
                 f"  done: {name}, {capacity_blocks} blocks ({results[-1].wall_s} s)",
                 file=sys.stderr,

@@ -14,32 +14,28 @@ import asyncio
 import contextlib
 import os
 import platform
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 
-from app.devtools.ports import free_port
 from app.simulator.config import SimConfig
-from app.simulator.runner import SimulatorProcess, event_loop_factory
-from bench.loadgen import CHAT_PATH, LoadResult, LoadSpec, chat_body, run_load
-from bench.peers import INSTALL_HINT, PEER_NAMES, PeerPlan, missing_peers, peer_plans, peers_venv
+from app.simulator.runner import event_loop_factory
+from bench.loadgen import LoadResult, LoadSpec, run_load
+from bench.peers import INSTALL_HINT, PEER_NAMES, missing_peers, peer_plans, peers_venv
+from bench.servers import DEFAULT_REDIS_URL, MODEL, kvroute_server, peer_server, start_server
+from harness.ports import free_port
+from harness.process import ChildServer
+from harness.redis import redis_or_private
+from harness.simulator import SimulatorChild
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MODEL = "bench-model"
 DEFAULT_JSON = "bench/results/overhead.json"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -112,188 +108,9 @@ def machine_busy_s() -> tuple[float, float]:
     return (total - idle) / CLOCK_TICKS, total / CLOCK_TICKS
 
 
-class ServerProcess:
-    """A router under test as a child in its own process group; output goes to a log file."""
-
-    def __init__(
-        self,
-        name: str,
-        argv: Sequence[str],
-        port: int,
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: Path = REPO_ROOT,
-        log_dir: Path,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        self.name = name
-        self.headers = dict(headers or {})  # what each client request must carry
-        self.argv = list(argv)
-        self.port = port
-        self.env = {**os.environ, **(env or {})}
-        self.cwd = cwd
-        self.log_path = log_dir / f"{name.replace(' ', '_')}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self) -> None:
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                self.argv,
-                cwd=self.cwd,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def tree(self) -> list[int]:
-        return process_tree(self.pid)
-
-    def log_tail(self, lines: int = 15) -> str:
-        with contextlib.suppress(OSError):
-            text = self.log_path.read_text(errors="replace").splitlines()
-            return "\n".join(text[-lines:])
-        return ""
-
-    def exit_code(self) -> int | None:
-        """None while it runs; a negative code is the signal that ended it."""
-        return None if self.process is None else self.process.poll()
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-async def wait_ready(server: ServerProcess, timeout_s: float = 60.0) -> None:
-    """Until one streaming chat request through `server` completes with [DONE]."""
-    deadline = time.monotonic() + timeout_s
-    body = chat_body(MODEL, 0, 2, 1)
-    last = "no answer"
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        while time.monotonic() < deadline:
-            assert server.process is not None
-            if server.process.poll() is not None:
-                raise RuntimeError(
-                    f"{server.name} exited with {server.process.returncode}:\n{server.log_tail()}"
-                )
-            try:
-                async with session.post(
-                    server.url + CHAT_PATH,
-                    data=body,
-                    headers={"Content-Type": "application/json", **server.headers},
-                ) as response:
-                    data = await response.read()
-                    if response.status == 200 and b"[DONE]" in data:
-                        return
-                    last = f"status {response.status}: {data[:200]!r}"
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                last = type(exc).__name__
-            await asyncio.sleep(0.2)
-    raise TimeoutError(
-        f"{server.name} not ready after {timeout_s} s ({last}):\n{server.log_tail()}"
-    )
-
-
-def kvroute_server(
-    backend_urls: Sequence[str],
-    log_dir: Path,
-    extra_env: Mapping[str, str] | None = None,
-    *,
-    checkout: Path | None = None,
-) -> ServerProcess:
-    """kvroute from this tree, or (`checkout`) from another one: a before/after in one run."""
-    port = free_port()
-    env = {
-        "BACKEND_URLS": ",".join(backend_urls),
-        "SERVED_MODEL": MODEL,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "LOG_LEVEL": "warning",
-        **(extra_env or {}),
-    }
-    workers = env.get("WORKERS", "1")
-    name = "kvroute" if workers == "1" and "REDIS_URL" not in env else f"kvroute x{workers}"
-    if checkout is not None:
-        name = f"kvroute@{checkout.name}"
-    return ServerProcess(
-        name, [sys.executable, "main.py"], port, env=env, log_dir=log_dir, cwd=checkout or REPO_ROOT
-    )
-
-
-def peer_server(plan: PeerPlan, log_dir: Path) -> ServerProcess:
-    folder = log_dir / plan.name
-    folder.mkdir(exist_ok=True)
-    for filename, text in plan.files.items():
-        (folder / filename).write_text(text)
-    argv = [arg.replace("{dir}", str(folder)) for arg in plan.argv]
-    return ServerProcess(
-        plan.name,
-        argv,
-        plan.port,
-        env=plan.env,
-        cwd=folder,
-        log_dir=log_dir,
-        headers=plan.headers,
-    )
-
-
-# --- Redis for the scaling run -------------------------------------------------------------------
-def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
-    rest = url.split("://", 1)[-1].split("/", 1)[0]
-    host, _, port = rest.rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port or 6379)), timeout_s) as sock:
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except (OSError, ValueError):
-        return False
-
-
-@contextlib.contextmanager
-def redis_or_private(url: str, log_dir: Path) -> Iterator[str | None]:
-    """`url` when it answers, else a private redis-server on a free port, else None."""
-    if redis_answers(url):
-        yield url
-        return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        yield None
-        return
-    port = free_port()
-    server = ServerProcess(
-        "redis",
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        port,
-        log_dir=log_dir,
-    )
-    server.start()
-    try:
-        private = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + 10
-        while not redis_answers(private) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        yield private if redis_answers(private) else None
-    finally:
-        server.stop()
+def server_tree(server: ChildServer) -> list[int]:
+    """The server's pid and its descendants, or none before it starts."""
+    return process_tree(server.pid) if server.pid is not None else []
 
 
 # --- one measured phase --------------------------------------------------------------------------
@@ -331,12 +148,12 @@ async def measure(
     target: str,
     kind: str,
     spec: LoadSpec,
-    server: ServerProcess | None,
-    backend: SimulatorProcess,
+    server: ChildServer | None,
+    backend: ChildServer,
     workers: int = 1,
 ) -> Phase:
-    server_pids = server.tree() if server else []
-    backend_pids = process_tree(backend.pid or 0)
+    server_pids = server_tree(server) if server else []
+    backend_pids = server_tree(backend)
     before: dict[str, float] = {}
 
     def snapshot() -> None:
@@ -519,6 +336,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="~30 s smoke run")
     args = parser.parse_args(argv)
     args.levels = [int(v) for v in args.concurrency.split(",") if v.strip()]
+    if args.baseline:
+        args.baseline = os.path.abspath(args.baseline)
     args.worker_counts = [int(v) for v in args.workers.split(",") if v.strip()]
     if args.quick:
         if args.requests is None and args.duration_s is None:
@@ -548,22 +367,81 @@ def spec_for(
     )
 
 
-async def start_server(server: ServerProcess, stack: contextlib.ExitStack) -> ServerProcess:
-    server.start()
-    stack.callback(server.stop)
-    await wait_ready(server)
-    return server
+# A router under test: its kind (kvroute, peer), the server, the headers each request carries.
+Target = tuple[str, ChildServer, Mapping[str, str]]
+
+
+async def start_peers(
+    args: argparse.Namespace,
+    urls: list[str],
+    log_dir: Path,
+    stack: contextlib.ExitStack,
+    notes: list[str],
+) -> list[Target]:
+    """The installed peer routers that start (with --peers); a note for each one that does not."""
+    if not args.peers:
+        notes.append(f"peers not run (add --peers); to install them: {INSTALL_HINT}")
+        return []
+    peers: list[Target] = []
+    only = [n.strip() for n in args.peer_names.split(",") if n.strip()]
+    for plan in peer_plans(urls, MODEL, free_port, only=only):
+        try:
+            peer = await start_server(peer_server(plan, log_dir), stack, plan.headers)
+        except (RuntimeError, TimeoutError) as exc:
+            notes.append(f"peer {plan.name} did not start: {exc}")
+            continue
+        peers.append(("peer", peer, plan.headers))
+        notes.append(f"peer {plan.name}: {plan.note}")
+    for name in missing_peers(only=only):
+        notes.append(f"peer {name} is not installed in {peers_venv()}; install: {INSTALL_HINT}")
+    return peers
+
+
+async def run_rounds(
+    args: argparse.Namespace,
+    targets: list[Target],
+    backend: ChildServer,
+    raw: list[dict[str, Any]],
+    notes: list[str],
+) -> set[str]:
+    """Every round and level: direct, then each router; rows into ``raw``. The names of the
+    routers that exited on the way."""
+    dead: set[str] = set()
+    for round_ in range(args.rounds):
+        for level in args.levels:
+            # Direct first, then the routers; odd rounds reverse the routers' order.
+            order = targets if round_ % 2 == 0 else targets[::-1]
+            phase = await measure(
+                "direct", "direct", spec_for(args, backend.url, level), None, backend
+            )
+            raw.append({**phase.row(), "round": round_})
+            _progress(raw[-1])
+            for kind, server, headers in order:
+                if server.name in dead:
+                    continue
+                spec = spec_for(args, server.url, level, headers)
+                phase = await measure(server.name, kind, spec, server, backend)
+                raw.append({**phase.row(), "round": round_})
+                _progress(raw[-1])
+                code = server.exit_code()
+                if code is not None:
+                    # Its rows from here on would measure connection errors; say so instead.
+                    dead.add(server.name)
+                    notes.append(
+                        f"{server.name} exited with code {code} during round {round_} at "
+                        f"c={level}; its later phases were skipped. Log: {server.log_path}"
+                    )
+    return dead
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="kvroute-bench-"))
     notes: list[str] = []
     raw: list[dict[str, Any]] = []
-    dead: set[str] = set()
     scaling: list[dict[str, Any]] = []
     soak: dict[str, Any] | None = None
     with contextlib.ExitStack() as stack:
-        backend = SimulatorProcess(
+        backend = SimulatorChild(
             SimConfig(
                 model=MODEL,
                 no_delay=True,
@@ -571,64 +449,27 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 default_max_tokens=args.tokens,
                 capacity_blocks=1 << 16,
                 log_size=0,
-            )
+            ),
+            log_dir=log_dir,
         )
         backend.start()
         stack.callback(backend.stop)
         urls = [backend.url]
 
         router = await start_server(kvroute_server(urls, log_dir), stack)
-        router_rss_start = rss_bytes(router.tree())
-        targets: list[tuple[str, ServerProcess]] = [("kvroute", router)]
+        router_rss_start = rss_bytes(server_tree(router))
+        targets: list[Target] = [("kvroute", router, {})]
         if args.baseline:
-            baseline = kvroute_server(urls, log_dir, checkout=Path(args.baseline).resolve())
-            targets.append(("peer", await start_server(baseline, stack)))
-            notes.append(f"{baseline.name}: kvroute from {args.baseline}, for a before/after")
-        if args.peers:
-            only = [n.strip() for n in args.peer_names.split(",") if n.strip()]
-            for plan in peer_plans(urls, MODEL, free_port, only=only):
-                try:
-                    peer = await start_server(peer_server(plan, log_dir), stack)
-                except (RuntimeError, TimeoutError) as exc:
-                    notes.append(f"peer {plan.name} did not start: {exc}")
-                    continue
-                targets.append(("peer", peer))
-                notes.append(f"peer {plan.name}: {plan.note}")
-            for name in missing_peers(only=only):
-                notes.append(
-                    f"peer {name} is not installed in {peers_venv()}; install: {INSTALL_HINT}"
-                )
-        else:
-            notes.append(f"peers not run (add --peers); to install them: {INSTALL_HINT}")
-
-        for round_ in range(args.rounds):
-            for level in args.levels:
-                # Direct first, then the routers; odd rounds reverse the routers' order.
-                order = targets if round_ % 2 == 0 else targets[::-1]
-                phase = await measure(
-                    "direct", "direct", spec_for(args, backend.url, level), None, backend
-                )
-                raw.append({**phase.row(), "round": round_})
-                _progress(raw[-1])
-                for kind, server in order:
-                    if server.name in dead:
-                        continue
-                    spec = spec_for(args, server.url, level, server.headers)
-                    phase = await measure(server.name, kind, spec, server, backend)
-                    raw.append({**phase.row(), "round": round_})
-                    _progress(raw[-1])
-                    code = server.exit_code()
-                    if code is not None:
-                        # Its rows from here on would measure connection errors; say so instead.
-                        dead.add(server.name)
-                        notes.append(
-                            f"{server.name} exited with code {code} during round {round_} at "
-                            f"c={level}; its later phases were skipped. Log: {server.log_path}"
-                        )
+            checkout = Path(args.baseline)
+            baseline = await start_server(kvroute_server(urls, log_dir, checkout=checkout), stack)
+            targets.append(("peer", baseline, {}))
+            notes.append(f"{baseline.name}: kvroute from {checkout}, for a before/after")
+        targets += await start_peers(args, urls, log_dir, stack, notes)
+        dead = await run_rounds(args, targets, backend, raw, notes)
 
         if args.soak_s > 0 and router.name not in dead:
             soak = await run_soak(args, router, backend, router_rss_start)
-        for kind, server in targets:
+        for kind, server, _headers in targets:
             if kind == "peer":
                 server.stop()
 
@@ -666,7 +507,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def run_soak(
-    args: argparse.Namespace, router: ServerProcess, backend: SimulatorProcess, rss_start: int
+    args: argparse.Namespace, router: ChildServer, backend: ChildServer, rss_start: int
 ) -> dict[str, Any]:
     spec = LoadSpec(
         base_url=router.url,
@@ -682,7 +523,7 @@ async def run_soak(
     async def sample() -> None:
         start = time.monotonic()
         while not stop.is_set():
-            samples.append((round(time.monotonic() - start, 1), rss_bytes(router.tree())))
+            samples.append((round(time.monotonic() - start, 1), rss_bytes(server_tree(router))))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=max(args.soak_s / 20, 0.5))
 
@@ -691,7 +532,7 @@ async def run_soak(
     stop.set()
     await sampler
     row = phase.row()
-    end = rss_bytes(router.tree())
+    end = rss_bytes(server_tree(router))
     return {
         "duration_s": args.soak_s,
         "concurrency": args.soak_concurrency,
@@ -706,7 +547,7 @@ async def run_soak(
 
 
 async def run_scaling(
-    args: argparse.Namespace, urls: list[str], backend: SimulatorProcess, log_dir: Path
+    args: argparse.Namespace, urls: list[str], backend: ChildServer, log_dir: Path
 ) -> tuple[list[dict[str, Any]], str | None]:
     level = args.scaling_concurrency or max(args.levels)
     rows: list[dict[str, Any]] = []

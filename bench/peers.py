@@ -132,7 +132,7 @@ def peer_plans(
         if exe is None:
             continue
         if name == "vllm-router":
-            tail = ("--log-level", "warning", "--queue-size", "4096")
+            tail: tuple[str, ...] = ("--log-level", "warning", "--queue-size", "4096")
             plans.append(_rust_router(name, (str(exe),), tail, urls, port_for(), port_for()))
         elif name == "sglang-router":
             head, tail = (str(exe), "launch"), ("--log-level", "warn")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import sys
 import tempfile
@@ -24,9 +23,9 @@ import aiohttp
 import orjson
 
 from app.simulator.config import SimConfig
-from app.simulator.runner import SimulatorProcess
-from bench.locality import MODEL, write_json
-from bench.overhead import kvroute_server, wait_ready
+from bench.locality import write_json
+from bench.servers import MODEL, kvroute_server, start_server
+from harness.simulator import SimulatorChild
 
 
 async def one_request(
@@ -65,7 +64,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         prefill_s_per_token=0.0,
         decode_tokens_per_s=args.decode_tokens_per_s,
     )
-    sims = [SimulatorProcess(config) for _ in range(args.backends)]
+    sims = [SimulatorChild(config) for _ in range(args.backends)]
     for sim in sims:
         sim.start()
     log_dir = Path(tempfile.mkdtemp(prefix="kvroute-resilience-"))
@@ -78,8 +77,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     tally: Counter[str] = Counter()
     timeline: list[str] = []
     try:
-        router.start()
-        await wait_ready(router)
+        await start_server(router)
         victim = sims[0]
         victim_port = victim.port
         start = time.monotonic()
@@ -95,11 +93,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
             async def chaos() -> None:
                 await asyncio.sleep(args.duration_s * 0.3)
-                assert victim.pid is not None
-                os.killpg(victim.pid, signal.SIGKILL)
+                victim.signal(signal.SIGKILL)
+                await asyncio.to_thread(victim.stop)  # reaps it
                 timeline.append(f"{time.monotonic() - start:5.1f} s  killed backend b0 (SIGKILL)")
                 await asyncio.sleep(args.duration_s * 0.3)
-                sims[0] = SimulatorProcess(config, port=victim_port)
+                sims[0] = SimulatorChild(config, port=victim_port)
                 await asyncio.to_thread(sims[0].start)
                 timeline.append(f"{time.monotonic() - start:5.1f} s  b0 started again on its port")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.devtools.realvllm import main
+from tools.realvllm import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The test suite; tests/test_<module>.py mirrors app/<module>.py."""

@@ -3,68 +3,34 @@
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
-import uvicorn
 
 from app.api import create_app
 from app.config import Settings
 from app.listener import protocol_for
 from app.simulator.config import SimConfig
-from app.simulator.runner import SimulatorServer
+from harness.asgi import ThreadedServer, uvicorn_server
+from harness.simulator import SimulatorThread
 
 
-class RouterServer:
+class RouterServer(ThreadedServer):
     """The router app under uvicorn in a thread, on a free loopback port."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = create_app(settings)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            log_level="warning",
-            access_log=False,
-            http=protocol_for(settings),  # type: ignore[arg-type]
-            loop="uvloop",  # sets TCP_NODELAY on accepted sockets; asyncio does not here
-            lifespan="on",
-        )
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        # The listener as `kvroute serve` runs it: httptools with the header limits.
+        super().__init__(uvicorn_server(self.app, http=protocol_for(settings)))
 
     @property
     def router(self) -> Any:
         """The app's collaborators (`Services`): pool, metrics, admission, store..."""
         return self.app.services
-
-    def start(self) -> RouterServer:
-        self._thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("router did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(timeout=15)
-        self._sock.close()
 
 
 @contextmanager
@@ -84,8 +50,8 @@ def running_router(backend_urls: list[str], **overrides: Any) -> Iterator[Router
 
 
 @contextmanager
-def running_simulators(n: int, **config: Any) -> Iterator[list[SimulatorServer]]:
-    sims = [SimulatorServer(SimConfig(**{"model": "sim-model", **config})) for _ in range(n)]
+def running_simulators(n: int, **config: Any) -> Iterator[list[SimulatorThread]]:
+    sims = [SimulatorThread(SimConfig(**{"model": "sim-model", **config})) for _ in range(n)]
     try:
         for sim in sims:
             sim.start()
@@ -114,7 +80,7 @@ def wait_for(condition: Any, timeout_s: float = 10.0, interval_s: float = 0.02) 
 
 
 @pytest.fixture
-def sims() -> Iterator[list[SimulatorServer]]:
+def sims() -> Iterator[list[SimulatorThread]]:
     with running_simulators(
         3, base_ttft_s=0.001, prefill_s_per_token=0.0, decode_tokens_per_s=2000.0
     ) as s:
@@ -122,7 +88,7 @@ def sims() -> Iterator[list[SimulatorServer]]:
 
 
 @pytest.fixture
-def router(sims: list[SimulatorServer]) -> Iterator[RouterServer]:
+def router(sims: list[SimulatorThread]) -> Iterator[RouterServer]:
     with running_router([s.url for s in sims], served_model="sim-model") as r:
         yield r
 

@@ -45,11 +45,14 @@ async def test_waits_for_a_release_then_records_queue_time() -> None:
     await asyncio.sleep(0)
     waiter = asyncio.create_task(hold(adm, "t", asyncio.Event()))
     await asyncio.sleep(0.05)
-    assert not waiter.done() and adm.waiting == 1
+    assert not waiter.done()
+    assert adm.waiting == 1
     release.set()
     await holder
     await asyncio.sleep(0)
-    assert adm.in_flight == 1 and adm.waiting == 0 and adm.stats.queued == 1
+    assert adm.in_flight == 1
+    assert adm.waiting == 0
+    assert adm.stats.queued == 1
     assert adm.stats.queue_ms_max >= 40
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -85,7 +88,8 @@ async def test_tenant_limit_does_not_block_other_tenants() -> None:
     async with adm.slot("a", always):
         blocked = asyncio.create_task(hold(adm, "a", asyncio.Event()))
         async with adm.slot("b", always) as other:
-            assert other.tenant == "b" and not blocked.done()
+            assert other.tenant == "b"
+            assert not blocked.done()
         blocked.cancel()
         with pytest.raises(asyncio.CancelledError):
             await blocked
@@ -98,7 +102,8 @@ async def test_readiness_gates_and_is_polled() -> None:
     async with ticking(adm):
         waiter = asyncio.create_task(hold(adm, "t", asyncio.Event(), lambda: state["ready"]))
         await asyncio.sleep(0.05)
-        assert not waiter.done() and adm.waiting == 1
+        assert not waiter.done()
+        assert adm.waiting == 1
         state["ready"] = True  # e.g. vLLM's waiting queue drained: no release needed
         for _ in range(100):
             if adm.in_flight == 1:
@@ -116,7 +121,8 @@ async def test_full_queue_and_timeout_are_429s() -> None:
         with pytest.raises(Overloaded) as full:
             async with adm.slot("u", always):
                 pass
-        assert full.value.status == 429 and "Retry-After" in full.value.headers()
+        assert full.value.status == 429
+        assert "Retry-After" in full.value.headers()
         with pytest.raises(Overloaded, match="no backend capacity"):
             await first
         assert adm.waiting == 0
@@ -132,7 +138,8 @@ async def test_cancelled_waiter_leaves_the_queue() -> None:
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
-        assert adm.waiting == 0 and adm.stats.abandoned == 1
+        assert adm.waiting == 0
+        assert adm.stats.abandoned == 1
     assert adm.in_flight == 0
 
 
@@ -167,7 +174,9 @@ async def test_grant_and_timeout_in_one_turn_keep_exactly_one_outcome() -> None:
     await holder  # the release grants the waiter first...
     adm.tick()  # ...so the timeout that lands in the same turn finds nothing to expire
     await asyncio.sleep(0)
-    assert not waiter.done() and adm.in_flight == 1 and adm.stats.rejected == {}
+    assert not waiter.done()
+    assert adm.in_flight == 1
+    assert adm.stats.rejected == {}
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
@@ -271,7 +280,8 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.now += seconds
         self._grant()
         for waiter in self.core.expire(self.now):
-            assert waiter.state == "expired" and self.now - waiter.since_s >= 5.0
+            assert waiter.state == "expired"
+            assert self.now - waiter.since_s >= 5.0
 
     @rule(ready=st.booleans())
     def readiness(self, ready: bool) -> None:
@@ -324,4 +334,5 @@ def test_core_serves_tenants_in_turn_when_slots_free_one_at_a_time() -> None:
         core.release(tenant)
         order += [w.tenant for w in core.grant_ready(0.0)]
     # One slot at a time: a, then b (queued since before a's grant), then a again.
-    assert order == ["a", "b", "a"] and all(w.state == "granted" for w in queued)
+    assert order == ["a", "b", "a"]
+    assert all(w.state == "granted" for w in queued)

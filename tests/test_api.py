@@ -58,21 +58,21 @@ def test_stream_ends_with_stats_then_done(router: RouterServer) -> None:
     assert name == "router.stream_stats"
     body = orjson.loads(data)
     first = orjson.loads(events[0][1])
-    assert (
-        body["id"] == first["id"]
-        and body["created"] == first["created"]
-        and body["model"] == "sim-model"
-    )
-    assert body["object"] == "chat.completion.chunk" and body["choices"] == []
+    assert body["id"] == first["id"]
+    assert body["created"] == first["created"]
+    assert body["model"] == "sim-model"
+    assert body["object"] == "chat.completion.chunk"
+    assert body["choices"] == []
     stats = body["router_stats"]
     assert stats["backend"] in {"b0", "b1", "b2"}
-    assert stats["cache_outcome"] == "miss" and stats["tenant"] == "acme"
-    assert stats["token_source"] == "backend" and stats["completion_tokens"] == 5
-    assert (
-        stats["prompt_tokens"] > 0
-        and stats["novel_tokens"] == stats["prompt_tokens"] - stats["cached_tokens"]
-    )
-    assert stats["ttft_ms"] > 0 and len(stats["prefix_key"]) == 32
+    assert stats["cache_outcome"] == "miss"
+    assert stats["tenant"] == "acme"
+    assert stats["token_source"] == "backend"
+    assert stats["completion_tokens"] == 5
+    assert stats["prompt_tokens"] > 0
+    assert stats["novel_tokens"] == stats["prompt_tokens"] - stats["cached_tokens"]
+    assert stats["ttft_ms"] > 0
+    assert len(stats["prefix_key"]) == 32
     # The injected usage chunk is hidden from a client that did not ask for it.
     assert not any(b'"usage"' in data for name, data in events[:-2])
 
@@ -80,7 +80,8 @@ def test_stream_ends_with_stats_then_done(router: RouterServer) -> None:
 def test_usage_kept_when_the_client_asked(router: RouterServer) -> None:
     events = stream_raw(router, {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
     usage = [orjson.loads(d) for n, d in events if n is None and b'"usage"' in d]
-    assert len(usage) == 1 and usage[0]["choices"] == []
+    assert len(usage) == 1
+    assert usage[0]["choices"] == []
     assert events[-2][0] == "router.stream_stats"
 
 
@@ -88,15 +89,17 @@ def test_stats_can_be_turned_off_per_request_and_globally(
     router: RouterServer, sims: list[Any]
 ) -> None:
     events = stream_raw(router, {**CHAT, "stream": True}, {"X-Router-Stream-Stats": "0"})
-    assert events[-1] == (None, b"[DONE]") and all(n is None for n, _ in events)
+    assert events[-1] == (None, b"[DONE]")
+    assert all(n is None for n, _ in events)
     with running_router([s.url for s in sims], stream_stats=False) as quiet:
         events = stream_raw(quiet, {**CHAT, "stream": True})
-        assert all(n is None for n, _ in events) and events[-1] == (None, b"[DONE]")
+        assert all(n is None for n, _ in events)
+        assert events[-1] == (None, b"[DONE]")
 
 
 def test_second_turn_hits_the_owner_and_reports_cached_tokens(router: RouterServer) -> None:
     system = {"role": "system", "content": "You are a careful assistant. " * 40}
-    turn1 = {
+    turn1: dict[str, Any] = {
         **CHAT,
         "stream": True,
         "messages": [system, {"role": "user", "content": "Question one " * 20}],
@@ -111,8 +114,10 @@ def test_second_turn_hits_the_owner_and_reports_cached_tokens(router: RouterServ
         ],
     }
     s2 = orjson.loads(stream_raw(router, turn2)[-2][1])["router_stats"]
-    assert s2["backend"] == s1["backend"] and s2["cache_outcome"] == "hit"
-    assert s2["affinity"] == "conversation" and s2["prefix_key"] == s1["prefix_key"]
+    assert s2["backend"] == s1["backend"]
+    assert s2["cache_outcome"] == "hit"
+    assert s2["affinity"] == "conversation"
+    assert s2["prefix_key"] == s1["prefix_key"]
     assert s2["cached_tokens"] > 0
 
 
@@ -123,7 +128,8 @@ def test_openai_client_streams_and_sees_stats(router: RouterServer) -> None:
     extra = [
         c for c in chunks if not c.choices and c.model_extra and "router_stats" in c.model_extra
     ]
-    assert len(extra) == 1 and extra[0].model_extra["router_stats"]["completion_tokens"] == 5
+    assert len(extra) == 1
+    assert extra[0].model_extra["router_stats"]["completion_tokens"] == 5
     completion = client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
     assert completion.usage.completion_tokens == 5
     assert completion.choices[0].message.content
@@ -157,12 +163,14 @@ def test_completions_stream_has_text_completion_stats(router: RouterServer) -> N
     ) as r:
         events = sse_events(r.read())
     body = orjson.loads(events[-2][1])
-    assert events[-2][0] == "router.stream_stats" and body["object"] == "text_completion"
+    assert events[-2][0] == "router.stream_stats"
+    assert body["object"] == "text_completion"
 
 
 def test_models_lists_backend_models(router: RouterServer) -> None:
     body = httpx.get(f"{router.url}/v1/models").json()
-    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["sim-model"]
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["sim-model"]
     assert body["data"][0]["object"] == "model"
 
 
@@ -192,14 +200,16 @@ def test_bad_input_gets_openai_errors(
     )
     assert r.status_code == status, r.text
     error = r.json()["error"]
-    assert set(error) >= {"message", "type", "code"} and error["message"]
+    assert set(error) >= {"message", "type", "code"}
+    assert error["message"]
     if param:
         assert error["param"] == param
 
 
 def test_completions_needs_a_prompt(router: RouterServer) -> None:
     r = httpx.post(f"{router.url}/v1/completions", json={"model": "sim-model"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "prompt"
     r = httpx.post(
         f"{router.url}/v1/completions", json={"model": "sim-model", "prompt": [{"x": 1}]}
     )
@@ -210,7 +220,8 @@ def test_oversized_body_is_413(sims: list[Any]) -> None:
     with running_router([s.url for s in sims], max_body_bytes=2048) as small:
         big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
         r = httpx.post(f"{small.url}/v1/chat/completions", json=big)
-        assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+        assert r.status_code == 413
+        assert r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_backend_errors_pass_through(router: RouterServer) -> None:
@@ -221,9 +232,11 @@ def test_backend_errors_pass_through(router: RouterServer) -> None:
 
 def test_unknown_path_and_method_are_openai_shaped(router: RouterServer) -> None:
     r = httpx.get(f"{router.url}/v1/nothing")
-    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "not_found"
     r = httpx.get(f"{router.url}/v1/chat/completions")
-    assert r.status_code == 405 and "error" in r.json()
+    assert r.status_code == 405
+    assert "error" in r.json()
 
 
 def test_health_metrics_architecture(router: RouterServer) -> None:
@@ -233,7 +246,8 @@ def test_health_metrics_architecture(router: RouterServer) -> None:
     assert [b["healthy"] for b in health.json()["backends"]] == [True, True, True]
     metrics = httpx.get(f"{router.url}/metrics").json()
     assert metrics["requests"]["streams"] >= 1
-    assert metrics["ttft_ms"]["p50"] is not None and metrics["tokens"]["completion"] >= 5
+    assert metrics["ttft_ms"]["p50"] is not None
+    assert metrics["tokens"]["completion"] >= 5
     assert set(metrics["in_flight"]) == {"b0", "b1", "b2"}
     prom = httpx.get(f"{router.url}/metrics", headers={"Accept": "text/plain;version=0.0.4"})
     assert prom.headers["content-type"].startswith("text/plain")
@@ -258,7 +272,8 @@ def test_health_is_503_when_no_backend_answers() -> None:
         assert httpx.get(f"{r.url}/health").status_code == 503
         assert httpx.get(f"{r.url}/live").status_code == 200
         resp = httpx.post(f"{r.url}/v1/chat/completions", json=CHAT)
-        assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_healthy_backend"
+        assert resp.status_code == 503
+        assert resp.json()["error"]["code"] == "no_healthy_backend"
 
 
 def test_backend_api_key_is_sent_as_bearer() -> None:
@@ -287,13 +302,16 @@ def test_retry_on_another_backend_before_the_first_byte() -> None:
         for i in range(8):
             body = {**CHAT, "messages": [{"role": "user", "content": f"conversation {i}"}]}
             resp = httpx.post(f"{r.url}/v1/chat/completions", json=body, timeout=10)
-            assert resp.status_code == 200 and resp.headers["x-router-backend"] == "b1"
+            assert resp.status_code == 200
+            assert resp.headers["x-router-backend"] == "b1"
         refused = httpx.get(f"{sims[0].url}/sim/stats").json()
         served = httpx.get(f"{sims[1].url}/sim/stats").json()
         retries = httpx.get(f"{r.url}/metrics").json()["retries"]
         # Every 503 from b0 was retried on b1 before a byte reached the client.
-        assert refused["failed"] >= 1 and retries == refused["failed"]
-        assert refused["completed"] == 0 and served["completed"] == 8
+        assert refused["failed"] >= 1
+        assert retries == refused["failed"]
+        assert refused["completed"] == 0
+        assert served["completed"] == 8
 
 
 def test_client_disconnect_aborts_upstream(sims: list[Any]) -> None:

@@ -31,7 +31,8 @@ def test_old_gpu_names_are_a_fallback() -> None:
     m = parse_vllm_metrics(
         'vllm:gpu_cache_usage_perc{model_name="x"} 0.5\nvllm:gpu_prefix_cache_queries_total 10\n'
     )
-    assert m.kv_usage == 0.5 and m.prefix_queries == 10
+    assert m.kv_usage == 0.5
+    assert m.prefix_queries == 10
 
 
 def test_garbage_is_ignored() -> None:

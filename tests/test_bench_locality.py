@@ -46,7 +46,8 @@ def test_open_conversations_interleave_and_every_turn_extends_its_own_history() 
     with running_simulators(1, model="bench-model", decode_tokens_per_s=5000.0) as sims:
         url = f"{sims[0].url}/v1/chat/completions"
         sent = asyncio.run(drive(url, conversations, 2, 4, open_conversations=4))
-    assert len(sent) == 15 and all(r.status == 200 for r in sent)
+    assert len(sent) == 15
+    assert all(r.status == 200 for r in sent)
     # Each conversation's turns go out in order, each one carrying the previous turn and answer.
     openings = [i for i, r in enumerate(sent) if len(r.messages) == 2]
     assert len(openings) == 5
@@ -77,17 +78,21 @@ def test_locality_bench_runs_each_capacity_with_one_backend_and_two_replicas(
         argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180, check=False
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "(300 blocks x 16 tokens" in proc.stdout and "(600 blocks x 16 tokens" in proc.stdout
+    assert "(300 blocks x 16 tokens" in proc.stdout
+    assert "(600 blocks x 16 tokens" in proc.stdout
 
     result = json.loads(out.read_text())
     assert set(result["by_capacity_blocks"]) == {"300", "600"}
     for rows in result["by_capacity_blocks"].values():
         one, ours, replicas = rows
-        assert one["policy"] == "one backend" and ours["policy"] == "kvroute (both levels)"
+        assert one["policy"] == "one backend"
+        assert ours["policy"] == "kvroute (both levels)"
         assert replicas["policy"] == "kvroute x2 + Redis"
         for row in rows:
-            assert row["failed"] == 0 and row["requests"] >= 12
-            assert 0 < row["ideal_ratio"] <= 1 and 0 <= row["cached_ratio"] <= row["ideal_ratio"]
+            assert row["failed"] == 0
+            assert row["requests"] >= 12
+            assert 0 < row["ideal_ratio"] <= 1
+            assert 0 <= row["cached_ratio"] <= row["ideal_ratio"]
             assert sum(row["per_backend"]) == row["requests"]
             # Every conversation's follow-up turns reach the backend that holds it.
             assert row["outcomes"]["hit"] == row["requests"] - 6, row["outcomes"]

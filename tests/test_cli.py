@@ -14,7 +14,7 @@ import httpx
 import orjson
 import pytest
 
-from app.devtools.ports import free_port
+from harness.ports import free_port
 from tests.conftest import wait_for
 
 
@@ -64,8 +64,10 @@ def test_demo_through_uv_run_stops_cleanly_on_a_signal_to_its_group(signum: int)
         os.killpg(proc.pid, signum)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
-    assert "curl -N" in out and "Traceback" not in out, out
-    assert len(backends) == 3 and all(refuses(b) for b in backends), "a backend outlived the demo"
+    assert "curl -N" in out, out
+    assert "Traceback" not in out, out
+    assert len(backends) == 3
+    assert all(refuses(b) for b in backends), "a backend outlived the demo"
     assert refuses(url)
 
 
@@ -90,6 +92,7 @@ def test_malformed_setting_is_one_line() -> None:
     result = subprocess.run(
         [sys.executable, "main.py"], env=env, capture_output=True, text=True, timeout=30
     )
-    assert result.returncode == 2 and time.monotonic() - start < 30
+    assert result.returncode == 2
+    assert time.monotonic() - start < 30
     assert result.stderr.strip().startswith("kvroute: invalid setting PORT:")
     assert "Traceback" not in result.stderr

@@ -10,7 +10,8 @@ def test_backend_urls_from_comma_list(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SERVED_MODEL", "llama")
     s = load_settings()
     assert s.backend_urls == ["http://a:8000", "http://b:8000"]
-    assert s.served_model == "llama" and s.port == 8080
+    assert s.served_model == "llama"
+    assert s.port == 8080
 
 
 @pytest.mark.parametrize(
@@ -45,7 +46,8 @@ def test_public_view_hides_secrets() -> None:
         redis_url="redis://:pw@r:6379/0",
     )
     text = repr(s.public_view())
-    assert "sk-secret" not in text and "pw" not in text
+    assert "sk-secret" not in text
+    assert "pw" not in text
 
 
 def test_env_example_and_readme_document_every_setting() -> None:
@@ -69,4 +71,5 @@ def test_env_example_is_a_valid_configuration(tmp_path: object) -> None:
 
     example = Path(__file__).resolve().parents[1] / ".env.example"
     s = Settings(_env_file=str(example))  # type: ignore[call-arg]
-    assert s.backend_urls == ["http://127.0.0.1:8000"] and s.port == 8080
+    assert s.backend_urls == ["http://127.0.0.1:8000"]
+    assert s.port == 8080

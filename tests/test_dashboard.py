@@ -11,18 +11,22 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
 from app.backends import BackendPool, VllmMetrics
 from app.dashboard import TenantTags, dashboard_data, page_headers, page_html
-from app.dashboard.series import SeriesRecorder, Totals, quantile, sample_between
-from app.devtools.dashboard_shot import dashboard_page, find_chromium, polls, wait_polls
+from app.dashboard.series import SeriesRecorder, Totals, sample_between
 from app.metrics import RequestRecord, RequestScope, RouterMetrics
 from tests.conftest import RouterServer, missing_service, wait_for
+from tools.dashboard_shot import dashboard_page, find_chromium, polls, wait_polls
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 CHAT = {"model": "sim-model", "max_tokens": 8, "stream": True}
 
@@ -44,19 +48,6 @@ def record(m: RouterMetrics, tenant: str, outcome: str, ttft_ms: float, prompt: 
 
 
 # --- pure --------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("values", "q", "expected"),
-    [
-        ([], 0.5, None),
-        ([5.0], 0.99, 5.0),
-        ([1.0, 2.0, 3.0, 4.0], 0.5, 2.0),
-        ([1.0, 2.0], 0.99, 2.0),
-    ],
-)
-def test_quantile(values: list[float], q: float, expected: float | None) -> None:
-    assert quantile(values, q) == expected
-
-
 def test_sample_between_is_the_interval() -> None:
     prev = Totals(requests=10, prompt_tokens=1000, cached_tokens=400, ttft_seen=8)
     cur = Totals(requests=30, prompt_tokens=3000, cached_tokens=1900, ttft_seen=12)
@@ -79,11 +70,15 @@ def test_recorder_diffs_counters_per_tick() -> None:
         record(m, "acme", "hit", ttft)
     now[0] += 1.0
     first = rec.tick()
-    assert first is not None and first.rps == 3.0 and first.ttft_p50_ms == 20.0
-    assert first.cached_ratio == 0.5 and first.kv_usage == (("b0", 0.25), ("b1", None))
+    assert first is not None
+    assert first.rps == 3.0
+    assert first.ttft_p50_ms == 20.0
+    assert first.cached_ratio == 0.5
+    assert first.kv_usage == (("b0", 0.25), ("b1", None))
     now[0] += 1.0
     second = rec.tick()
-    assert second is not None and (second.rps, second.ttft_p50_ms) == (0.0, None)
+    assert second is not None
+    assert (second.rps, second.ttft_p50_ms) == (0.0, None)
     for _ in range(5):
         now[0] += 1.0
         rec.tick()
@@ -104,14 +99,19 @@ def test_dashboard_data_shows_hashes_never_tenants() -> None:
     data = dashboard_data(
         now_s=1.0, samples=rec.samples, backends=status, metrics=m, tags=tags, policy="sticky"
     )
-    assert data["totals"]["requests"] == 31 and data["totals"]["errors"] == 1
+    assert data["totals"]["requests"] == 31
+    assert data["totals"]["errors"] == 1
     assert data["outcomes"] == {"hit": 15, "miss": 15, "spill": 0, "reassigned": 0}
     (row,) = data["backends"]
-    assert row["owned_keys"] == 7 and row["in_flight"] == 2 and row["requests"] == 30
+    assert row["owned_keys"] == 7
+    assert row["in_flight"] == 2
+    assert row["requests"] == 30
     assert row["url"] == "http://***@a:1"  # credentials in a backend URL stay hidden
-    assert data["current"]["in_flight"] == 2 and data["current"]["rps"] == 0.0
+    assert data["current"]["in_flight"] == 2
+    assert data["current"]["rps"] == 0.0
     recent = data["recent"]
-    assert len(recent) == 12 and recent[0]["ttft_ms"] == 39.0  # newest first
+    assert len(recent) == 12
+    assert recent[0]["ttft_ms"] == 39.0  # newest first
     assert {d["tenant"] for d in data["recent"]} == {
         tags(f"tenant-{i}@example.com") for i in range(3)
     }
@@ -124,11 +124,13 @@ def test_page_is_self_contained_with_a_strict_policy() -> None:
     html = page_html().decode()
     # No CDN, no external script, style, font or image: every URL is the router's own.
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
-    assert "@import" not in html and "url(" not in html
+    assert "@import" not in html
+    assert "url(" not in html
     (script,) = re.findall(r"<script>(.*?)</script>", html, flags=re.S)
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     csp = page_headers()["content-security-policy"]
-    assert f"script-src 'sha256-{digest}'" in csp and "default-src 'none'" in csp
+    assert f"script-src 'sha256-{digest}'" in csp
+    assert "default-src 'none'" in csp
     assert "prefers-color-scheme: dark" in html
     assert "innerHTML" not in script  # data reaches the page as text only
 
@@ -136,18 +138,21 @@ def test_page_is_self_contained_with_a_strict_policy() -> None:
 # --- over HTTP -----------------------------------------------------------------------------
 def test_dashboard_routes(router: RouterServer) -> None:
     page = httpx.get(f"{router.url}/dashboard")
-    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
     assert page.headers["content-security-policy"] == page_headers()["content-security-policy"]
     for i in range(3):
         body = {**CHAT, "messages": [{"role": "user", "content": f"c{i}"}]}
         httpx.post(f"{router.url}/v1/chat/completions", json=body, headers={"X-Tenant-ID": "t-1"})
     wait_for(lambda: len(router.router.series.samples) >= 1, timeout_s=5)
     data = httpx.get(f"{router.url}/dashboard/data").json()
-    assert data["totals"]["requests"] == 3 and data["policy"] == "sticky"
+    assert data["totals"]["requests"] == 3
+    assert data["policy"] == "sticky"
     assert [b["name"] for b in data["backends"]] == ["b0", "b1", "b2"]
     assert all(b["healthy"] for b in data["backends"])
     assert sum(b["owned_keys"] for b in data["backends"]) == 3
-    assert len(data["recent"]) == 3 and "t-1" not in repr(data["recent"])
+    assert len(data["recent"]) == 3
+    assert "t-1" not in repr(data["recent"])
     assert set(data["series"]) == {"t", "rps", "cached_ratio", "ttft_p50_ms", "ttft_p99_ms"} | {
         "in_flight",
         "kv_usage",
@@ -193,6 +198,23 @@ def texts(page: Any, selector: str) -> list[str]:
     return [t.strip() for t in page.locator(selector).all_inner_texts()]
 
 
+@dataclass(frozen=True, slots=True)
+class RpsChart:
+    """What the requests chart shows: the total, its points, the drawn line."""
+
+    requests: str
+    points: int
+    path: str | None
+
+
+def rps_chart(page: Page) -> RpsChart:
+    return RpsChart(
+        requests=page.inner_text("#total-requests"),
+        points=int(page.locator("#chart-rps").get_attribute("data-points") or 0),
+        path=page.locator("#chart-rps path.line").get_attribute("d"),
+    )
+
+
 def test_dashboard_in_chromium(router: RouterServer, chromium: str, tmp_path: Path) -> None:
     with load(router.url):
         wait_for(lambda: len(router.router.series.samples) >= 2, timeout_s=10)
@@ -201,20 +223,14 @@ def test_dashboard_in_chromium(router: RouterServer, chromium: str, tmp_path: Pa
             wait_for(
                 lambda: page.locator("#chart-rps").get_attribute("data-points") not in (None, "0")
             )
-            before = {
-                "requests": page.inner_text("#total-requests"),
-                "points": int(page.locator("#chart-rps").get_attribute("data-points") or 0),
-                "rps_path": page.locator("#chart-rps path.line").get_attribute("d"),
-            }
+            before = rps_chart(page)
             wait_polls(page, polls(page) + 2)
-            after = {
-                "requests": page.inner_text("#total-requests"),
-                "points": int(page.locator("#chart-rps").get_attribute("data-points") or 0),
-                "rps_path": page.locator("#chart-rps path.line").get_attribute("d"),
-            }
+            after = rps_chart(page)
             # The page updates itself: new data between two polls, longer series.
-            assert first >= 1 and after["requests"] != before["requests"]
-            assert after["points"] > before["points"] and after["rps_path"] != before["rps_path"]
+            assert first >= 1
+            assert after.requests != before.requests
+            assert after.points > before.points
+            assert after.path != before.path
             assert float(page.inner_text("#kpi-rps")) > 0
             # Every chart drew its series.
             for chart in ("#chart-rps", "#chart-ttft", "#chart-cached", "#chart-kv"):
@@ -224,7 +240,8 @@ def test_dashboard_in_chromium(router: RouterServer, chromium: str, tmp_path: Pa
             assert texts(page, "#backends tbody tr td:first-child") == ["b0", "b1", "b2"]
             assert texts(page, "#backends tbody tr td:nth-child(2)") == ["up", "up", "up"]
             tenants = set(texts(page, "#recent tbody td:nth-child(2)"))
-            assert tenants and all(re.fullmatch(r"[0-9a-f]{8}", t) for t in tenants)
+            assert tenants
+            assert all(re.fullmatch(r"[0-9a-f]{8}", t) for t in tenants)
             mix = texts(page, "#mix-legend li")
             assert [m.split()[1] for m in mix] == ["hit", "miss", "spill", "reassigned"]
             assert page.locator("#status.live").count() == 1

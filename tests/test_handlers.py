@@ -82,7 +82,8 @@ async def test_stream_is_relayed_with_stats_and_its_upstream_closed() -> None:
         )
         sent = orjson.loads(transport.requests[-1].body or b"{}")
         assert sent["stream_options"] == {"include_usage": True}
-        assert all(r.closed for r in transport.responses) and idle(services)
+        assert all(r.closed for r in transport.responses)
+        assert idle(services)
 
 
 async def test_retry_on_503_goes_to_the_other_backend_and_closes_the_first() -> None:
@@ -96,12 +97,14 @@ async def test_retry_on_503_goes_to_the_other_backend_and_closes_the_first() -> 
 
     async with app_with(answer, backends=2, retries=1) as (client, services, transport):
         resp = await client.post("/v1/chat/completions", json=CHAT)
-        assert resp.status_code == 200 and resp.json() == {"ok": True}
+        assert resp.status_code == 200
+        assert resp.json() == {"ok": True}
         assert len({c.split("/")[2] for c in calls}) == 2
         assert (
             resp.headers["x-request-id"] + "-r1" == transport.requests[-1].headers["X-Request-Id"]
         )
-        assert all(r.closed for r in transport.responses) and idle(services)
+        assert all(r.closed for r in transport.responses)
+        assert idle(services)
 
 
 async def test_connection_error_on_every_backend_is_a_502() -> None:
@@ -110,7 +113,8 @@ async def test_connection_error_on_every_backend_is_a_502() -> None:
 
     async with app_with(refuse, backends=2, retries=1) as (client, services, _):
         resp = await client.post("/v1/chat/completions", json=CHAT)
-        assert resp.status_code == 502 and "unreachable" in resp.json()["error"]["message"]
+        assert resp.status_code == 502
+        assert "unreachable" in resp.json()["error"]["message"]
         assert idle(services)
 
 
@@ -123,10 +127,13 @@ async def test_failure_mid_stream_is_an_error_event_then_stats_then_done() -> No
         resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
         events = [e for e in resp.content.split(b"\n\n") if e]
         assert events[-1] == b"data: [DONE]"
-        assert b"reset by peer" in events[-3] and b"partial" not in resp.content
+        assert b"reset by peer" in events[-3]
+        assert b"partial" not in resp.content
         stats = orjson.loads(events[-2].split(b"data: ", 1)[1])["router_stats"]
-        assert "error" in stats and stats["token_source"] == "estimate"
-        assert transport.responses[-1].closed and idle(services)
+        assert "error" in stats
+        assert stats["token_source"] == "estimate"
+        assert transport.responses[-1].closed
+        assert idle(services)
         assert services.metrics.errors["UpstreamBroken"] == 1
 
 
@@ -136,7 +143,8 @@ async def test_oversized_whole_answer_is_a_502() -> None:
 
     async with app_with(big, max_response_bytes=100_000) as (client, services, _):
         resp = await client.post("/v1/chat/completions", json=CHAT)
-        assert resp.status_code == 502 and "larger than" in resp.json()["error"]["message"]
+        assert resp.status_code == 502
+        assert "larger than" in resp.json()["error"]["message"]
         assert idle(services)
 
 
@@ -161,4 +169,51 @@ async def test_client_leaving_while_the_backend_prepares_closes_upstream() -> No
             if idle(services) and transport.responses[-1].closed:
                 break
             await asyncio.sleep(0.01)
-        assert idle(services) and transport.responses[-1].closed
+        assert idle(services)
+        assert transport.responses[-1].closed
+
+
+async def test_passthrough_goes_through_rates_and_admission_and_counts_errors() -> None:
+    gate = asyncio.Event()
+
+    async def tokenize(request: MockRequest) -> MockResponse:
+        if b"broken" in (request.body or b""):
+            return MockResponse(200, {}, [b'{"tok', UpstreamBroken("reset")])
+        await gate.wait()
+        return MockResponse(200, {"content-type": "application/json"}, [b'{"count": 1}'])
+
+    settings = {"tenant_rpm": 2, "trust_tenant_headers": True, "max_in_flight": 1}
+    async with app_with(tokenize, **settings) as (client, services, _):
+        body = {"model": "m", "prompt": "hi"}
+        first = asyncio.create_task(
+            client.post("/tokenize", json=body, headers={"X-Tenant-ID": "a"})
+        )
+        for _ in range(100):
+            if services.admission.in_flight == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert services.admission.in_flight == 1  # the passthrough holds an admission slot
+        queued = asyncio.create_task(
+            client.post("/tokenize", json=body, headers={"X-Tenant-ID": "a"})
+        )
+        for _ in range(100):
+            if services.admission.waiting == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert services.admission.waiting == 1
+        gate.set()
+        assert (await first).status_code == 200
+        assert (await queued).status_code == 200
+        limited = await client.post("/tokenize", json=body, headers={"X-Tenant-ID": "a"})
+        assert limited.status_code == 429
+        assert limited.json()["error"]["type"] == "rate_limit_error"
+        broken = await client.post(
+            "/tokenize", json={**body, "prompt": "broken"}, headers={"X-Tenant-ID": "b"}
+        )
+        assert broken.status_code == 502
+        assert broken.json()["error"]["type"] == "upstream_error"
+        requests = services.metrics.requests
+        assert requests[("/tokenize", 200)] == 2
+        assert requests[("/tokenize", 429)] == 1
+        assert requests[("/tokenize", 502)] == 1
+        assert idle(services)

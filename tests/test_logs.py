@@ -96,7 +96,8 @@ def test_request_fields_in_order_without_empty_ones() -> None:
         "stream",
         "duration_ms",
     ]
-    assert fields["ttft_ms"] == 7.123 and fields["duration_ms"] == 40.0
+    assert fields["ttft_ms"] == 7.123
+    assert fields["duration_ms"] == 40.0
     refused = request_fields(RequestRecord(endpoint="chat", status=429, error_kind="Overloaded"))
     assert refused == {"endpoint": "chat", "status": 429, "error": "Overloaded"}
 
@@ -129,14 +130,19 @@ def test_formatters_render_one_line_each() -> None:
     logger.info("plain %s", "message")
     assert all("\n" not in line for line in as_json.lines + as_text.lines)
     first, failed, plain = (orjson.loads(line) for line in as_json.lines)
-    assert first["msg"] == "request" and first["request_id"] == "id with\nnewline"
-    assert first["level"] == "info" and first["ts"].endswith("Z") and first["status"] == 200
-    assert failed["level"] == "warning" and failed["error"] == "UpstreamBroken"
+    assert first["msg"] == "request"
+    assert first["request_id"] == "id with\nnewline"
+    assert first["level"] == "info"
+    assert first["ts"].endswith("Z")
+    assert first["status"] == 200
+    assert failed["level"] == "warning"
+    assert failed["error"] == "UpstreamBroken"
     assert plain == {k: plain[k] for k in ("ts", "level", "logger", "msg")}
     assert plain["msg"] == "plain message"
     assert 'request_id="id with\\nnewline"' in as_text.lines[0]
     assert " INFO kvroute.test-formatters: request " in as_text.lines[0]
-    assert "cache_outcome=hit" in as_text.lines[0] and "ttft_ms=7.123" in as_text.lines[0]
+    assert "cache_outcome=hit" in as_text.lines[0]
+    assert "ttft_ms=7.123" in as_text.lines[0]
 
 
 def test_nothing_is_formatted_when_the_level_is_off() -> None:
@@ -167,7 +173,8 @@ def test_configure_logging_installs_the_format(capsys: pytest.CaptureFixture[str
         RequestLog().emit(finished())
         lines = capsys.readouterr().err.strip().splitlines()
         decoded = [orjson.loads(line) for line in lines]
-        assert decoded[0]["msg"] == "hello" and decoded[1]["logger"] == REQUEST_LOGGER
+        assert decoded[0]["msg"] == "hello"
+        assert decoded[1]["logger"] == REQUEST_LOGGER
     finally:
         for handler in list(root.handlers):
             root.removeHandler(handler)
@@ -230,17 +237,26 @@ def test_one_line_per_request_and_no_secret(captured: tuple[Capture, Capture]) -
         if orjson.loads(line)["logger"] == REQUEST_LOGGER
     ]
     by_id = {line["request_id"]: line for line in request_lines}
-    assert len(request_lines) == 4 and len(by_id) == 4  # one line per request
+    assert len(request_lines) == 4
+    assert len(by_id) == 4  # one line per request
     stream_line = by_id["req-stream-1"]
-    assert stream_line["tenant"] == "acme" and stream_line["model"] == "sim-model"
-    assert stream_line["backend"] in {"b0", "b1"} and stream_line["cache_outcome"] == "miss"
-    assert stream_line["status"] == 200 and stream_line["stream"] is True
-    assert stream_line["ttft_ms"] > 0 and stream_line["completion_tokens"] == 4
-    assert stream_line["prompt_tokens"] > 0 and stream_line["duration_ms"] >= stream_line["ttft_ms"]
+    assert stream_line["tenant"] == "acme"
+    assert stream_line["model"] == "sim-model"
+    assert stream_line["backend"] in {"b0", "b1"}
+    assert stream_line["cache_outcome"] == "miss"
+    assert stream_line["status"] == 200
+    assert stream_line["stream"] is True
+    assert stream_line["ttft_ms"] > 0
+    assert stream_line["completion_tokens"] == 4
+    assert stream_line["prompt_tokens"] > 0
+    assert stream_line["duration_ms"] >= stream_line["ttft_ms"]
     whole_line = by_id["req-whole-1"]
-    assert whole_line["cache_outcome"] == "hit" and whole_line["backend"] == stream_line["backend"]
-    assert "ttft_ms" not in whole_line and whole_line["completion_tokens"] == 4
-    assert by_id["req-bad-1"]["status"] == 400 and by_id["req-bad-1"]["error"] == "BadRequest"
+    assert whole_line["cache_outcome"] == "hit"
+    assert whole_line["backend"] == stream_line["backend"]
+    assert "ttft_ms" not in whole_line
+    assert whole_line["completion_tokens"] == 4
+    assert by_id["req-bad-1"]["status"] == 400
+    assert by_id["req-bad-1"]["error"] == "BadRequest"
     text_lines = [line for line in as_text.lines if f" {REQUEST_LOGGER}: request " in line]
     assert len(text_lines) == 4
     assert any("request_id=req-stream-1 tenant=acme model=sim-model" in line for line in text_lines)

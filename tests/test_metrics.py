@@ -47,7 +47,8 @@ def chat(content: str, **extra: Any) -> dict[str, Any]:
 
 def scrape(router: RouterServer) -> dict[str, Metric]:
     resp = httpx.get(f"{router.url}/metrics", headers=PROM_ACCEPT)
-    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain")
     return {f.name: f for f in text_string_to_metric_families(resp.text)}
 
 
@@ -92,13 +93,16 @@ def test_record_feeds_histograms_ring_and_listener() -> None:
         )
     )
     m.record(RequestRecord(endpoint="chat", status=400, error_kind="BadRequest"))
-    assert len(seen) == 2 and seen[0].duration_s is not None and seen[0].duration_s > 0
+    assert len(seen) == 2
+    assert seen[0].duration_s is not None
+    assert seen[0].duration_s > 0
     labels = ("b0", "m", "hit")
     assert sum(m.ttft_s.series[labels][:-1]) == 1
     assert m.tpot_s.series[labels][-1] == pytest.approx(0.02)
     assert m.ttft_s.series[labels][TTFT_BUCKETS_S.index(0.025)] == 1
     # Requests refused before a backend feed no histogram and no decision.
-    assert list(m.duration_s.series) == [labels] and len(m.recent) == 1
+    assert list(m.duration_s.series) == [labels]
+    assert len(m.recent) == 1
     decision = m.recent[0]
     assert (decision.tenant, decision.backend, decision.outcome, decision.ttft_ms) == (
         "acme",
@@ -211,7 +215,8 @@ def test_json_metrics_keep_their_keys(router: RouterServer) -> None:
         "ownership",
         "policy",
     } <= set(body)
-    assert body["ttft_ms"]["count"] == 1 and body["requests"]["streams"] == 1
+    assert body["ttft_ms"]["count"] == 1
+    assert body["requests"]["streams"] == 1
 
 
 def test_admission_rejections_are_counted() -> None:

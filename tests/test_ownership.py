@@ -49,7 +49,8 @@ async def test_system_prompt_gets_several_homes() -> None:
     clock.t += 1
     await store.record(keys("b"), "b1", 1, claim=True)
     found = await store.lookup(keys("c"))
-    assert found.owner is None and found.system_holders == ("b1", "b0")
+    assert found.owner is None
+    assert found.system_holders == ("b1", "b0")
 
 
 async def test_forget_backend_drops_its_keys() -> None:

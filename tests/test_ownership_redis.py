@@ -9,12 +9,12 @@ from contextlib import AbstractAsyncContextManager
 
 import pytest
 
-from app.devtools.ports import free_port
 from app.ownership import RedisStore, redis_client
 from app.prefix import PrefixKeys
 from app.services import background
+from harness.ports import free_port
+from harness.redis import PrivateRedis
 from tests.conftest import missing_service
-from tests.integration.redis_server import RedisProcess
 
 pytestmark = pytest.mark.redis
 
@@ -66,7 +66,8 @@ async def test_first_claim_is_atomic(replicas: tuple[RedisStore, RedisStore]) ->
     await settle(a, b)
     owner_a = (await a.lookup(keys("race"))).owner
     owner_b = (await b.lookup(keys("race"))).owner
-    assert owner_a == owner_b and owner_a in {"b0", "b1"}
+    assert owner_a == owner_b
+    assert owner_a in {"b0", "b1"}
     # The loser follows the winner in its own memory too (its fallback view).
     assert (
         a.memory.lookup_now(keys("race")).owner
@@ -95,7 +96,8 @@ async def test_restarted_backend_loses_its_keys(replicas: tuple[RedisStore, Redi
     await asyncio.sleep(0.01)
     await a.forget_backend("b0")
     found = await a.lookup(keys("k"))
-    assert found.owner is None and found.system_holders == ()
+    assert found.owner is None
+    assert found.system_holders == ()
 
 
 async def test_unreachable_redis_serves_from_memory_and_counts() -> None:
@@ -109,15 +111,17 @@ async def test_unreachable_redis_serves_from_memory_and_counts() -> None:
     async with writing(store):
         await store.record(keys("k"), "b1", 7, claim=True)
         found = await store.lookup(keys("other"))
-        assert found.owner is None and not store.is_up()
+        assert found.owner is None
+        assert not store.is_up()
         assert (await store.lookup(keys("k"))).owner == "b1"
-        assert store.fallbacks >= 1 and store.describe()["state"].startswith("down")
+        assert store.fallbacks >= 1
+        assert str(store.describe()["state"]).startswith("down")
 
 
 async def test_redis_stopped_mid_run_then_back() -> None:
     if shutil.which("redis-server") is None:
         missing_service("redis-server is not installed (apt-get install redis-server)")
-    server = RedisProcess().start()
+    server = PrivateRedis().start()
     store = RedisStore(
         redis_client(server.url, 0.5), server.url, ttl_s=60, timeout_s=0.2, retry_s=0.2, cache_s=0.0
     )
@@ -125,16 +129,18 @@ async def test_redis_stopped_mid_run_then_back() -> None:
         async with writing(store):
             await store.record(keys("k"), "b0", 1, claim=True)
             await settle(store)
-            assert (await store.lookup(keys("k"))).owner == "b0" and store.is_up()
+            assert (await store.lookup(keys("k"))).owner == "b0"
+            assert store.is_up()
             server.stop()
             for i in range(20):  # every look-up answers, from memory
                 assert (await store.lookup(keys("k"))).owner == "b0"
                 await store.record(keys(f"n{i}"), "b1", 1, claim=True)
             assert store.fallbacks >= 1
-            server = RedisProcess(port=server.port).start()
+            server = PrivateRedis(port=server.port).start()
             await asyncio.sleep(0.3)
             await store.record(keys("after"), "b2", 1, claim=True)
             await settle(store)
-            assert (await store.lookup(keys("after"))).owner == "b2" and store.is_up()
+            assert (await store.lookup(keys("after"))).owner == "b2"
+            assert store.is_up()
     finally:
         server.stop()

@@ -60,12 +60,15 @@ def test_owner_serves_its_key_while_not_overloaded() -> None:
 def test_owner_over_the_cap_spills() -> None:
     backends = [view("b0", 10), view("b1", 1), view("b2", 1)]
     d = POLICY.choose(request(), backends, Ownership(owner="b0", owner_tokens=900))
-    assert d.outcome == "spill" and d.backend != "b0"
+    assert d.outcome == "spill"
+    assert d.backend != "b0"
 
 
 def test_gone_owner_is_reassigned() -> None:
     d = POLICY.choose(request(), [view("b1"), view("b2")], Ownership(owner="b0", owner_tokens=900))
-    assert d.outcome == "reassigned" and d.backend in {"b1", "b2"} and d.cached_tokens == 0
+    assert d.outcome == "reassigned"
+    assert d.backend in {"b1", "b2"}
+    assert d.cached_tokens == 0
 
 
 def test_new_key_prefers_a_system_prompt_holder() -> None:
@@ -78,14 +81,16 @@ def test_short_cached_prefix_does_not_beat_a_big_load_gap() -> None:
     # 100 cached tokens are worth less than 3 requests of load: one cost, no mode switch.
     backends = [view("b0", 3), view("b1", 0)]
     d = POLICY.choose(request(prompt=120), backends, Ownership(owner="b0", owner_tokens=100))
-    assert d.backend == "b1" and d.outcome == "spill"
+    assert d.backend == "b1"
+    assert d.outcome == "spill"
 
 
 def test_new_keys_spread_and_are_deterministic() -> None:
     backends = [view("b0"), view("b1"), view("b2")]
     picks = [POLICY.choose(request(key=f"k{i}"), backends, Ownership()).backend for i in range(300)]
     counts = Counter(picks)
-    assert set(counts) == {"b0", "b1", "b2"} and min(counts.values()) > 60
+    assert set(counts) == {"b0", "b1", "b2"}
+    assert min(counts.values()) > 60
     again = [POLICY.choose(request(key=f"k{i}"), backends, Ownership()).backend for i in range(300)]
     assert picks == again
 

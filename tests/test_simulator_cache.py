@@ -234,7 +234,8 @@ def test_reset_drops_only_unpinned_blocks() -> None:
     held_prompt, free_prompt = tokens(0, 33), tokens(1000, 33)
     held = cache.allocate(cache.block_hashes(held_prompt), len(held_prompt))
     freed = cache.allocate(cache.block_hashes(free_prompt), len(free_prompt))
-    assert held is not None and freed is not None
+    assert held is not None
+    assert freed is not None
     cache.release(freed)
     assert cache.reset() == 2
     assert cache.lookup(cache.block_hashes(free_prompt), len(free_prompt)) == 0

@@ -15,8 +15,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.simulator import SimConfig, SimulatorProcess, SimulatorServer
+from app.simulator import SimConfig, SimulatorProcess
 from app.simulator.config import config_to_argv, parse_argv
+from harness.simulator import SimulatorThread
 
 FAST = SimConfig(
     model=("sim-model", "sim-alias"),
@@ -88,25 +89,25 @@ def payloads(events: list[bytes]) -> list[Any]:
 
 # --- fixtures ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def fast_server() -> Iterator[SimulatorServer]:
-    with SimulatorServer(FAST) as server:
+def fast_server() -> Iterator[SimulatorThread]:
+    with SimulatorThread(FAST) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def slow_server() -> Iterator[SimulatorServer]:
-    with SimulatorServer(SLOW) as server:
+def slow_server() -> Iterator[SimulatorThread]:
+    with SimulatorThread(SLOW) as server:
         yield server
 
 
 @pytest.fixture
-def sim(fast_server: SimulatorServer) -> str:
+def sim(fast_server: SimulatorThread) -> str:
     control(fast_server.url, reset=True)
     return fast_server.url
 
 
 @pytest.fixture
-def slow(slow_server: SimulatorServer) -> str:
+def slow(slow_server: SimulatorThread) -> str:
     control(slow_server.url, reset=True)
     return slow_server.url
 
@@ -187,7 +188,8 @@ async def test_completions_shapes(sim: str, http: aiohttp.ClientSession) -> None
     assert [c["object"] for c in chunks] == ["text_completion"] * 3
     assert [c["choices"][0]["text"] for c in chunks] == ["tok0 ", "tok1 ", "tok2 "]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["prompt_tokens"] == 43
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"]["prompt_tokens"] == 43
 
     ids = {"prompt": [1, 2, 3, 4, 5], "max_tokens": 2}  # token ids, model defaults to the first
     async with http.post(sim + "/v1/completions", json=ids) as response:
@@ -247,7 +249,7 @@ async def test_cache_salt_isolates(sim: str, http: aiohttp.ClientSession) -> Non
 
 async def test_prompt_tokens_details_can_be_off(http: aiohttp.ClientSession) -> None:
     config = SimConfig(prompt_tokens_details=False, no_delay=True)
-    with SimulatorServer(config) as server:
+    with SimulatorThread(config) as server:
         async with http.post(server.url + "/v1/chat/completions", json=chat()) as response:
             usage = (await response.json())["usage"]
     assert "prompt_tokens_details" not in usage
@@ -396,9 +398,12 @@ async def test_models_health_version(sim: str, http: aiohttp.ClientSession) -> N
     assert models["object"] == "list"
     assert [m["id"] for m in models["data"]] == ["sim-model", "sim-alias"]
     card = models["data"][0]
-    assert card["owned_by"] == "vllm" and card["parent"] is None and card["max_model_len"] == 4096
+    assert card["owned_by"] == "vllm"
+    assert card["parent"] is None
+    assert card["max_model_len"] == 4096
     async with http.get(sim + "/health") as response:
-        assert response.status == 200 and await response.read() == b""
+        assert response.status == 200
+        assert await response.read() == b""
     async with http.get(sim + "/version") as response:
         assert (await response.json())["simulator"] is True
 
@@ -494,7 +499,7 @@ async def test_disconnect_mid_stream_aborts_and_frees_the_slot(
 
     async def settled() -> bool:
         result = await stats(http, slow)
-        return result["aborted"] == 2 and result["running"] == 0
+        return bool(result["aborted"] == 2 and result["running"] == 0)
 
     await eventually(settled, what="both streams aborted")
     result = await stats(http, slow)
@@ -549,7 +554,8 @@ async def test_fail_next(sim: str, http: aiohttp.ClientSession) -> None:
         if response.status == 503:
             assert response.content_type == "application/json"
             error = json.loads(body)["error"]
-            assert error["code"] == 503 and error["type"] == "ServiceUnavailableError"
+            assert error["code"] == 503
+            assert error["type"] == "ServiceUnavailableError"
     assert statuses == [503, 503, 200]
     assert (await stats(http, sim))["failed"] == 2
     control(sim, fail_next=1, status=429)
@@ -575,7 +581,7 @@ async def test_fail_mid_stream_cuts_the_connection(sim: str, http: aiohttp.Clien
 
     async def counted() -> bool:
         result = await stats(http, sim)
-        return result["dropped"] == 1 and result["running"] == 0
+        return bool(result["dropped"] == 1 and result["running"] == 0)
 
     await eventually(counted, what="the dropped stream to be counted")
     async with http.post(sim + "/v1/chat/completions", json=body) as response:  # one-shot
@@ -591,7 +597,8 @@ async def test_error_mid_stream_sends_error_event(sim: str, http: aiohttp.Client
         data = payloads(await read_events(response))
     assert len(data) == 3
     assert data[0]["choices"][0]["text"] == "tok0 "
-    assert data[1]["error"]["code"] == 500 and "choices" not in data[1]
+    assert data[1]["error"]["code"] == 500
+    assert "choices" not in data[1]
     assert data[2] == "[DONE]"
 
 
@@ -647,7 +654,7 @@ async def test_reset_restores_defaults(sim: str, http: aiohttp.ClientSession) ->
 
 # --- auth and the openai client ------------------------------------------------------------
 async def test_api_key_guards_v1_only(http: aiohttp.ClientSession) -> None:
-    with SimulatorServer(SimConfig(api_key=KEY, no_delay=True)) as server:
+    with SimulatorThread(SimConfig(api_key=KEY, no_delay=True)) as server:
         url = server.url
         async with http.get(url + "/v1/models") as response:
             assert response.status == 401
@@ -683,7 +690,8 @@ async def test_openai_client_reads_everything(sim: str) -> None:
                     text += chunk.choices[0].delta.content or ""
                 usage = chunk.usage or usage
             assert text == "tok0 tok1 tok2 tok3 tok4 "
-            assert usage is not None and usage.prompt_tokens_details is not None
+            assert usage is not None
+            assert usage.prompt_tokens_details is not None
             assert ((usage.prompt_tokens_details.cached_tokens or 0) > 0) is expected_cached
         with pytest.raises(openai.NotFoundError):
             await client.completions.create(model="nope", prompt="hi")
@@ -693,7 +701,7 @@ async def test_openai_client_reads_everything(sim: str) -> None:
 
 # --- runners -------------------------------------------------------------------------------
 async def test_stop_cuts_open_streams(http: aiohttp.ClientSession) -> None:
-    server = SimulatorServer(SimConfig(decode_tokens_per_s=20.0))
+    server = SimulatorThread(SimConfig(decode_tokens_per_s=20.0))
     server.start()
     response = await http.post(
         server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1000, "stream": True}

@@ -24,7 +24,8 @@ def test_relays_events_untouched_and_strips_injected_usage() -> None:
     out = b"".join(scanner.feed(e) for e in (ROLE, TOKEN, TOKEN, USAGE, DONE))
     assert out == ROLE + TOKEN + TOKEN
     assert scanner.done
-    assert scanner.usage is not None and scanner.usage["prompt_tokens"] == 40
+    assert scanner.usage is not None
+    assert scanner.usage["prompt_tokens"] == 40
     assert scanner.meta == {
         "id": "c1",
         "created": 7,
@@ -59,7 +60,9 @@ def test_ttft_is_the_first_content_not_the_role_chunk() -> None:
     fig = figures(scanner, estimated_prompt_tokens=10, estimated_cached_tokens=5)
     assert fig.token_source == "estimate"
     assert fig.completion_tokens == 2
-    assert fig.prompt_tokens == 10 and fig.cached_tokens == 5 and fig.novel_tokens == 5
+    assert fig.prompt_tokens == 10
+    assert fig.cached_tokens == 5
+    assert fig.novel_tokens == 5
 
 
 def test_exact_figures_from_usage() -> None:
@@ -73,14 +76,16 @@ def test_exact_figures_from_usage() -> None:
         8,
     )
     assert fig.token_source == "backend"
-    assert fig.ttft_ms is not None and fig.ttft_ms > 0
+    assert fig.ttft_ms is not None
+    assert fig.ttft_ms > 0
 
 
 def test_error_event_is_forwarded_and_recorded() -> None:
     err = b'data: {"error": {"message": "boom", "type": "InternalServerError", "code": 500}}\n\n'
     scanner = StreamScanner(strip_usage=True, start_s=0.0)
     assert scanner.feed(err + DONE) == err
-    assert scanner.error is not None and scanner.error["message"] == "boom"
+    assert scanner.error is not None
+    assert scanner.error["message"] == "boom"
 
 
 def test_completion_text_counts_as_content() -> None:
@@ -98,9 +103,9 @@ def test_stats_event_is_a_chunk_with_no_choices() -> None:
     )
     assert event.startswith(b"event: router.stream_stats\ndata: ")
     body = orjson.loads(event.split(b"data: ", 1)[1])
-    assert (
-        body["choices"] == [] and body["id"] == "c1" and body["object"] == "chat.completion.chunk"
-    )
+    assert body["choices"] == []
+    assert body["id"] == "c1"
+    assert body["object"] == "chat.completion.chunk"
     assert body["router_stats"] == {"backend": "b0"}
 
 
@@ -115,7 +120,8 @@ def test_stripped_usage_gives_its_fingerprint_back_to_the_finishing_chunk() -> N
     finishing = orjson.loads(out.split(b"\n\n")[2].removeprefix(b"data: "))
     assert finishing["system_fingerprint"] == "vllm-0.32.0-abc"
     assert finishing["choices"][0]["finish_reason"] == "length"
-    assert b'"usage"' not in out and out.count(b"\n\n") == 3
+    assert b'"usage"' not in out
+    assert out.count(b"\n\n") == 3
 
 
 def test_finishing_chunk_is_not_held_when_usage_is_kept_or_absent() -> None:

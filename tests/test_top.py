@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import socket
 import subprocess
 import sys
@@ -66,10 +67,15 @@ def test_render_shows_the_figures() -> None:
     for shown in ("req/s 12.5", "in flight 3", "8.2 ms", "1.50 s", "62.5%", "requests 1,234"):
         assert shown in text, shown
     b0 = next(line for line in text.splitlines() if "│ b0 " in line)
-    assert "up" in b0 and "40.0%" in b0 and "17" in b0 and "50.0%" in b0
+    assert "up" in b0
+    assert "40.0%" in b0
+    assert "17" in b0
+    assert "50.0%" in b0
     b1 = next(line for line in text.splitlines() if "│ b1 " in line)
     assert "down" in b1
-    assert "hit 30 (75%)" in text and "abcd1234" in text and "conversation" in text
+    assert "hit 30 (75%)" in text
+    assert "abcd1234" in text
+    assert "conversation" in text
 
 
 def test_render_of_an_idle_router() -> None:
@@ -81,17 +87,24 @@ def test_render_of_an_idle_router() -> None:
         series={"rps": []},
     )
     text = frame_text(empty)
-    assert "TTFT p50 -" in text and "cached tokens -" in text
+    assert "TTFT p50 -" in text
+    assert "cached tokens -" in text
 
 
 def test_sparkline() -> None:
     assert sparkline([0.0, 4.0, None, 8.0]) == "▁▄ █"
-    assert sparkline([]) == "" and sparkline([None, 0.0]) == " ▁"
+    assert sparkline([]) == ""
+    assert sparkline([None, 0.0]) == " ▁"
     assert len(sparkline([1.0] * 100, width=30)) == 30
 
 
 def test_cli_knows_top() -> None:
-    assert "top" in build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    commands = next(
+        action
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    assert "top" in commands.choices
 
 
 def run_top(*args: str) -> subprocess.CompletedProcess[str]:
@@ -116,15 +129,18 @@ def test_top_once_against_a_live_router(router: RouterServer) -> None:
     out = run_top("--url", router.url, "--once", "--width", "160")
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    assert f"kvroute top · {router.url}" in text and "policy sticky" in text
+    assert f"kvroute top · {router.url}" in text
+    assert "policy sticky" in text
     assert "requests 4" in text
     rows = {line.split("│")[1].strip(): line for line in text.splitlines() if "│ b" in line}
     assert set(rows) >= {"b0", "b1", "b2"}
     assert all(" up " in rows[b] for b in ("b0", "b1", "b2"))
     owned = sum(int(rows[b].split("│")[7]) for b in ("b0", "b1", "b2"))
     assert owned == 2  # two conversations
-    assert "hit 2 (50%)" in text and "miss 2 (50%)" in text
-    assert text.count("sim-model") == 4 and "acme" not in text  # tenants as hashes
+    assert "hit 2 (50%)" in text
+    assert "miss 2 (50%)" in text
+    assert text.count("sim-model") == 4
+    assert "acme" not in text  # tenants as hashes
 
 
 def test_top_reports_an_unreachable_router() -> None:
@@ -132,4 +148,5 @@ def test_top_reports_an_unreachable_router() -> None:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     out = run_top("--url", dead, "--once", "--timeout", "2")
-    assert out.returncode == 1 and "kvroute top: cannot read" in out.stderr
+    assert out.returncode == 1
+    assert "kvroute top: cannot read" in out.stderr

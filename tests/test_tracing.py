@@ -62,11 +62,14 @@ def test_otel_names_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "router-eu")
     s = settings()
-    assert s.tracing_enabled and s.otel_service_name == "router-eu"
+    assert s.tracing_enabled
+    assert s.otel_service_name == "router-eu"
     exporter, batched = _exporter_for(s)
-    assert batched and exporter._endpoint == "http://collector:4318/v1/traces"  # type: ignore[attr-defined]
+    assert batched
+    assert exporter._endpoint == "http://collector:4318/v1/traces"  # type: ignore[attr-defined]
     console, batched = _exporter_for(settings(otel_traces_exporter="console"))
-    assert type(console).__name__ == "ConsoleSpanExporter" and not batched
+    assert type(console).__name__ == "ConsoleSpanExporter"
+    assert not batched
 
 
 def test_off_is_a_no_op() -> None:
@@ -152,19 +155,28 @@ def test_request_span_children_and_propagated_traceparent() -> None:
     assert root.kind == SpanKind.SERVER
     trace_id, root_id = hex_ids(root)
     assert trace_id == CLIENT_TRACE_ID  # the client's trace goes on
-    assert root.parent is not None and f"{root.parent.span_id:016x}" == CLIENT_SPAN_ID
+    assert root.parent is not None
+    assert f"{root.parent.span_id:016x}" == CLIENT_SPAN_ID
     attrs = dict(root.attributes or {})
-    assert attrs["http.response.status_code"] == 200 and attrs["kvroute.backend"] == "b0"
-    assert attrs["kvroute.cache_outcome"] == "miss" and attrs["gen_ai.request.model"] == "sim-model"
+    assert attrs["http.response.status_code"] == 200
+    assert attrs["kvroute.backend"] == "b0"
+    assert attrs["kvroute.cache_outcome"] == "miss"
+    assert attrs["gen_ai.request.model"] == "sim-model"
     assert attrs["kvroute.request_id"] == resp.headers["x-request-id"]
-    assert attrs["kvroute.ttft_ms"] > 0 and attrs["gen_ai.usage.output_tokens"] == 4
+    ttft_ms = attrs["kvroute.ttft_ms"]
+    assert isinstance(ttft_ms, float)
+    assert ttft_ms > 0
+    assert attrs["gen_ai.usage.output_tokens"] == 4
     assert not any("trace me" in str(v) for v in attrs.values())  # never the prompt
     for name in ("admission", "selection", "upstream"):
         (child,) = spans[name]
-        assert child.parent is not None and f"{child.parent.span_id:016x}" == root_id, name
+        assert child.parent is not None, name
+        assert f"{child.parent.span_id:016x}" == root_id, name
         assert hex_ids(child)[0] == CLIENT_TRACE_ID
-        assert child.start_time is not None and root.start_time is not None
-        assert child.end_time is not None and root.end_time is not None
+        assert child.start_time is not None
+        assert root.start_time is not None
+        assert child.end_time is not None
+        assert root.end_time is not None
         assert root.start_time <= child.start_time <= child.end_time <= root.end_time
     upstream = spans["upstream"][0]
     assert upstream.kind == SpanKind.CLIENT

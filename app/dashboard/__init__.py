@@ -18,8 +18,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from app.config import redact_url
-from app.dashboard.series import SERIES_SECONDS, Sample, SeriesRecorder, quantile
+from app.dashboard.series import SERIES_SECONDS, Sample, SeriesRecorder
 from app.metrics import RecentDecision, RouterMetrics
+from app.percentile import nearest_rank
 
 __all__ = [
     "SERIES_SECONDS",
@@ -171,8 +172,8 @@ def dashboard_data(
             "prompt_tokens": prompt,
             "cached_tokens": metrics.tokens["cached"],
             "cached_ratio": round(metrics.tokens["cached"] / prompt, 4) if prompt else None,
-            "ttft_p50_ms": _rounded(quantile(ttft, 0.5)),
-            "ttft_p99_ms": _rounded(quantile(ttft, 0.99)),
+            "ttft_p50_ms": _rounded(nearest_rank(ttft, 0.5)),
+            "ttft_p99_ms": _rounded(nearest_rank(ttft, 0.99)),
         },
         "outcomes": {o: metrics.outcomes[o] for o in OUTCOMES},
         "backends": rows,

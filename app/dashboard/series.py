@@ -16,6 +16,7 @@ from itertools import islice
 
 from app.backends import BackendPool
 from app.metrics import RouterMetrics
+from app.percentile import nearest_rank
 
 SERIES_SECONDS = 300  # five minutes at one sample a second
 
@@ -52,13 +53,6 @@ def totals_of(metrics: RouterMetrics) -> Totals:
     )
 
 
-def quantile(ordered: Sequence[float], q: float) -> float | None:
-    """Nearest-rank quantile of sorted values; None when there are none."""
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))]
-
-
 def sample_between(
     prev: Totals,
     cur: Totals,
@@ -71,7 +65,7 @@ def sample_between(
 ) -> Sample:
     prompt = cur.prompt_tokens - prev.prompt_tokens
     ordered = sorted(new_ttft_ms)
-    p50, p99 = quantile(ordered, 0.5), quantile(ordered, 0.99)
+    p50, p99 = nearest_rank(ordered, 0.5), nearest_rank(ordered, 0.99)
     return Sample(
         time_s=time_s,
         rps=round((cur.requests - prev.requests) / elapsed_s, 3) if elapsed_s > 0 else 0.0,

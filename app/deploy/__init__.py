@@ -1,8 +1,10 @@
 """Remote deploy of a vLLM server over SSH: ``kvroute deploy`` (``scripts/deploy_remote.py``).
 
-``plan`` builds every remote shell script from a frozen ``DeploySpec`` and parses what comes
-back (pure); ``ssh`` is the asyncssh edge; ``command`` is the CLI and the step sequence;
-``progress`` draws it. Every failure the user can act on is one of these, each with a fix:
+The plan is pure, one module per step: ``spec`` (target, ``DeploySpec``, remote paths),
+``events`` (what remote scripts print), ``preflight``, ``install``, ``download``, ``serve``,
+``state`` (state, list, stop, logs), ``health`` and ``diagnose`` build the remote shell scripts
+and parse what comes back; ``remote/`` holds the Python programs they run on the host.
+``ssh`` is the asyncssh edge; ``command`` is the CLI and the step sequence; ``progress`` draws it. Every failure the user can act on is one of these, each with a fix:
 
     DeployError                 base: ``message`` and ``fix``
     ├── UsageError              bad command-line arguments

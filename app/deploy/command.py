@@ -32,11 +32,50 @@ from app.deploy import (
     RemoteCommandError,
     StartError,
     UsageError,
-    plan,
 )
-from app.deploy.plan import DeploySpec, RemotePaths, SshTarget
+from app.deploy.diagnose import classify_log
+from app.deploy.download import download_failure, download_script, download_stdin
+from app.deploy.events import parse_event, parse_events, parse_facts
+from app.deploy.health import probe_address, served_model_ids
+from app.deploy.install import (
+    classify_install_failure,
+    install_probe_script,
+    install_script,
+    is_install_needed,
+    parse_install_probe,
+)
+from app.deploy.preflight import HostFacts, check_preflight, parse_host_facts, preflight_script
 from app.deploy.progress import Reporter, RichReporter
+from app.deploy.serve import (
+    backend_url,
+    backend_urls_line,
+    fingerprint,
+    is_loopback_bind,
+    start_script,
+    tunnel_command,
+)
+from app.deploy.spec import (
+    DEFAULT_CPU_VLLM_VERSION,
+    DEFAULT_REMOTE_DIR,
+    DeploySpec,
+    RemotePaths,
+    SshTarget,
+    api_key_digest,
+    expand_home,
+    home_script,
+    parse_home,
+)
 from app.deploy.ssh import RemoteHost, RunResult, SshOptions, open_host
+from app.deploy.state import (
+    STOP_GRACE_S,
+    ServerState,
+    list_script,
+    logs_command,
+    parse_list,
+    parse_state,
+    state_script,
+    stop_script,
+)
 
 SUBCOMMANDS = ("deploy", "status", "logs", "stop")
 DEFAULT_HEALTH_TIMEOUT_S = 1200.0
@@ -140,7 +179,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     where = parser.add_argument_group("deployment")
     where.add_argument(
         "--remote-dir",
-        default=plan.DEFAULT_REMOTE_DIR,
+        default=DEFAULT_REMOTE_DIR,
         help="remote directory for venvs, logs and pid files (default ~/.kvroute)",
     )
     if command == "deploy":
@@ -203,7 +242,7 @@ def _add_deploy_arguments(parser: argparse.ArgumentParser, where: argparse._Argu
     install.add_argument(
         "--vllm-version",
         default=None,
-        help=f"vLLM version (cpu default {plan.DEFAULT_CPU_VLLM_VERSION})",
+        help=f"vLLM version (cpu default {DEFAULT_CPU_VLLM_VERSION})",
     )
     install.add_argument(
         "--vllm-spec", default=None, help="any pip requirement instead, e.g. a wheel URL"
@@ -288,7 +327,7 @@ def spec_from_args(
         hf_home=ns.hf_home,
         hf_endpoint=environ.get("HF_ENDPOINT") or None,
         extra_args=extra,
-        api_key_sha256=plan.api_key_digest(ns.api_key),
+        api_key_sha256=api_key_digest(ns.api_key),
         cpu_kvcache_gb=ns.cpu_kvcache_gb,
         min_free_gb=min_free,
     )
@@ -365,16 +404,16 @@ def _print_routing(
     print(f"vLLM serving {spec.served_model!r} ({spec.model}):")
     for outcome in outcomes:
         print(f"  {outcome.target.ssh_destination}: {outcome.status} (pid {outcome.pid})")
-    loopback = plan.is_loopback_bind(spec.bind)
+    loopback = is_loopback_bind(spec.bind)
     if loopback and not tunnel:
         print("Open one SSH tunnel per host (leave them running):")
     for outcome in outcomes:
         local_port = port_of[outcome.target.label]
-        urls.append(plan.backend_url(spec, outcome.remote.peer_host, local_port, via_tunnel=tunnel))
+        urls.append(backend_url(spec, outcome.remote.peer_host, local_port, via_tunnel=tunnel))
         if loopback and not tunnel:
-            print("  " + plan.tunnel_command(outcome.target, spec, local_port, ns.identity))
+            print("  " + tunnel_command(outcome.target, spec, local_port, ns.identity))
     print("Then point kvroute at them:")
-    print(plan.backend_urls_line(urls))
+    print(backend_urls_line(urls))
     print(f"SERVED_MODEL={spec.served_model}")
     sys.stdout.flush()
 
@@ -389,9 +428,7 @@ async def _hold_tunnels(
     port_of = dict(zip([t.label for t in targets], local_ports, strict=True))
     for outcome in outcomes:
         local_port = port_of[outcome.target.label]
-        await outcome.remote.forward_local(
-            local_port, plan.probe_address(spec.bind), spec.vllm_port
-        )
+        await outcome.remote.forward_local(local_port, probe_address(spec.bind), spec.vllm_port)
         print(
             f"tunnel open: http://127.0.0.1:{local_port} -> "
             f"{outcome.target.label} port {spec.vllm_port} (Ctrl-C to close)"
@@ -426,11 +463,11 @@ async def deploy_host(
         reporter.fail(host, step, "failed")
         raise
     try:
-        home = plan.parse_home((await _checked(remote, plan.home_script(), "read $HOME")).stdout)
+        home = parse_home((await _checked(remote, home_script(), "read $HOME")).stdout)
         paths = RemotePaths.for_spec(spec, home)
         reporter.end(host, step, f"{remote.peer_host} (home {home})")
-        wanted = plan.fingerprint(spec, paths)
-        state = plan.parse_state((await _checked(remote, plan.state_script(paths), "state")).stdout)
+        wanted = fingerprint(spec, paths)
+        state = parse_state((await _checked(remote, state_script(paths), "state")).stdout)
         if state.alive and state.fingerprint == wanted and not options.preflight_only:
             step = "check"
             reporter.begin(host, step, f"pid {state.pid} runs this config")
@@ -449,10 +486,8 @@ async def deploy_host(
 
         step = "preflight"
         reporter.begin(host, step)
-        facts = plan.parse_host_facts(
-            (await _checked(remote, plan.preflight_script(spec), step)).stdout
-        )
-        notes = plan.check_preflight(spec, facts, port_is_ours=state.alive)
+        facts = parse_host_facts((await _checked(remote, preflight_script(spec), step)).stdout)
+        notes = check_preflight(spec, facts, port_is_ours=state.alive)
         reporter.end(host, step, "; ".join(notes))
         if options.preflight_only:
             return HostOutcome(target, remote, "preflight passed", state.pid)
@@ -464,15 +499,13 @@ async def deploy_host(
         if state.alive:
             step = "stop"
             reporter.begin(host, step, f"config changed: stopping pid {state.pid}")
-            result = await _checked(
-                remote, plan.stop_script(paths), step, timeout_s=plan.STOP_GRACE_S + 30
-            )
+            result = await _checked(remote, stop_script(paths), step, timeout_s=STOP_GRACE_S + 30)
             reporter.end(host, step, f"config changed: pid {state.pid} {_stop_word(result.stdout)}")
         step = "start"
         reporter.begin(host, step, f"vllm serve {spec.model} on {spec.bind}:{spec.vllm_port}")
         stdin = (secrets.api_key + "\n") if spec.api_key_sha256 and secrets.api_key else ""
-        result = await _checked(remote, plan.start_script(spec, paths), step, stdin=stdin)
-        started = [e for e in plan.parse_events(result.stdout) if e.get("event") == "started"]
+        result = await _checked(remote, start_script(spec, paths), step, stdin=stdin)
+        started = [e for e in parse_events(result.stdout) if e.get("event") == "started"]
         pid = int(started[-1]["pid"]) if started else None
         reporter.end(host, step, f"pid {pid}, log {paths.log_file}")
         step = "health"
@@ -488,7 +521,7 @@ async def deploy_host(
 
 
 def _stop_word(stdout: str) -> str:
-    value = (plan.parse_facts(stdout).get("stopped") or ["none"])[0]
+    value = (parse_facts(stdout).get("stopped") or ["none"])[0]
     return {
         "yes": "stopped",
         "killed": "killed after the grace period",
@@ -514,15 +547,15 @@ async def _install_step(
     remote: RemoteHost,
     spec: DeploySpec,
     paths: RemotePaths,
-    facts: plan.HostFacts,
+    facts: HostFacts,
     reporter: Reporter,
 ) -> None:
     host = remote.target.label
     reporter.begin(host, "install", spec.install_requirement)
-    probe = plan.parse_install_probe(
-        (await _checked(remote, plan.install_probe_script(paths), "install probe")).stdout
+    probe = parse_install_probe(
+        (await _checked(remote, install_probe_script(paths), "install probe")).stdout
     )
-    if not plan.is_install_needed(spec, probe):
+    if not is_install_needed(spec, probe):
         reporter.end(host, "install", f"vllm {probe.vllm} already in {paths.venv}", skipped=True)
         return
     tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
@@ -532,7 +565,7 @@ async def _install_step(
 
     def on_line(line: str) -> None:
         nonlocal tool
-        event = plan.parse_event(line)
+        event = parse_event(line)
         if event is None:
             tail.append(line)
             output.append(line)
@@ -543,11 +576,11 @@ async def _install_step(
         elif event.get("event") == "installed":
             installed.update(event)
 
-    status = await remote.stream(plan.install_script(spec, paths, facts), on_line)
+    status = await remote.stream(install_script(spec, paths, facts), on_line)
     if status != 0 or not installed:
         raise InstallError(
             f"{host}: installing {spec.install_requirement} into {paths.venv} failed (exit {status})",
-            plan.classify_install_failure("\n".join(output)),
+            classify_install_failure("\n".join(output)),
             tuple(tail),
         )
     reporter.end(host, "install", f"vllm {installed.get('vllm')} with {tool} into {paths.venv}")
@@ -562,7 +595,7 @@ async def _download_step(
     other: collections.deque[str] = collections.deque(maxlen=10)
 
     def on_line(line: str) -> None:
-        event = plan.parse_event(line)
+        event = parse_event(line)
         if event is None:
             other.append(line)
             return
@@ -575,13 +608,17 @@ async def _download_step(
                 done if isinstance(done, int) else 0,
                 total if isinstance(total, int) else None,
             )
+        elif event.get("event") == "note":
+            reporter.update(host, str(event.get("message", "")))
 
     status = await remote.stream(
-        plan.download_script(spec, paths), on_line, stdin=plan.download_stdin(secrets.hf_token)
+        download_script(spec, paths),
+        on_line,
+        stdin=download_stdin(secrets.hf_token),
     )
     errors = [e for e in events if e.get("event") == "error"]
     if errors:
-        message, fix = plan.download_failure(spec, errors[-1])
+        message, fix = download_failure(spec, errors[-1])
         raise DownloadError(f"{host}: {message}", fix)
     finished = [e for e in events if e.get("event") == "download"]
     if status != 0 or not finished:
@@ -599,14 +636,14 @@ async def _download_step(
 
 async def is_serving(remote: RemoteHost, spec: DeploySpec, secrets: Secrets) -> bool:
     """``/health`` is 200 and ``/v1/models`` lists the served name."""
-    address = plan.probe_address(spec.bind)
+    address = probe_address(spec.bind)
     status, _ = await remote.http_get(address, spec.vllm_port, "/health")
     if status != 200:
         return False
     status, body = await remote.http_get(
         address, spec.vllm_port, "/v1/models", api_key=secrets.api_key
     )
-    return status == 200 and spec.served_model in plan.served_model_ids(body)
+    return status == 200 and spec.served_model in served_model_ids(body)
 
 
 async def _wait_step(
@@ -641,12 +678,12 @@ async def wait_healthy(
 ) -> None:
     """Poll until healthy; raise ``StartError`` with the log tail when vLLM exits or times out."""
     host = remote.target.label
-    address = plan.probe_address(spec.bind)
+    address = probe_address(spec.bind)
     deadline = time.monotonic() + timeout_s
     last_line = ""
     while True:
-        state = plan.parse_state(
-            (await _checked(remote, plan.state_script(paths, tail_lines=1), "state")).stdout
+        state = parse_state(
+            (await _checked(remote, state_script(paths, tail_lines=1), "state")).stdout
         )
         if state.log_tail and state.log_tail[-1] != last_line:
             last_line = state.log_tail[-1]
@@ -656,7 +693,7 @@ async def wait_healthy(
             status, body = await remote.http_get(
                 address, spec.vllm_port, "/v1/models", api_key=secrets.api_key
             )
-            ids = plan.served_model_ids(body)
+            ids = served_model_ids(body)
             if status == 200 and spec.served_model in ids:
                 return
             raise StartError(
@@ -665,13 +702,13 @@ async def wait_healthy(
             )
         if not state.alive:
             tail = await _log_tail(remote, paths)
-            cause, fix = plan.classify_log(tail)
+            cause, fix = classify_log(tail)
             raise StartError(
                 f"{host}: vLLM exited during start-up (likely cause: {cause})", fix, tail
             )
         if time.monotonic() > deadline:
             tail = await _log_tail(remote, paths)
-            cause, fix = plan.classify_log(tail)
+            cause, fix = classify_log(tail)
             if cause == "unknown":
                 fix = "raise --health-timeout-s (large models take minutes) or read the log"
             raise StartError(
@@ -683,8 +720,8 @@ async def wait_healthy(
 
 
 async def _log_tail(remote: RemoteHost, paths: RemotePaths) -> tuple[str, ...]:
-    result = await remote.run(plan.state_script(paths, tail_lines=LOG_TAIL_LINES))
-    return plan.parse_state(result.stdout).log_tail
+    result = await remote.run(state_script(paths, tail_lines=LOG_TAIL_LINES))
+    return parse_state(result.stdout).log_tail
 
 
 # --------------------------------------------------------------------------------------------
@@ -696,15 +733,15 @@ class _Found:
     remote: RemoteHost
     paths: RemotePaths
     name: str
-    state: plan.ServerState
+    state: ServerState
 
 
 async def _deployments(
     remote: RemoteHost, ns: argparse.Namespace
-) -> tuple[str, dict[str, plan.ServerState]]:
-    home = plan.parse_home((await _checked(remote, plan.home_script(), "read $HOME")).stdout)
-    root = plan.expand_home(ns.remote_dir, home)
-    listing = plan.parse_list((await _checked(remote, plan.list_script(root), "list")).stdout)
+) -> tuple[str, dict[str, ServerState]]:
+    home = parse_home((await _checked(remote, home_script(), "read $HOME")).stdout)
+    root = expand_home(ns.remote_dir, home)
+    listing = parse_list((await _checked(remote, list_script(root), "list")).stdout)
     chosen = {
         name: state
         for name, state in listing.items()
@@ -761,7 +798,7 @@ async def _status(ns: argparse.Namespace, console: Console) -> int:
             if state.alive:
                 port = int(info.get("vllm_port", 0))
                 status, _ = await remote.http_get(
-                    plan.probe_address(str(info.get("bind", ""))), port, "/health"
+                    probe_address(str(info.get("bind", ""))), port, "/health"
                 )
                 health = "healthy" if status == 200 else "starting/unhealthy"
             if health != "healthy":
@@ -782,7 +819,7 @@ async def _logs(ns: argparse.Namespace, console: Console) -> int:
         console.print(f"[dim]{escape(remote.target.label)} {found.paths.log_file}[/]")
         with contextlib.suppress(asyncio.CancelledError):
             await remote.stream(
-                plan.logs_command(found.paths, ns.lines, ns.follow),
+                logs_command(found.paths, ns.lines, ns.follow),
                 lambda line: print(line, flush=True),
             )
         return 0
@@ -794,7 +831,7 @@ async def _stop(ns: argparse.Namespace, console: Console) -> int:
     async def work(remote: RemoteHost) -> int:
         found = await _one_deployment(remote, ns)
         result = await _checked(
-            remote, plan.stop_script(found.paths), "stop", timeout_s=plan.STOP_GRACE_S + 30
+            remote, stop_script(found.paths), "stop", timeout_s=STOP_GRACE_S + 30
         )
         print(
             f"{remote.target.label} {found.name}: {_stop_word(result.stdout)} (pid {found.state.pid or '-'})"

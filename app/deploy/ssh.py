@@ -24,7 +24,8 @@ from typing import Any, Literal
 import asyncssh
 
 from app.deploy import HostKeyError, SshError, UsageError
-from app.deploy.plan import SshTarget, http_get_request, parse_http_response
+from app.deploy.health import http_get_request, parse_http_response
+from app.deploy.spec import SshTarget
 
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from app.simulator.cache import Allocation, PrefixCache, hash_blocks
 from app.simulator.config import SimConfig
 from app.simulator.prompt import render_chat, tokenize, tokenize_bytes
-from app.simulator.runner import SimulatorProcess, SimulatorServer
+from app.simulator.runner import SimulatorProcess
 from app.simulator.server import SimulatorApp, create_app
 
 __all__ = [
@@ -21,7 +21,6 @@ __all__ = [
     "SimConfig",
     "SimulatorApp",
     "SimulatorProcess",
-    "SimulatorServer",
     "create_app",
     "hash_blocks",
     "render_chat",

@@ -1,8 +1,9 @@
-"""Ways to run a simulator: in a thread of this process (tests) or as a child process (demo, benches).
+"""The product's way to run a simulator as a child process (`kvroute demo`); tests and benches
+use `harness/` (its in-thread `SimulatorThread` is built on this module's `UvicornServer`).
 
-`SimulatorServer` serves on a socket bound before start (port 0 picks a free port, no race) from a
-daemon thread with its own event loop. `SimulatorProcess` runs `python -m app.simulator` in a new
-process group, so the simulated backend does not share the router's CPU and GIL.
+`SimulatorProcess` runs `python -m app.simulator` in a new
+process group, so the simulated backend does not share the router's CPU and GIL. `UvicornServer`,
+`bind_socket` and `event_loop_factory` are shared with `python -m app.simulator` and the harness.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import IO, Any
 import uvicorn
 
 from app.simulator.config import SimConfig, config_to_argv
-from app.simulator.server import SimulatorApp, create_app
+from app.simulator.server import SimulatorApp
 
 LISTENING_PREFIX = "KVROUTE_SIMULATOR_LISTENING "
 _INCOMPLETE_RESPONSE = "ASGI callable returned without completing response."
@@ -83,105 +84,6 @@ class UvicornServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.sim_app.abort_all()
         await super().shutdown(sockets)
-
-
-class SimulatorServer:
-    """A simulator on loopback in a daemon thread; `with SimulatorServer(cfg) as sim: sim.url`."""
-
-    def __init__(
-        self,
-        config: SimConfig | None = None,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        log_level: str = "warning",
-    ) -> None:
-        self.config = config or SimConfig()
-        self.host = host
-        self.app = create_app(self.config)
-        self._requested_port = port
-        self._log_level = log_level
-        self._socket: socket.socket | None = None
-        self._port: int | None = None
-        self._server: UvicornServer | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("simulator not started")
-        return self._port
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    def start(self, timeout_s: float = 10.0) -> None:
-        """Serve; returns once the server accepts connections."""
-        if self._thread is not None:
-            raise RuntimeError("simulator already started")
-        self._socket = bind_socket(self.host, self._requested_port)
-        self._port = self._socket.getsockname()[1]
-        self._server = UvicornServer(self.app, log_level=self._log_level)
-        self._thread = threading.Thread(
-            target=self._run, name=f"kvroute-simulator-{self.port}", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive():
-                raise RuntimeError("simulator failed to start") from self._error
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"simulator not serving after {timeout_s} s")
-            time.sleep(0.002)
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Shut down: open streams are cut, idle connections closed; joins the thread."""
-        thread, loop, server = self._thread, self._loop, self._server
-        if thread is None or server is None:
-            return
-        if loop is not None and thread.is_alive():
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(setattr, server, "should_exit", True)
-        thread.join(timeout_s)
-        if thread.is_alive() and loop is not None:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(setattr, server, "force_exit", True)
-            thread.join(timeout_s)
-        self._thread = None
-        if self._socket is not None:
-            self._socket.close()
-
-    def _run(self) -> None:
-        assert self._server is not None and self._socket is not None
-        loop = event_loop_factory()()
-        self._loop = loop
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self._server.serve(sockets=[self._socket]))
-        except BaseException as exc:
-            self._error = exc
-            raise
-        finally:
-            with contextlib.suppress(Exception):
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-    def __enter__(self) -> SimulatorServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class SimulatorProcess:

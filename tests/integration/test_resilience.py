@@ -15,11 +15,15 @@ import httpx
 import orjson
 
 from app.simulator.config import SimConfig
-from app.simulator.runner import SimulatorServer
+from harness.simulator import SimulatorThread
 from tests.conftest import RouterServer, running_router, running_simulators, wait_for
 from tests.integration.router_process import RouterProcess
 
-FAST = {"base_ttft_s": 0.001, "prefill_s_per_token": 0.0, "decode_tokens_per_s": 1000.0}
+FAST: dict[str, Any] = {
+    "base_ttft_s": 0.001,
+    "prefill_s_per_token": 0.0,
+    "decode_tokens_per_s": 1000.0,
+}
 
 
 def body(i: int, max_tokens: int = 8, stream: bool = True) -> dict[str, Any]:
@@ -63,9 +67,8 @@ def test_mid_stream_failure_ends_with_error_event_stats_and_done() -> None:
         assert events[-1] == b"data: [DONE]"
         assert events[-2].startswith(b"event: router.stream_stats")
         error = orjson.loads(events[-3].removeprefix(b"data: "))
-        assert (
-            error["error"]["type"] == "upstream_error" and "mid-stream" in error["error"]["message"]
-        )
+        assert error["error"]["type"] == "upstream_error"
+        assert "mid-stream" in error["error"]["message"]
         stats = orjson.loads(events[-2].split(b"data: ", 1)[1])["router_stats"]
         assert "error" in stats
         assert httpx.get(f"{router.url}/metrics").json()["errors"].get("UpstreamBroken") == 1
@@ -106,10 +109,11 @@ def test_backend_killed_under_load_loses_no_unstarted_request_and_comes_back() -
         broken = [r for r in ok if any(b'"upstream_error"' in e for e in r[1])]
         complete = [r for r in ok if not any(b'"error"' in e for e in r[1])]
         # Only streams that had started on the victim may end with an error event.
-        assert len(broken) + len(complete) == 120 and len(broken) <= 40
+        assert len(broken) + len(complete) == 120
+        assert len(broken) <= 40
         assert all(len([e for e in r[1] if b'"content"' in e]) >= 20 for r in complete)
         # Revive it on the same port: the health probe brings it back and it gets traffic again.
-        revived = SimulatorServer(SimConfig(model="sim-model", **FAST), port=port)
+        revived = SimulatorThread(SimConfig(model="sim-model", **FAST), port=port)
         revived.start()
         try:
             wait_for(lambda: router.router.pool.backends[1].healthy, timeout_s=10)
@@ -172,7 +176,8 @@ def test_flooding_tenant_does_not_starve_another() -> None:
                     status, events, took = await stream_once(
                         session, router.url, body(i, max_tokens=10), {"X-Tenant-ID": "quiet"}
                     )
-                    assert status == 200 and events[-1] == b"data: [DONE]"
+                    assert status == 200
+                    assert events[-1] == b"data: [DONE]"
                     quiet.append(took)
                 flooded = await asyncio.gather(*flood)
                 assert all(s == 200 for s, _, _ in flooded)
@@ -184,7 +189,8 @@ def test_flooding_tenant_does_not_starve_another() -> None:
         assert max(quiet) < 0.6, quiet
         assert max(flooded) > 1.0, max(flooded)
         snapshot = httpx.get(f"{router.url}/metrics").json()["admission"]
-        assert snapshot["admitted_after_wait"] > 0 and snapshot["queue_ms_max"] > 0
+        assert snapshot["admitted_after_wait"] > 0
+        assert snapshot["queue_ms_max"] > 0
 
 
 def test_queue_full_is_429_with_retry_after() -> None:
@@ -205,7 +211,8 @@ def test_queue_full_is_429_with_retry_after() -> None:
                 return Counter(s for s, _, _ in results)
 
         statuses = asyncio.run(run())
-        assert statuses[200] == 2 and statuses[429] == 4
+        assert statuses[200] == 2
+        assert statuses[429] == 4
         resp = httpx.post(f"{router.url}/v1/chat/completions", json=body(9, max_tokens=40))
         assert resp.status_code == 200
 
@@ -220,7 +227,8 @@ def test_router_api_keys_and_bound_tenants() -> None:
         url = f"{router.url}/v1/chat/completions"
         assert httpx.post(url, json=body(0)).status_code == 401
         bad = httpx.post(url, json=body(0), headers={"Authorization": "Bearer nope"})
-        assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error"
+        assert bad.status_code == 401
+        assert bad.json()["error"]["type"] == "authentication_error"
         assert httpx.get(f"{router.url}/v1/models").status_code == 401
         resp = httpx.post(
             url, json=body(0), headers={"Authorization": "Bearer acme-key", "X-Tenant-ID": "evil"}
@@ -241,7 +249,8 @@ def test_router_api_keys_and_bound_tenants() -> None:
         assert all("key" not in (r["headers"].get("authorization") or "") for r in seen)
         for path in ("/architecture", "/metrics", "/health"):
             text = httpx.get(f"{router.url}{path}").text
-            assert "acme-key" not in text and "open-key" not in text
+            assert "acme-key" not in text
+            assert "open-key" not in text
 
 
 def test_tenant_cache_salt_isolates_tenants() -> None:
@@ -290,7 +299,8 @@ def test_request_shape_limits() -> None:
         many = {**body(0), "messages": [{"role": "user", "content": "x"}] * 4}
         assert httpx.post(url, json=many).json()["error"]["param"] == "messages"
         resp = httpx.post(url, json={**body(0), "max_tokens": 101})
-        assert resp.status_code == 400 and resp.json()["error"]["param"] == "max_tokens"
+        assert resp.status_code == 400
+        assert resp.json()["error"]["param"] == "max_tokens"
 
 
 def test_sigterm_lets_open_streams_finish() -> None:
@@ -316,7 +326,8 @@ def test_sigterm_lets_open_streams_finish() -> None:
         t.join(timeout=30)
         assert router.proc.wait(timeout=30) == 0
         events = out["events"]
-        assert events[-1] == b"data: [DONE]" and not any(b'"error"' in e for e in events)
+        assert events[-1] == b"data: [DONE]"
+        assert not any(b'"error"' in e for e in events)
         assert len([e for e in events if b'"content":"tok' in e]) == 60
 
 
@@ -357,9 +368,11 @@ def test_a_client_that_leaves_while_queued_is_counted_and_frees_its_place() -> N
                     if router.router.admission.waiting == 0:
                         break
                     await asyncio.sleep(0.005)
-                assert router.router.admission.waiting == 0 and not holder.done()
+                assert router.router.admission.waiting == 0
+                assert not holder.done()
                 status, events, _ = await holder
-                assert status == 200 and events[-1] == b"data: [DONE]"
+                assert status == 200
+                assert events[-1] == b"data: [DONE]"
 
         asyncio.run(run())
         wait_for(

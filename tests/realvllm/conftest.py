@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.devtools.realvllm import RealVllmServers, serving_pair
+from tools.realvllm import RealVllmServers, serving_pair
 
 HERE = Path(__file__).resolve().parent
 _STARTED: list[RealVllmServers] = []  # for the terminal summary

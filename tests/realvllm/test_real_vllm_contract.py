@@ -22,9 +22,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.devtools.realvllm import RealVllmServers
 from app.simulator.config import SimConfig
-from app.simulator.runner import SimulatorServer
+from harness.simulator import SimulatorThread
+from tools.realvllm import RealVllmServers
 
 ROUTER_METRICS = (
     "vllm:num_requests_running",
@@ -52,7 +52,7 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def pair(real_vllm_servers: RealVllmServers) -> Iterator[Pair]:
-    sim = SimulatorServer(SimConfig(model=real_vllm_servers.model, max_model_len=2048))
+    sim = SimulatorThread(SimConfig(model=real_vllm_servers.model, max_model_len=2048))
     sim.start()
     try:
         yield Pair(real=real_vllm_servers.urls[0], sim=sim.url, model=real_vllm_servers.model)
@@ -205,13 +205,15 @@ def check_chat_stream(chunks: list[dict[str, Any]], *, include_usage: bool, who:
     empty_choices = [c for c in chunks if c["choices"] == []]
     if include_usage:
         assert chunks[-1]["choices"] == [], f"{who}: last chunk before [DONE] is not usage"
-        assert usage_chunks == [chunks[-1]] and empty_choices == [chunks[-1]], who
+        assert usage_chunks == [chunks[-1]], who
+        assert empty_choices == [chunks[-1]], who
         usage = chunks[-1]["usage"]
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"], who
         assert isinstance(usage["prompt_tokens_details"]["cached_tokens"], int), who
         content = chunks[:-1]
     else:
-        assert not usage_chunks and not empty_choices, f"{who}: usage chunk not asked for"
+        assert not usage_chunks, f"{who}: usage chunk not asked for"
+        assert not empty_choices, f"{who}: usage chunk not asked for"
         content = chunks
     finishes = [c["choices"][0]["finish_reason"] for c in content]
     assert finishes[-1] == "length", f"{who}: finish_reason {finishes[-1]!r}"
@@ -385,7 +387,8 @@ async def test_completions(pair: Pair) -> None:
     real_chunks, sim_chunks = stream_chunks(real), stream_chunks(sim)
     for who, chunks in (("real vLLM", real_chunks), ("simulator", sim_chunks)):
         assert {c["object"] for c in chunks} == {"text_completion"}, who
-        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3, who
+        assert chunks[-1]["choices"] == [], who
+        assert chunks[-1]["usage"]["completion_tokens"] == 3, who
         assert all(c["choices"] for c in chunks[:-1]), who
     assert_sim_within_real(real_chunks, sim_chunks, "completion stream chunks")
 
@@ -422,7 +425,8 @@ async def test_error_shapes(pair: Pair, case: str) -> None:
     for who, error in (("real vLLM", real_error), ("simulator", sim_error)):
         assert set(error) == {"message", "type", "param", "code"}, who
         assert error["code"] == status, who
-        assert isinstance(error["message"], str) and error["message"], who
+        assert isinstance(error["message"], str), who
+        assert error["message"], who
     assert set(real.json()) == set(sim.json()) == {"error"}
     assert sim_error["type"] == real_error["type"], case
     assert sim_error["param"] == real_error["param"], case

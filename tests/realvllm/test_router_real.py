@@ -10,6 +10,7 @@ opens with a fresh nonce so that it cannot hit blocks left by an earlier test or
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -20,12 +21,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.devtools.realvllm import RealVllmServers
 from app.handlers import route_for
 from app.routing import Ownership
 from tests.conftest import RouterServer, running_router, wait_for
+from tools.realvllm import RealVllmServers
 
 BLOCK_TOKENS = 128  # vLLM's KV block on the CPU backend: prefix hits come in these
 MAX_TOKENS = 8
@@ -90,7 +92,8 @@ def sse_events(raw: bytes) -> list[tuple[str | None, str]]:
     for block in text[:-2].split("\n\n"):
         lines = block.split("\n")
         name = lines.pop(0).removeprefix("event: ") if lines[0].startswith("event: ") else None
-        assert len(lines) == 1 and lines[0].startswith("data: "), f"bad event: {block[:120]!r}"
+        assert len(lines) == 1, f"bad event: {block[:120]!r}"
+        assert lines[0].startswith("data: "), f"bad event: {block[:120]!r}"
         events.append((name, lines[0].removeprefix("data: ")))
     return events
 
@@ -170,7 +173,7 @@ def test_chat_with_openai_client_stats_equal_vllm_usage(
 ) -> None:
     model = real_vllm_servers.model
     client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0)
-    messages = [
+    messages: list[ChatCompletionMessageParam] = [
         {"role": "system", "content": rules(14)},  # ~310 tokens: two whole cache blocks
         {"role": "user", "content": "Say something."},
     ]
@@ -179,7 +182,7 @@ def test_chat_with_openai_client_stats_equal_vllm_usage(
         chunks = list(
             client.chat.completions.create(
                 model=model,
-                messages=messages,  # type: ignore[arg-type]
+                messages=messages,
                 max_tokens=MAX_TOKENS,
                 stream=True,
                 stream_options={"include_usage": True},
@@ -191,9 +194,11 @@ def test_chat_with_openai_client_stats_equal_vllm_usage(
         usage_chunk, stats_chunk = chunks[-2:]
         # vLLM's usage chunk (asked for), then the router's event; both with `choices: []`.
         assert [c for c in chunks if not c.choices] == [usage_chunk, stats_chunk]
-        assert usage_chunk.usage is not None and usage_chunk.usage.completion_tokens == MAX_TOKENS
+        assert usage_chunk.usage is not None
+        assert usage_chunk.usage.completion_tokens == MAX_TOKENS
         assert content[-1].choices[0].finish_reason == "length"
-        assert stats_chunk.id == content[0].id and stats_chunk.model == model
+        assert stats_chunk.id == content[0].id
+        assert stats_chunk.model == model
         stats = (stats_chunk.model_extra or {})["router_stats"]
         usage = usage_chunk.usage
         assert usage.prompt_tokens_details is not None
@@ -214,7 +219,7 @@ def test_chat_with_openai_client_stats_equal_vllm_usage(
 
     raw = client.chat.completions.with_raw_response.create(
         model=model,
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         max_tokens=MAX_TOKENS,
         extra_body={"ignore_eos": True},
         extra_headers={"X-Tenant-ID": "real-chat"},
@@ -222,12 +227,15 @@ def test_chat_with_openai_client_stats_equal_vllm_usage(
     completion = raw.parse()
     assert raw.headers["x-router-backend"] == first["backend"]
     assert raw.headers["x-router-cache-outcome"] == "hit"
-    assert completion.object == "chat.completion" and completion.model == model
+    assert completion.object == "chat.completion"
+    assert completion.model == model
     assert completion.choices[0].finish_reason == "length"
-    assert completion.usage is not None and completion.usage.completion_tokens == MAX_TOKENS
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == MAX_TOKENS
     assert completion.usage.prompt_tokens == first["prompt_tokens"]
     details = completion.usage.prompt_tokens_details
-    assert details is not None and details.cached_tokens == second["cached_tokens"]
+    assert details is not None
+    assert details.cached_tokens == second["cached_tokens"]
 
 
 async def test_completions_with_async_openai_client_stats_equal_vllm_usage(
@@ -254,7 +262,8 @@ async def test_completions_with_async_openai_client_stats_equal_vllm_usage(
             assert all(c.object == "text_completion" for c in chunks)
             stats = (stats_chunk.model_extra or {})["router_stats"]
             usage = usage_chunk.usage
-            assert usage is not None and usage.prompt_tokens_details is not None
+            assert usage is not None
+            assert usage.prompt_tokens_details is not None
             assert stats["token_source"] == "backend"
             assert (stats["prompt_tokens"], stats["completion_tokens"], stats["cached_tokens"]) == (
                 usage.prompt_tokens,
@@ -275,7 +284,8 @@ async def test_completions_with_async_openai_client_stats_equal_vllm_usage(
         assert raw.headers["x-router-backend"] == first["backend"]
         assert completion.object == "text_completion"
         assert completion.choices[0].finish_reason == "length"
-        assert completion.usage is not None and completion.usage.completion_tokens == MAX_TOKENS
+        assert completion.usage is not None
+        assert completion.usage.completion_tokens == MAX_TOKENS
 
 
 def plain_stream(kind: str, model: str) -> dict[str, Any]:
@@ -303,7 +313,8 @@ def test_injected_usage_chunk_is_hidden_from_a_client_that_did_not_ask(
     whole = httpx.post(real_vllm_servers.urls[0] + path, json={**body, "stream": False}).json()
     # The router asked vLLM for usage and got it...
     stats = relayed.stats
-    assert stats["token_source"] == "backend" and stats["backend"] == backend
+    assert stats["token_source"] == "backend"
+    assert stats["backend"] == backend
     assert stats["completion_tokens"] == MAX_TOKENS
     assert stats["prompt_tokens"] == whole["usage"]["prompt_tokens"]
     # ...but the client gets no usage chunk, and chunks with the keys vLLM sends a client that
@@ -314,7 +325,9 @@ def test_injected_usage_chunk_is_hidden_from_a_client_that_did_not_ask(
     ignore = "system_fingerprint"
     assert chunk_keys(relayed.chunks, ignore=ignore) == chunk_keys(direct.chunks, ignore=ignore)
     event = relayed.stats_event
-    assert event is not None and event["choices"] == [] and event["model"] == model
+    assert event is not None
+    assert event["choices"] == []
+    assert event["model"] == model
     assert event["id"] == relayed.chunks[0]["id"]
     assert event["object"] == ("chat.completion.chunk" if kind == "chat" else "text_completion")
 
@@ -437,9 +450,10 @@ async def test_router_reads_real_metrics_and_avoids_a_queueing_server(
                 )
 
             for i in range(2):
-                await until(lambda i=i: parsed_equals_vllm(i), f"b{i} metrics as vLLM's")
+                await until(functools.partial(parsed_equals_vllm, i), f"b{i} metrics as vLLM's")
                 seen = pool.backends[i].metrics
-                assert seen is not None and seen.prefix_hits >= 2 * BLOCK_TOKENS
+                assert seen is not None
+                assert seen.prefix_hits >= 2 * BLOCK_TOKENS
                 assert seen.prefix_queries > seen.prefix_hits
 
             # New conversations the idle fleet sends to B; the first one proves it, idle.
@@ -472,7 +486,7 @@ async def test_router_reads_real_metrics_and_avoids_a_queueing_server(
                     # ...and while it queues, the other new conversations go to A.
                     for body in fresh:
                         # "While it queues" as the router sees it at each decision.
-                        await until(lambda: b.metrics.waiting > 0, "router sees B queueing")  # type: ignore[union-attr]
+                        await until(lambda: b.metrics.waiting > 0, "router sees B queueing")
                         stats = await routed_stats(router, body, tenant)
                         views = [
                             (v.name, v.healthy, v.in_flight, v.waiting, v.capacity, v.others)
@@ -538,11 +552,13 @@ def test_unknown_model_is_the_routers_own_openai_404(
         assert set(error) == {"message", "type", "param", "code"}
         assert error["param"] == theirs.json()["error"]["param"] == "model"
         assert (error["type"], error["code"]) == ("invalid_request_error", "model_not_found")
-        assert "nope" in error["message"] and "tiny" in error["message"]
+        assert "nope" in error["message"]
+        assert "tiny" in error["message"]
     client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="nope", messages=messages)  # type: ignore[arg-type]
-    assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "model"
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["param"] == "model"
 
 
 @pytest.mark.parametrize("case", ["max_tokens above max_model_len", "prompt too long"])
@@ -613,3 +629,56 @@ def test_client_disconnect_through_router_stops_generation(
     assert took_s < 3.0, f"vLLM still generating {took_s:.1f} s after the client left"
     assert generated < max_tokens / 2, f"generation went on after the disconnect: {generated}"
     assert router.router.metrics.client_disconnects == 1
+
+
+async def test_abandoned_streams_and_queued_requests_leave_real_vllm_idle(
+    real_vllm_servers: RealVllmServers,
+) -> None:
+    """Clients leave mid-stream and while queued in the router: every slot comes back, the queued
+    requests never reach vLLM, and vLLM's running and waiting go back to 0."""
+    servers = real_vllm_servers
+    for url in servers.urls:
+        await asyncio.to_thread(wait_idle, url)
+    with running_router(servers.urls, served_model=servers.model, max_in_flight=4) as router:
+        state = router.router
+        body = chat_body(
+            servers.model, [{"role": "user", "content": "hi"}], stream=True, max_tokens=1500
+        )
+
+        async def leave_mid_stream_or_queued(client: httpx.AsyncClient) -> None:
+            async with client.stream("POST", router.url + "/v1/chat/completions", json=body) as r:
+                async for _ in r.aiter_raw():
+                    pass  # cancelled while reading (streaming) or before headers (queued)
+
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+            tasks = [asyncio.create_task(leave_mid_stream_or_queued(client)) for _ in range(12)]
+            await until(
+                lambda: state.admission.in_flight == 4 and state.admission.waiting == 8,
+                "4 streams running and 8 queued in the router",
+                timeout_s=60,
+            )
+            await until(
+                lambda: (
+                    sum(vllm_metrics(u)["vllm:num_requests_running"] for u in servers.urls) >= 1
+                ),
+                "vLLM generating",
+                timeout_s=60,
+            )
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for url in servers.urls:
+            await asyncio.to_thread(wait_idle, url)
+        await until(
+            lambda: (
+                state.admission.in_flight == 0
+                and state.admission.waiting == 0
+                and all(b.in_flight == 0 for b in state.pool.backends)
+            ),
+            "the router at rest",
+        )
+        assert state.admission.stats.abandoned == 8
+        assert state.metrics.client_disconnects == 12
+        dispatched = sum(b.dispatched for b in state.pool.backends)
+        assert dispatched == 4, "a request that left while queued reached a backend"

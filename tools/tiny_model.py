@@ -92,7 +92,7 @@ def default_corpus() -> list[Path]:
 
 def build_hash(vocab_size: int, corpus: Sequence[Path]) -> str:
     """Hash of everything the output depends on: builder version, vocab, tokenizers, corpus."""
-    import tokenizers  # dev-only dependency: keep app.devtools importable without it
+    import tokenizers  # dev-only dependency: keep tools importable without it
 
     digest = hashlib.sha256()
     digest.update(f"{BUILDER_VERSION}|{vocab_size}|{tokenizers.__version__}".encode())

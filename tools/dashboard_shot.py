@@ -2,7 +2,7 @@
 that Playwright downloads), for the dashboard test and the README's screenshot.
 
     uv run kvroute demo &                       # a router in front of simulated backends
-    uv run python -m app.devtools.dashboard_shot --url http://127.0.0.1:8080 --out docs/dashboard.png
+    uv run python -m tools.dashboard_shot --url http://127.0.0.1:8080 --out docs/dashboard.png
 
 puts the demo under load from a few tenants, waits for the charts to fill, and saves the page.
 Playwright is a dev dependency: it is imported when a page is opened.

