@@ -488,14 +488,23 @@ async def test_router_reads_real_metrics_and_avoids_a_queueing_server(
                         # "While it queues" as the router sees it at each decision.
                         await until(lambda: b.metrics.waiting > 0, "router sees B queueing")
                         stats = await routed_stats(router, body, tenant)
-                        views = [
-                            (v.name, v.healthy, v.in_flight, v.waiting, v.capacity, v.others)
-                            for v in pool.snapshot()
-                        ]
-                        assert (stats["backend"], stats["cache_outcome"]) == ("b0", "miss"), (
-                            stats,
-                            views,
-                        )
+                        if (stats["backend"], stats["cache_outcome"]) != ("b0", "miss"):
+                            # Which layer was wrong: the router's view, vLLM's own gauges now,
+                            # and the flood (a client that died stops loading B).
+                            views = [
+                                (v.name, v.healthy, v.in_flight, v.waiting, v.capacity, v.others)
+                                for v in pool.snapshot()
+                            ]
+                            truth = await asyncio.to_thread(vllm_metrics, servers.queued_url)
+                            flood_alive = sum(not t.done() for t in tasks)
+                            died = [repr(t.exception()) for t in tasks if t.done()][:2]
+                            raise AssertionError(
+                                f"routed to {stats['backend']} ({stats['cache_outcome']}); "
+                                f"router's views {views}; B's vLLM now: running "
+                                f"{truth['vllm:num_requests_running']}, waiting "
+                                f"{truth['vllm:num_requests_waiting']}; flood clients alive "
+                                f"{flood_alive}/40 {died}"
+                            )
                     assert b.metrics.waiting > 0, "B stopped queueing before the check ended"
                 finally:
                     for task in tasks:
