@@ -45,7 +45,13 @@ from app.prefix import PrefixKeys, chat_keys, completion_keys, effective_tenant
 from app.proxy import Attempt, BytesResponse, Dispatcher, RelayResponse, make_session
 from app.routing import CostWeights, LeastLoaded, Ownership, RouteRequest, make_policy
 from app.security import KeyRing, tenant_salt
-from app.stream_stats import StreamScanner, figures, render_stats_event, usage_figures
+from app.stream_stats import (
+    StreamScanner,
+    figures,
+    render_stats_event,
+    stats_format,
+    usage_figures,
+)
 from app.tenancy import parse_networks, tenant_from
 from app.tracing import tracing_from_settings
 
@@ -92,7 +98,7 @@ PIPELINE = [
         "stage": "vLLM",
         "does": "request forwarded; retried on another backend before the first byte",
     },
-    {"stage": "stream stats", "does": "router.stream_stats event before data: [DONE]"},
+    {"stage": "stream stats", "does": "router.stream_stats chunk before data: [DONE]"},
 ]
 
 
@@ -529,9 +535,7 @@ class Router:
                 upstream.release()
             return await self._answer_whole(route, endpoint, attempt, data, response_headers, scope)
 
-        want_stats = self.settings.stream_stats and request.headers.get(
-            "x-router-stream-stats", "1"
-        ).strip().lower() not in ("0", "false", "off", "no")
+        stats_form = stats_format(request.headers.get("x-router-stream-stats"), self.settings)
         scanner = StreamScanner(strip_usage=not client_wants_usage, start_s=start)
         default_object = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -571,7 +575,7 @@ class Router:
                     scope=scope,
                 )
             )
-            if not want_stats:
+            if stats_form == "none":
                 return b""
             stats = {
                 "backend": decision.backend,
@@ -592,7 +596,7 @@ class Router:
             }
             if error:
                 stats["error"] = error
-            return render_stats_event(scan.meta, default_object, stats)
+            return render_stats_event(scan.meta, default_object, stats, stats_form)
 
         return RelayResponse(upstream, scanner, {**SSE_HEADERS, **response_headers}, finish)
 

@@ -35,6 +35,7 @@ from app.devtools.ports import free_port
 from app.simulator.config import SimConfig
 from app.simulator.prompt import render_chat, tokenize
 from app.simulator.runner import SimulatorProcess
+from app.stream_stats import read_stats
 from bench.overhead import (
     DEFAULT_REDIS_URL,
     ServerProcess,
@@ -229,8 +230,9 @@ async def stream_chat(
             buffer += chunk
             while b"\n\n" in buffer:
                 event, buffer = buffer.split(b"\n\n", 1)
-                if event.startswith(b"event: router.stream_stats"):
-                    stats = orjson.loads(event.split(b"data: ", 1)[1])["router_stats"]
+                found = read_stats(event)
+                if found is not None:
+                    stats = found
                     continue
                 if not event.startswith(b"data: {"):
                     continue
