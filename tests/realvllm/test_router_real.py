@@ -99,13 +99,15 @@ def sse_events(raw: bytes) -> list[tuple[str | None, str]]:
 
 
 def parse_stream(headers: httpx.Headers, raw: bytes) -> Streamed:
-    """Chunks, then at most one `router.stream_stats` event, then `data: [DONE]`, nothing else."""
+    """Chunks, then at most one `router.stream_stats` message (a plain chunk by default, or a
+    named event), then `data: [DONE]`, nothing else."""
     events = sse_events(raw)
     assert events[-1] == (None, "[DONE]"), events[-1]
     body = events[:-1]
     stats_event = None
-    if body and body[-1][0] == "router.stream_stats":
+    if body and '"kvroute_event":"router.stream_stats"' in body[-1][1]:
         stats_event = json.loads(body.pop()[1])
+        assert stats_event["kvroute_event"] == "router.stream_stats"
     assert all(name is None for name, _ in body), "a named event other than the last"
     chunks = [json.loads(data) for _, data in body]
     assert "[DONE]" not in (data for _, data in body)
