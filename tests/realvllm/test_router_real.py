@@ -645,8 +645,8 @@ def test_client_disconnect_through_router_stops_generation(
 async def test_abandoned_streams_and_queued_requests_leave_real_vllm_idle(
     real_vllm_servers: RealVllmServers,
 ) -> None:
-    """Clients leave mid-stream and while queued in the router: every slot comes back, the queued
-    requests never reach vLLM, and vLLM's running and waiting go back to 0."""
+    """Clients leave mid-stream and while queued in the router: every slot comes back, no
+    queued request reaches vLLM, and vLLM's running and waiting go back to 0."""
     servers = real_vllm_servers
     for url in servers.urls:
         await asyncio.to_thread(wait_idle, url)
@@ -665,20 +665,19 @@ async def test_abandoned_streams_and_queued_requests_leave_real_vllm_idle(
         async with httpx.AsyncClient(timeout=None, limits=limits) as client:
             tasks = [asyncio.create_task(leave_mid_stream_or_queued(client)) for _ in range(12)]
             await until(
-                lambda: state.admission.in_flight == 4 and state.admission.waiting == 8,
-                "4 streams running and 8 queued in the router",
-                timeout_s=60,
-            )
-            await until(
                 lambda: (
                     sum(vllm_metrics(u)["vllm:num_requests_running"] for u in servers.urls) >= 1
                 ),
                 "vLLM generating",
                 timeout_s=60,
             )
+            # A stream may end by itself meanwhile and let a queued one in: any still queued
+            # now leave while queued, the others mid-stream.
+            await until(lambda: state.admission.waiting >= 1, "requests queued in the router")
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        left = sum(isinstance(r, asyncio.CancelledError) for r in results)
         for url in servers.urls:
             await asyncio.to_thread(wait_idle, url)
         await until(
@@ -689,7 +688,9 @@ async def test_abandoned_streams_and_queued_requests_leave_real_vllm_idle(
             ),
             "the router at rest",
         )
-        assert state.admission.stats.abandoned == 8
-        assert state.metrics.client_disconnects == 12
-        dispatched = sum(b.dispatched for b in state.pool.backends)
-        assert dispatched == 4, "a request that left while queued reached a backend"
+        stats = state.admission.stats
+        assert stats.abandoned >= 1
+        assert stats.admitted + stats.abandoned == 12
+        # Every admitted request was sent once; none that left while queued reached vLLM.
+        assert sum(b.dispatched for b in state.pool.backends) == stats.admitted
+        assert state.metrics.client_disconnects == left
