@@ -5,8 +5,9 @@ request headers or on the time a client takes to send them, and starts every con
 accepts. `GuardedHttpToolsProtocol` adds, per connection:
 - header bytes before the end of the headers (`MAX_HEADER_BYTES`) and header count
   (`MAX_HEADERS`): past either, 431 and the connection is closed;
-- a deadline to finish the headers (`HEADER_TIMEOUT_S`), from the connection's start or the end
-  of the previous answer: a slow or silent client is cut (408 when it had begun a request);
+- a deadline to finish the headers (`HEADER_TIMEOUT_S`), from the connection's start or from
+  the first bytes of a later request on it: a slow or silent client is cut (408 when it had
+  begun a request; an idle kept-alive connection is closed by uvicorn's keep-alive timeout);
 - open connections at once (`MAX_CONNECTIONS`): past it, 503 and close.
 Limits travel as a frozen value in a `functools.partial`, so worker processes get them too.
 """
@@ -91,6 +92,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._in_headers:
             self._header_bytes += len(data)
         super().data_received(data)
+        if self._in_headers and self._deadline is None and not self._refused:
+            # Headers begun but not complete in one read (rare: most arrive in one): the
+            # deadline starts now. Idle keep-alive connections are uvicorn's keep-alive timer's.
+            self._arm_deadline()
         # Headers not yet complete: what the parser holds is bounded by this raw count (complete
         # ones are measured exactly in `on_headers_complete`, body bytes not held against them).
         if self._in_headers and self._header_bytes > self.limits.max_header_bytes:
@@ -102,9 +107,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        # The next request on this connection has the same deadline for its headers.
+        # The next request on this connection is held to the same limits (its deadline starts
+        # with its first bytes, in `data_received`).
         self._in_headers, self._header_bytes = True, 0
-        self._arm_deadline()
 
     # --- parser callbacks ----------------------------------------------------------------
     def on_message_begin(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from app.errors import UpstreamBroken
 from app.exchange import Call, Headers
 from app.stream_stats import EventTooLarge, StreamScanner
-from app.transport import UpstreamResponse
+from app.transport import UpstreamResponse, broken
 
 SSE_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
@@ -79,8 +79,8 @@ async def relay_stream(
         out = scanner.flush()
         if out:
             await sink.write(out)
-    except UpstreamBroken as exc:
-        return f"upstream failed mid-stream: {exc.message}"
+    except response.read_errors as exc:
+        return f"upstream failed mid-stream: {broken(exc).message}"
     except EventTooLarge as exc:
         return str(exc)
     return None if scanner.done else "upstream stream ended before [DONE]"
@@ -89,6 +89,9 @@ async def relay_stream(
 async def relay_raw(sink: Sink, response: UpstreamResponse, headers: Headers) -> None:
     """Relay bytes as they come (a passthrough endpoint that streams)."""
     await sink.start(response.status, headers)
-    while chunk := await response.read_chunk():
-        await sink.write(chunk)
+    try:
+        while chunk := await response.read_chunk():
+            await sink.write(chunk)
+    except response.read_errors as exc:
+        raise broken(exc) from exc
     await sink.finish(b"")

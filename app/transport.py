@@ -27,13 +27,16 @@ class UpstreamResponse(Protocol):
     """An upstream answer whose headers have arrived; the body is read in chunks."""
 
     status: int
+    # What `read_chunk` raises when upstream breaks: UpstreamBroken, and for a plain body read
+    # straight from the socket (no extra call layer per chunk) the client library's own errors.
+    read_errors: tuple[type[BaseException], ...]
 
     def header(self, name: str) -> str | None:
         """A response header by its lower-case name."""
         ...
 
     async def read_chunk(self) -> bytes:
-        """The next bytes of the body (decoded), b"" at its end; raises UpstreamBroken."""
+        """The next bytes of the body (decoded), b"" at its end; raises one of `read_errors`."""
         ...
 
     def close(self) -> None:
@@ -115,21 +118,26 @@ def decoder_for(coding: str | None) -> Decoder | None:
 _UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 
 
+_READ_ERRORS: tuple[type[BaseException], ...] = (UpstreamBroken, *_UPSTREAM_ERRORS)
+
+
 class AiohttpResponse:
-    __slots__ = ("_decoder", "_response", "status")
+    __slots__ = ("_decoder", "_response", "read_chunk", "read_errors", "status")
 
     def __init__(self, response: aiohttp.ClientResponse, decoder: Decoder | None) -> None:
         self._response = response
         self._decoder = decoder
         self.status = response.status
+        self.read_errors = _READ_ERRORS
+        # A plain body is read straight from aiohttp (it is most of the relay's calls).
+        self.read_chunk = response.content.readany if decoder is None else self._read_mapped
 
     def header(self, name: str) -> str | None:
         return self._response.headers.get(name)
 
-    async def read_chunk(self) -> bytes:
+    async def _read_mapped(self) -> bytes:
+        assert self._decoder is not None
         try:
-            if self._decoder is None:
-                return await self._response.content.readany()
             return await self._read_decoded(self._decoder)
         except (*_UPSTREAM_ERRORS, zlib.error) as exc:
             raise UpstreamBroken(f"{type(exc).__name__}: {exc}") from exc
@@ -235,6 +243,7 @@ class MockResponse:
     headers: dict[str, str] = field(default_factory=dict)
     chunks: list[bytes | BaseException] = field(default_factory=list)
     closed: bool = False
+    read_errors: tuple[type[BaseException], ...] = (UpstreamBroken,)
     _next: int = 0
 
     def header(self, name: str) -> str | None:
@@ -305,9 +314,19 @@ async def read_all(response: UpstreamResponse, limit: int) -> bytes:
     """The whole (decoded) body, at most `limit` bytes; UpstreamBroken past it."""
     parts: list[bytes] = []
     size = 0
-    while chunk := await response.read_chunk():
-        size += len(chunk)
-        if size > limit:
-            raise UpstreamBroken(f"the backend's answer is larger than {limit} bytes")
-        parts.append(chunk)
+    try:
+        while chunk := await response.read_chunk():
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamBroken(f"the backend's answer is larger than {limit} bytes")
+            parts.append(chunk)
+    except response.read_errors as exc:
+        raise broken(exc) from exc
     return b"".join(parts)
+
+
+def broken(exc: BaseException) -> UpstreamBroken:
+    """`exc` (one of a response's `read_errors`) as UpstreamBroken."""
+    if isinstance(exc, UpstreamBroken):
+        return exc
+    return UpstreamBroken(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
