@@ -202,6 +202,7 @@ class BackendPool:
         self._breaker_cooldown_s = breaker_cooldown_s
         self._on_restart = on_restart
         self._clock = clock
+        self._probe_soon = asyncio.Event()  # a backend was added: probe it now, not later
         for url in urls:
             self.add(url)
 
@@ -234,6 +235,7 @@ class BackendPool:
         api_key = api_key or self._default_api_key
         backend = Backend(name=name, url=url, models=self._default_models, api_key=api_key)
         self._replace((*self.backends, backend))
+        self._probe_soon.set()
         if name[:1] == "b" and name[1:].isdigit():  # a given `bN`: never handed out again
             self._next_index = max(self._next_index, int(name[1:]) + 1)
         return backend
@@ -422,18 +424,18 @@ class BackendPool:
         metrics_interval_s: float,
         timeout_s: float,
     ) -> None:
-        """Background loop: health every `health_interval_s`, metrics every `metrics_interval_s`."""
-        next_health = 0.0
+        """Background loop: health every `health_interval_s` (a new backend at once), metrics
+        every `metrics_interval_s`."""
         while True:
-            now = time.monotonic()
+            self._probe_soon.clear()
             try:
-                if now >= next_health:
-                    await self.probe_health(transport, timeout_s, health_interval_s)
-                    next_health = now + health_interval_s
+                # Only the backends due are probed (each has its next time).
+                await self.probe_health(transport, timeout_s, health_interval_s)
                 await self.probe_metrics(transport, timeout_s)
             except Exception:  # the loop's outer boundary: a bug here must not stop the probes
                 log.exception("backend probes failed; retrying")
-            await asyncio.sleep(metrics_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._probe_soon.wait(), metrics_interval_s)
 
 
 # A probe answer larger than this is not vLLM's (its /metrics is tens of KB).

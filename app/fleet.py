@@ -5,7 +5,7 @@ watched `BACKENDS_FILE` and the Redis membership (shared by replicas) all call i
 
     add(url)          the backend joins as `probing`; the probes make it `serving`
     remove(name)      `draining`: no new requests, open ones run up to DRAIN_TIMEOUT_S, then it
-                      leaves the pool (what is still open is cut) and its ownership is forgotten
+                      leaves the pool (what is still open is cut); its conversations move on
     remove(name, drain=False)   leaves at once: its open streams end with an error event
 
 With `REDIS_URL` the membership lives in Redis (`RedisMembership`): a hash of entries and a
@@ -32,7 +32,6 @@ from redis.exceptions import RedisError
 from app.backends import Backend, BackendPool
 from app.config import backend_url
 from app.errors import BadRequest, Conflict, KvrouteError, NoHealthyBackend, NotFound
-from app.ownership import OwnershipStore
 
 log = logging.getLogger("kvroute.fleet")
 
@@ -85,7 +84,6 @@ class Fleet:
     def __init__(
         self,
         pool: BackendPool,
-        store: OwnershipStore,
         *,
         drain_timeout_s: float,
         membership: RedisMembership | None = None,
@@ -93,7 +91,6 @@ class Fleet:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pool = pool
-        self.store = store
         self.drain_timeout_s = drain_timeout_s
         self.membership = membership
         self.changes: Counter[str] = Counter()
@@ -168,8 +165,9 @@ class Fleet:
             log.warning("backend %s: %d requests cut", backend.name, backend.in_flight)
         if self.pool.remove(backend.name) is backend:
             self._count("remove", backend)
-        # Its conversations continue elsewhere, as `reassigned`.
-        await self.store.forget_backend(backend.name)
+        # Its ownership records stay until they expire: the next request of each of its
+        # conversations finds its owner gone, goes elsewhere as `reassigned`, and moves the
+        # record there. (Deleting them would make that request a `miss`, a new conversation.)
         if shared and self.membership is not None:
             await asyncio.sleep(max(0.0, started + TOMBSTONE_S - self._clock()))
             with contextlib.suppress(RedisError):

@@ -149,7 +149,6 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         series=SeriesRecorder(metrics, pool),
         fleet=Fleet(
             pool,
-            store,
             drain_timeout_s=s.drain_timeout_s,
             membership=RedisMembership(redis) if redis is not None else None,
             backends_file=s.backends_file,
