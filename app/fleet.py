@@ -334,7 +334,7 @@ def parse_backends_file(text: str) -> tuple[list[str], list[tuple[int, str]]]:
 
 class BackendsFile:
     """Edits of BACKENDS_FILE applied like the admin API: a new URL added, a removed one
-    drained. A malformed line is logged and skipped; while any is there (or the file cannot be
+    drained (only those the file added: not BACKEND_URLS' nor the API's). A malformed line is logged and skipped; while any is there (or the file cannot be
     read), removals wait, so that a bad edit never drops a backend."""
 
     def __init__(self, path: Path, fleet: Fleet) -> None:
@@ -364,9 +364,10 @@ class BackendsFile:
         urls, problems = parse_backends_file(text)
         for number, why in problems:
             log.warning("BACKENDS_FILE %s line %d skipped: %s", self.path, number, why)
+        owned = self._listed & set(urls)
         for url in urls:
-            if self.fleet.pool.by_url(url) is None:
-                await self._quietly(self.fleet.add(url))
+            if self.fleet.pool.by_url(url) is None and await self._quietly(self.fleet.add(url)):
+                owned.add(url)
         gone = self._listed - set(urls)
         if problems and gone:
             log.warning(
@@ -378,7 +379,7 @@ class BackendsFile:
         else:
             for backend in self._leaving(gone):
                 await self._quietly(self.fleet.remove(backend.name))
-        self._listed = set(urls) | (gone if problems else set())
+        self._listed = owned | (gone if problems else set())
 
     def _leaving(self, urls: set[str]) -> Iterator[Backend]:
         for url in sorted(urls):
@@ -386,11 +387,13 @@ class BackendsFile:
             if backend is not None and not backend.draining:
                 yield backend
 
-    async def _quietly(self, change: Any) -> None:
+    async def _quietly(self, change: Awaitable[object]) -> bool:
         try:
             await change
         except KvrouteError as exc:  # a race with the API or another replica: logged, not fatal
             log.warning("BACKENDS_FILE %s: %s", self.path, exc.message)
+            return False
+        return True
 
 
 class FleetCollector(Collector):

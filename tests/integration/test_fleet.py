@@ -240,3 +240,34 @@ def test_per_backend_api_key_is_sent_and_never_shown() -> None:
         models = httpx.get(f"{router.url}/v1/models").json()["data"]
         assert models == []
         assert httpx.get(f"{router.url}/health").status_code == 503
+
+
+def test_backends_file_edits_apply_and_a_bad_one_keeps_the_fleet_serving(tmp_path: Any) -> None:
+    path = tmp_path / "backends.txt"
+    with running_simulators(2, **SLOW) as sims:
+        path.write_text(f"# the fleet\n{sims[0].url}\n")
+        with (
+            running_router([], served_model="sim-model", backends_file=str(path)) as router,
+            Load(router.url, workers=6) as load,
+        ):
+            pool = router.router.pool
+            wait_for(lambda: load.count() >= 5)
+            path.write_text(f"# the fleet\n{sims[0].url}\n{sims[1].url}\n")
+            wait_for(lambda: pool.by_url(sims[1].url) is not None, timeout_s=2)
+            b1: Backend = pool.by_url(sims[1].url)
+            wait_for(lambda: b1.dispatched > 0, timeout_s=3)
+            # A bad edit: b0's line mistyped, a garbage line. Nothing is drained.
+            path.write_text(
+                f"# the fleet\n{sims[0].url.replace('http:', 'htp:')}\n{sims[1].url}\nzz\n"
+            )
+            seen = load.count()
+            wait_for(lambda: load.count() >= seen + 30)
+            assert [b.state for b in pool.backends] == ["serving", "serving"]
+            # Fixed, without b0: b0 drains while the load runs.
+            path.write_text(f"{sims[1].url}\n")
+            wait_for(lambda: pool.by_url(sims[0].url) is None, timeout_s=10)
+            seen = load.count()
+            wait_for(lambda: load.count() >= seen + 10)
+        assert load.failed() == [], load.failed()[:3]
+        assert [b.name for b in pool.backends] == ["b1"]
+        wait_for(lambda: at_rest(router))
