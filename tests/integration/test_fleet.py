@@ -271,3 +271,58 @@ def test_backends_file_edits_apply_and_a_bad_one_keeps_the_fleet_serving(tmp_pat
         assert load.failed() == [], load.failed()[:3]
         assert [b.name for b in pool.backends] == ["b1"]
         wait_for(lambda: at_rest(router))
+
+
+def test_every_view_shows_a_change_within_a_second() -> None:
+    with (
+        running_simulators(1) as sims,
+        running_simulators(1, model="other-model") as others,
+        running_router([sims[0].url], admin_api_key=ADMIN) as router,
+    ):
+        url = router.url
+
+        def views() -> dict[str, Any]:
+            return {
+                "models": [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]],
+                "health": {
+                    b["name"]: b["state"] for b in httpx.get(f"{url}/health").json()["backends"]
+                },
+                "metrics": {
+                    b["name"]: b["state"] for b in httpx.get(f"{url}/metrics").json()["backends"]
+                },
+                "architecture": {
+                    b["name"]: b["state"]
+                    for b in httpx.get(f"{url}/architecture").json()["backends"]
+                },
+                "dashboard": {
+                    b["name"]: b["state"]
+                    for b in httpx.get(f"{url}/dashboard/data").json()["backends"]
+                },
+                "prom": httpx.get(f"{url}/metrics", headers={"Accept": "text/plain"}).text,
+            }
+
+        wait_for(lambda: views()["models"] == ["sim-model"])
+        resp = httpx.post(f"{url}/admin/backends", json={"url": others[0].url}, headers=AUTH)
+        assert resp.status_code == 201
+        wait_for(lambda: views()["models"] == ["other-model", "sim-model"], timeout_s=1.0)
+        seen = views()
+        for view in ("health", "metrics", "architecture", "dashboard"):
+            assert seen[view] == {"b0": "serving", "b1": "serving"}, view
+        assert 'kvroute_backend_serving{backend="b1"} 1.0' in seen["prom"]
+        answer = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "other-model", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert answer.headers["x-router-backend"] == "b1"
+        assert httpx.delete(f"{url}/admin/backends/b1", headers=AUTH).status_code == 202
+        wait_for(lambda: views()["models"] == ["sim-model"], timeout_s=1.0)
+        wait_for(lambda: views()["health"] == {"b0": "serving"}, timeout_s=1.0)
+        seen = views()
+        for view in ("metrics", "architecture", "dashboard"):
+            assert seen[view] == {"b0": "serving"}, view
+        assert 'backend="b1"' not in seen["prom"].split("kvroute_backend_in_flight", 1)[1]
+        gone = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "other-model", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert gone.status_code == 404
