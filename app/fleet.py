@@ -45,6 +45,12 @@ TOMBSTONE_S = 2.0
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
+class FleetUnavailable(NoHealthyBackend):
+    """Redis, holding the replicas' membership, did not answer: the change was not made."""
+
+    code = "fleet_unavailable"
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """A backend as the shared membership records it."""
@@ -182,7 +188,7 @@ class Fleet:
         try:
             return await call
         except RedisError as exc:
-            raise NoHealthyBackend(f"the shared fleet membership is unavailable: {exc}") from exc
+            raise FleetUnavailable(f"the shared fleet membership is unavailable: {exc}") from exc
 
     # --- replicas --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -190,10 +196,7 @@ class Fleet:
         backends file read."""
         if self.membership is not None:
             try:
-                if await self.membership.version() is None:
-                    await self.membership.seed(
-                        {b.name: Entry(b.url, api_key=b.api_key) for b in self.pool.backends}
-                    )
+                await self.sync()  # the first replica seeds the membership with its fleet
                 await self.sync()
             except RedisError as exc:
                 log.warning("fleet membership in Redis unreadable at start (%s); retrying", exc)
@@ -204,6 +207,14 @@ class Fleet:
         """Apply the shared membership when its version moved."""
         assert self.membership is not None
         version = await self.membership.version()
+        if version is None:
+            # Redis lost it (flushed, restarted empty): ours seeds it again, rather than an
+            # empty membership draining every backend.
+            log.warning("fleet membership missing from Redis; writing this replica's")
+            await self.membership.seed(
+                {b.name: Entry(b.url, api_key=b.api_key) for b in self.pool.backends}
+            )
+            return
         if version == self._seen_version:
             return
         entries = await self.membership.entries()

@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from tests.conftest import running_simulators, wait_for
 from tests.integration.router_process import RouterProcess
@@ -15,6 +16,7 @@ pytestmark = pytest.mark.redis
 
 ADMIN = "admin-secret"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
+VERSION_KEY = "kvroute:{fleet}:version"
 
 
 def states(url: str) -> dict[str, str]:
@@ -68,6 +70,12 @@ def test_a_change_through_one_replica_reaches_the_others(redis_url: str) -> None
                 )
                 assert answer.status_code == 200
                 assert answer.headers["x-router-backend"] == "b2"
+            # Redis losing the membership (flushed) drains nothing: a replica writes it again.
+            redis.Redis.from_url(redis_url).flushdb()
+            wait_for(lambda: redis.Redis.from_url(redis_url).exists(VERSION_KEY), timeout_s=2)
+            time.sleep(0.6)  # (two polls: a wrongful drain would show by now)
+            for replica in (a, b):
+                assert states(replica.url) == {"b2": "serving"}
             prom = httpx.get(f"{a.url}/metrics", headers={"Accept": "text/plain"}).text
             assert 'kvroute_fleet_changes_total{action="add"} 1.0' in prom
             assert 'kvroute_fleet_changes_total{action="cut"} 1.0' in prom
