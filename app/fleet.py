@@ -94,9 +94,11 @@ class Fleet:
         drain_timeout_s: float,
         membership: RedisMembership | None = None,
         backends_file: str = "",
+        forget: Callable[[str], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pool = pool
+        self._forget = forget
         self.drain_timeout_s = drain_timeout_s
         self.membership = membership
         self.changes: Counter[str] = Counter()
@@ -115,8 +117,16 @@ class Fleet:
             name = await self._add_shared(url, name, api_key)
         backend = self.pool.find(name) if name else None
         if backend is None:  # (the poll may have applied the shared entry already)
-            backend = self.pool.add(url, name=name, api_key=api_key)
-            self._count("add", backend)
+            backend = await self._join(url, name, api_key)
+        return backend
+
+    async def _join(self, url: str, name: str | None, api_key: str) -> Backend:
+        backend = self.pool.add(url, name=name, api_key=api_key)
+        self._count("add", backend)
+        if self._forget is not None:
+            # A name used before (a redeployed `gpu1-8000`) starts without the old server's
+            # ownership records: its cache is empty.
+            await self._forget(backend.name)
         return backend
 
     def _check_free(self, url: str, name: str | None) -> None:
@@ -218,16 +228,16 @@ class Fleet:
         if version == self._seen_version:
             return
         entries = await self.membership.entries()
-        self.apply(entries)
+        await self.apply(entries)
         self._seen_version = version
 
-    def apply(self, entries: dict[str, Entry]) -> None:
+    async def apply(self, entries: dict[str, Entry]) -> None:
         """Make the local pool what `entries` say; a backend missing from them is drained."""
         for name, entry in entries.items():
             backend = self.pool.find(name)
             if entry.state == "serving" and backend is None:
                 if self.pool.by_url(entry.url) is None:
-                    self._count("add", self.pool.add(entry.url, name=name, api_key=entry.api_key))
+                    await self._join(entry.url, name, entry.api_key)
             elif entry.state == "draining" and backend is not None:
                 self._leave(backend, max(0.0, entry.until_s - time.time()))
             elif entry.state == "cut" and backend is not None:

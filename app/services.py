@@ -152,6 +152,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
             drain_timeout_s=s.drain_timeout_s,
             membership=RedisMembership(redis) if redis is not None else None,
             backends_file=s.backends_file,
+            forget=store.forget_backend,
         ),
         redis=redis,
     )

@@ -233,3 +233,19 @@ async def _until(condition: object, timeout_s: float = 5.0) -> None:
     while not condition():  # type: ignore[operator]
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+async def test_a_name_used_again_starts_without_the_old_ownership() -> None:
+    pool = pool_of(1)
+    forgotten: list[str] = []
+
+    async def forget(name: str) -> None:
+        forgotten.append(name)
+
+    fleet = Fleet(pool, drain_timeout_s=0, forget=forget)
+    await fleet.add("http://10.0.0.5:8000", name="gpu1-8000")
+    await fleet.remove("gpu1-8000")
+    await _until(lambda: pool.find("gpu1-8000") is None)
+    assert forgotten == ["gpu1-8000"]  # at the add; the removal leaves the records
+    await fleet.add("http://10.0.0.5:8000", name="gpu1-8000")
+    assert forgotten == ["gpu1-8000", "gpu1-8000"]
