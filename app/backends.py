@@ -138,7 +138,8 @@ class Backend:
     capacity: int | None = None
     others: float = 0.0
     max_model_len: dict[str, int] = field(default_factory=dict)
-    api_key: str = field(default="", repr=False)  # sent as this backend's bearer, never shown
+    # Its own key (else BACKEND_API_KEY's) sent as its bearer; never shown.
+    api_key: str = field(default="", repr=False)
     # Set once its /health and /v1/models first answered: `probing` until then.
     admitted: bool = False
     draining: bool = False
@@ -194,7 +195,6 @@ class BackendPool:
         self.backends: tuple[Backend, ...] = ()
         self._by_name: dict[str, Backend] = {}
         self._next_index = 0
-        self.version = 0  # bumped on every change of membership
         self._default_models = frozenset({default_model}) if default_model else frozenset()
         self._default_api_key = default_api_key
         self._unhealthy_after = unhealthy_after_failures
@@ -232,7 +232,6 @@ class BackendPool:
         name = name or self.next_name()
         if name in self._by_name:
             raise ValueError(f"a backend named {name!r} is already in the pool")
-        api_key = api_key or self._default_api_key
         backend = Backend(name=name, url=url, models=self._default_models, api_key=api_key)
         self._replace((*self.backends, backend))
         self._probe_soon.set()
@@ -242,9 +241,7 @@ class BackendPool:
 
     def drain(self, name: str) -> Backend:
         backend = self._by_name[name]
-        if not backend.draining:
-            backend.draining = True
-            self.version += 1
+        backend.draining = True
         return backend
 
     def remove(self, name: str) -> Backend | None:
@@ -262,7 +259,6 @@ class BackendPool:
     def _replace(self, backends: tuple[Backend, ...]) -> None:
         self.backends = backends
         self._by_name = {b.name: b for b in backends}
-        self.version += 1
 
     def snapshot(self) -> tuple[BackendView, ...]:
         return tuple(b.view() for b in self.backends)
@@ -350,7 +346,7 @@ class BackendPool:
             ok = status == 200
             reason = "" if ok else f"/health answered {status}"
             if ok:
-                auth = _auth(backend)
+                auth = self._auth(backend)
                 status, data = await _get(transport, f"{backend.url}/v1/models", timeout_s, auth)
                 if status == 200:
                     self._set_models(backend, orjson.loads(data))
@@ -389,6 +385,11 @@ class BackendPool:
             backend.models = frozenset(models)
             backend.max_model_len = lengths
 
+    def _auth(self, backend: Backend) -> dict[str, str]:
+        """Its own key, else BACKEND_API_KEY (vLLM's --api-key guards /v1/models, /metrics)."""
+        key = backend.api_key or self._default_api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
     async def probe_metrics(self, transport: Transport, timeout_s: float) -> None:
         await asyncio.gather(*(self._scrape_one(transport, b, timeout_s) for b in self.backends))
 
@@ -397,7 +398,7 @@ class BackendPool:
             return
         try:
             status, data = await _get(
-                transport, f"{backend.url}/metrics", timeout_s, _auth(backend)
+                transport, f"{backend.url}/metrics", timeout_s, self._auth(backend)
             )
         except UpstreamError:
             return
@@ -440,10 +441,6 @@ class BackendPool:
 
 # A probe answer larger than this is not vLLM's (its /metrics is tens of KB).
 PROBE_MAX_BYTES = 8 << 20
-
-
-def _auth(backend: Backend) -> dict[str, str]:
-    return {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else {}
 
 
 async def _get(

@@ -27,11 +27,11 @@ from typing import Any, Literal, TypeVar
 import orjson
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
-from redis.exceptions import RedisError
 
 from app.backends import Backend, BackendPool
 from app.config import backend_url
 from app.errors import BadRequest, Conflict, KvrouteError, NoHealthyBackend, NotFound
+from app.ownership import redis_trouble  # (a function: importing redis pulls in OpenTelemetry)
 
 log = logging.getLogger("kvroute.fleet")
 
@@ -186,7 +186,7 @@ class Fleet:
         # record there. (Deleting them would make that request a `miss`, a new conversation.)
         if shared and self.membership is not None:
             await asyncio.sleep(max(0.0, started + TOMBSTONE_S - self._clock()))
-            with contextlib.suppress(RedisError):
+            with contextlib.suppress(*redis_trouble()):
                 await self.membership.delete(backend.name)
 
     def _count(self, action: Action, backend: Backend) -> None:
@@ -197,7 +197,7 @@ class Fleet:
     async def _shared(call: Awaitable[T]) -> T:
         try:
             return await call
-        except RedisError as exc:
+        except redis_trouble() as exc:
             raise FleetUnavailable(f"the shared fleet membership is unavailable: {exc}") from exc
 
     # --- replicas --------------------------------------------------------------------------
@@ -208,7 +208,7 @@ class Fleet:
             try:
                 await self.sync()  # the first replica seeds the membership with its fleet
                 await self.sync()
-            except RedisError as exc:
+            except redis_trouble() as exc:
                 log.warning("fleet membership in Redis unreadable at start (%s); retrying", exc)
         if self.watcher is not None:
             await self.watcher.apply()
@@ -262,7 +262,7 @@ class Fleet:
         if self.membership is not None:
             try:
                 await self.sync()
-            except RedisError as exc:
+            except redis_trouble() as exc:
                 log.warning("fleet membership in Redis unreadable (%s); retrying", exc)
         if watcher is not None and watcher.is_due(self._clock()):
             await watcher.apply()
