@@ -15,10 +15,9 @@ lifespan) grants on readiness changes and expires waiters past the queue timeout
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -192,6 +191,22 @@ class Slot:
     queue_ms: float
 
 
+class SlotHold:
+    """The `async with` of one slot: released on exit, whatever ends the block. (A class, not a
+    generator: it is entered on every request.)"""
+
+    __slots__ = ("_admission", "_ready", "_tenant")
+
+    def __init__(self, admission: Admission, tenant: str, ready: Ready) -> None:
+        self._admission, self._tenant, self._ready = admission, tenant, ready
+
+    async def __aenter__(self) -> Slot:
+        return await self._admission._enter(self._tenant, self._ready)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._admission._release(self._tenant)
+
+
 class Admission:
     """The asyncio side of `AdmissionQueue`: slots as context managers, waits as futures."""
 
@@ -213,17 +228,16 @@ class Admission:
     def stats(self) -> AdmissionStats:
         return self.queue.stats
 
-    @contextlib.asynccontextmanager
-    async def slot(self, tenant: str, ready: Ready) -> AsyncIterator[Slot]:
-        """Hold one in-flight slot for `tenant` for the body of the `async with`; wait in the
-        fair queue first if need be (raises Overloaded past its size or timeout)."""
+    def slot(self, tenant: str, ready: Ready) -> SlotHold:
+        """`async with admission.slot(tenant, ready) as slot:` holds one in-flight slot for the
+        body; entering waits in the fair queue if need be (Overloaded past its size or timeout)."""
+        return SlotHold(self, tenant, ready)
+
+    async def _enter(self, tenant: str, ready: Ready) -> Slot:
         start = self._clock()
         if not self.queue.try_enter(tenant, ready):
             await self._wait(tenant, ready, start)
-        try:
-            yield Slot(tenant, (self._clock() - start) * 1000)
-        finally:
-            self._release(tenant)
+        return Slot(tenant, (self._clock() - start) * 1000)
 
     async def _wait(self, tenant: str, ready: Ready, start: float) -> None:
         waiter = self.queue.enqueue(tenant, ready, start)

@@ -117,6 +117,9 @@ class Settings(BaseSettings):
 
     # --- stream statistics ----------------------------------------------------------------
     stream_stats: bool = True
+    # `chunk`: a plain `data:` chunk any SSE reader accepts; `event`: the same with an
+    # `event: router.stream_stats` line, which naive readers (vllm bench serve) fail on.
+    stream_stats_format: Literal["chunk", "event"] = "chunk"
 
     # --- tracing (OpenTelemetry's standard names; on when an exporter or endpoint is set) ---
     otel_traces_exporter: Literal["", "otlp", "console", "none"] = ""

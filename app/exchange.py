@@ -10,9 +10,9 @@ ends with `ClientGone`. uvicorn does not cancel a handler whose client left; thi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -39,6 +39,7 @@ class Call:
         "request_id",
         "response_started",
         "scope",
+        "send_raw",
         "started_s",
     )
 
@@ -53,6 +54,7 @@ class Call:
         self.scope = scope
         self._receive = receive
         self._send = send
+        self.send_raw = send  # for the relay's body chunks (`start`/`body` keep the state)
         # Header names arrive lower-cased (ASGI); a repeated header keeps its last value.
         self.headers: dict[str, str] = {
             k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
@@ -88,24 +90,13 @@ class Call:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    @contextlib.asynccontextmanager
-    async def watching(self) -> AsyncIterator[None]:
-        """Cancel the handler the moment the client disconnects; the block then raises
-        ClientGone. Enter it only after the body was read (the watcher takes `receive`)."""
-        main = asyncio.current_task()
-        assert main is not None
-        watcher = asyncio.create_task(self._watch(main))
-        try:
-            yield
-        except asyncio.CancelledError:
-            # Cancelled for another reason too (shutdown): not ours to swallow.
-            if not self.gone or main.uncancel() > 0:
-                raise
-            raise ClientGone() from None
-        finally:
-            watcher.cancel()
+    def watching(self) -> Watching:
+        """`async with call.watching():` cancels the handler the moment the client disconnects;
+        the block then raises ClientGone. Enter it only after the body was read (the watcher
+        takes `receive`)."""
+        return Watching(self)
 
-    async def _watch(self, main: asyncio.Task[object]) -> None:
+    async def watch(self, main: asyncio.Task[Any]) -> None:
         message: Message = await self._receive()
         # After the last byte, `receive` reports a disconnect too: that one is not a departure.
         if message["type"] == "http.disconnect" and not self.finished:
@@ -133,3 +124,28 @@ class Call:
         headers = {"content-type": "application/json", **exc.headers()}
         headers["x-request-id"] = self.request_id
         await self.respond(exc.status, exc.body(), headers)
+
+
+class Watching:
+    """The watcher's lifetime: started on entry, cancelled on exit. (A class, not a generator:
+    it is entered on every request.)"""
+
+    __slots__ = ("_call", "_main", "_watcher")
+
+    def __init__(self, call: Call) -> None:
+        self._call = call
+
+    async def __aenter__(self) -> None:
+        main = asyncio.current_task()
+        assert main is not None
+        self._main = main
+        self._watcher = asyncio.create_task(self._call.watch(main))
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        self._watcher.cancel()
+        # Cancelled because the client left: that, and only that, becomes ClientGone (a
+        # cancellation for another reason too, such as shutdown, is not ours to swallow).
+        if exc_type is asyncio.CancelledError and self._call.gone and self._main.uncancel() == 0:
+            raise ClientGone() from None

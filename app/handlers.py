@@ -37,6 +37,7 @@ from app.stream_stats import (
     figures,
     render_error_event,
     render_stats_event,
+    stats_format,
     usage_figures,
 )
 from app.tenancy import tenant_from
@@ -66,7 +67,6 @@ PASSTHROUGH_PATHS = (
     "/v1/audio/transcriptions",
     "/v1/audio/translations",
 )
-_OFF = frozenset({"0", "false", "off", "no"})
 
 Work = Callable[[Services, Call, RequestRecord], Awaitable[None]]
 
@@ -230,10 +230,11 @@ async def answer_stream(
     else:
         log.warning("%s (request %s)", error, call.request_id)
         tail = scanner.abort() + render_error_event(error)
-    if _wants_stats(s.stream_stats, call.headers):
+    form = stats_format(call.headers.get("x-router-stream-stats"), s)
+    if form != "none":
         stats = _stats(req, attempt, slot, fig, call.request_id, error)
         default_object = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
-        tail += render_stats_event(scanner.meta, default_object, stats)
+        tail += render_stats_event(scanner.meta, default_object, stats, form)
     await sink.finish(tail + DONE_EVENT)
 
 
@@ -350,10 +351,6 @@ def upstream_headers(svc: Services, call: Call, content_type: str) -> dict[str, 
     if traceparent:
         headers["traceparent"] = traceparent
     return headers
-
-
-def _wants_stats(enabled: bool, headers: Mapping[str, str]) -> bool:
-    return enabled and headers.get("x-router-stream-stats", "1").strip().lower() not in _OFF
 
 
 def _stats(

@@ -69,9 +69,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_headers = (
             True  # between a request's start (or the connection's) and its headers' end
         )
-        self._header_bytes = 0
-        self._header_count = 0
-        self._header_size = 0  # of the request line's target and the headers, as parsed
+        self._header_bytes = 0  # raw bytes received while the headers are incomplete
         self._refused = False
         self._deadline: asyncio.TimerHandle | None = None
 
@@ -105,40 +103,32 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         # The next request on this connection has the same deadline for its headers.
-        self._in_headers, self._header_bytes, self._header_count = True, 0, 0
+        self._in_headers, self._header_bytes = True, 0
         self._arm_deadline()
 
     # --- parser callbacks ----------------------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_headers, self._header_count, self._header_size = True, 0, 0
-
-    def on_url(self, url: bytes) -> None:
-        self._header_size += len(url)
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        self._header_size += len(name) + len(value) + 4
-        if self._header_count <= self.limits.max_headers:
-            super().on_header(name, value)
+        self._in_headers = True
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
         self._disarm_deadline()
-        if self._header_size > self.limits.max_header_bytes:
+        # Complete headers, measured as parsed (their count is bounded by the raw bytes).
+        headers = self.headers
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in headers)
+        if size > self.limits.max_header_bytes:
             self._refuse(
                 431,
                 "headers_too_large",
                 f"request headers exceed {self.limits.max_header_bytes} bytes",
             )
             return
-        if self._header_count > self.limits.max_headers:
+        if len(headers) > self.limits.max_headers:
             self._refuse(
                 431,
                 "too_many_headers",
-                f"the request has {self._header_count} headers; the limit is "
-                f"{self.limits.max_headers}",
+                f"the request has {len(headers)} headers; the limit is {self.limits.max_headers}",
             )
             return
         super().on_headers_complete()

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from app.percentile import nearest_rank
+
 if TYPE_CHECKING:
     from app.tracing import RequestTrace
 
@@ -42,7 +44,9 @@ def percentiles(samples: deque[float]) -> dict[str, float | None]:
     ordered = sorted(samples)
 
     def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+        value = nearest_rank(ordered, q)
+        assert value is not None
+        return round(value, 3)
 
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "count": len(ordered)}
 

@@ -24,10 +24,11 @@ SSE_HEADERS = {
 class Sink:
     """The client side of a relayed stream."""
 
-    __slots__ = ("_buffer", "_call", "_headers", "_limit", "_size", "_status")
+    __slots__ = ("_buffer", "_call", "_headers", "_limit", "_send", "_size", "_status")
 
     def __init__(self, call: Call, *, http10_limit: int) -> None:
         self._call = call
+        self._send = call.send_raw  # the hot path: one ASGI message per relayed chunk
         self._buffer: list[bytes] | None = [] if call.http10 else None
         self._limit = http10_limit
         self._size = 0
@@ -42,7 +43,7 @@ class Sink:
 
     async def write(self, data: bytes) -> None:
         if self._buffer is None:
-            await self._call.body(data, more=True)
+            await self._send({"type": "http.response.body", "body": data, "more_body": True})
             return
         self._size += len(data)
         if self._size > self._limit:
@@ -69,11 +70,12 @@ async def relay_stream(
 
     A client that leaves cancels this where it waits; the caller's `async with` closes upstream."""
     await sink.start(200, headers)
+    read, feed, write = response.read_chunk, scanner.feed, sink.write
     try:
-        while chunk := await response.read_chunk():
-            out = scanner.feed(chunk)
+        while chunk := await read():
+            out = feed(chunk)
             if out:
-                await sink.write(out)
+                await write(out)
         out = scanner.flush()
         if out:
             await sink.write(out)

@@ -1,4 +1,4 @@
-"""SSE scanner for relayed streams, and the `router.stream_stats` event (sans-IO).
+"""SSE scanner for relayed streams, and the `router.stream_stats` message (sans-IO).
 
 `StreamScanner.feed(bytes)` returns the bytes to forward now: whole events, untouched, minus the
 usage chunk the router injected (when the client did not ask for it) and minus `data: [DONE]`,
@@ -17,9 +17,12 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
+
+if TYPE_CHECKING:
+    from app.config import Settings
 
 EVENT_END = b"\n\n"
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -47,6 +50,14 @@ DEFAULT_MAX_EVENT_BYTES = 4 << 20
 
 class EventTooLarge(ValueError):
     """The upstream sent more than `max_event_bytes` without ending an event."""
+
+
+# How the stats go out: `chunk` is a plain `data:` chunk every SSE reader accepts; `event` adds an
+# `event: router.stream_stats` line, which naive readers (e.g. `vllm bench serve`) cannot parse.
+StatsFormat = Literal["none", "chunk", "event"]
+STATS_NAME = "router.stream_stats"
+STATS_NAME_FIELD = "kvroute_event"
+_STATS_OFF = frozenset(("0", "false", "off", "no"))
 
 
 def _has_content(event: bytes) -> bool:
@@ -275,10 +286,33 @@ def figures(
     )
 
 
+def stats_format(header_value: str | None, settings: Settings) -> StatsFormat:
+    """The stats form for one stream, from `X-Router-Stream-Stats` and the settings.
+
+    `STREAM_STATS=false` wins over any header (the figures name backends and tenants); `0`, `off`
+    etc. turn them off; `chunk` or `event` picks a form; anything else means the configured form.
+    """
+    if not settings.stream_stats:
+        return "none"
+    value = (header_value or "").strip().lower()
+    if value in _STATS_OFF:
+        return "none"
+    if value == "chunk":
+        return "chunk"
+    if value == "event":
+        return "event"
+    return settings.stream_stats_format
+
+
 def render_stats_event(
-    meta: dict[str, Any] | None, default_object: str, stats: dict[str, Any]
+    meta: dict[str, Any] | None,
+    default_object: str,
+    stats: dict[str, Any],
+    form: Literal["chunk", "event"] = "chunk",
 ) -> bytes:
-    """The extra event, shaped as a chunk (same id/created/model, `choices: []`) for OpenAI clients."""
+    """The stats message: a chunk like the stream's own (same id/created/model/object,
+    `choices: []`, no `usage`), so OpenAI clients iterate it as a no-op; the name goes inside
+    (`kvroute_event`) and, in the `event` form, also on an `event:` line."""
     meta = meta or {}
     body: dict[str, Any] = {
         "id": meta.get("id") or "",
@@ -286,9 +320,22 @@ def render_stats_event(
         "created": meta.get("created") or int(time.time()),
         "model": meta.get("model") or "",
         "choices": [],
+        STATS_NAME_FIELD: STATS_NAME,
         "router_stats": stats,
     }
-    return b"event: router.stream_stats\ndata: " + orjson.dumps(body) + EVENT_END
+    data = b"data: " + orjson.dumps(body) + EVENT_END
+    return b"event: " + STATS_NAME.encode() + b"\n" + data if form == "event" else data
+
+
+def read_stats(event: bytes) -> dict[str, Any] | None:
+    """The figures if `event` (one SSE message, either form) is the router's stats, else None."""
+    if STATS_NAME_FIELD.encode() not in event:
+        return None
+    payload = _payload(event)
+    if not isinstance(payload, dict) or payload.get(STATS_NAME_FIELD) != STATS_NAME:
+        return None
+    stats = payload.get("router_stats")
+    return stats if isinstance(stats, dict) else None
 
 
 def render_error_event(message: str, *, code: int = 502, type_: str = "upstream_error") -> bytes:

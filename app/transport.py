@@ -164,6 +164,7 @@ class AiohttpTransport:
         self._pool_idle_timeout_s = pool_idle_timeout_s
         self._max_per_host = max_per_host
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float | None, float], aiohttp.ClientTimeout] = {}
 
     async def __aenter__(self) -> AiohttpTransport:
         connector = aiohttp.TCPConnector(
@@ -203,9 +204,12 @@ class AiohttpTransport:
         total_timeout_s: float | None = None,
     ) -> UpstreamResponse:
         assert self._session is not None, "the transport is used outside its `async with`"
-        timeout = aiohttp.ClientTimeout(
-            total=total_timeout_s, sock_connect=None, sock_read=read_timeout_s
-        )
+        timeout = self._timeouts.get((total_timeout_s, read_timeout_s))
+        if timeout is None:  # a handful of distinct values: made once each
+            timeout = aiohttp.ClientTimeout(
+                total=total_timeout_s, sock_connect=None, sock_read=read_timeout_s
+            )
+            self._timeouts[(total_timeout_s, read_timeout_s)] = timeout
         try:
             response = await self._session.request(
                 method, url, data=body, headers=headers, timeout=timeout

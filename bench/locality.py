@@ -34,6 +34,7 @@ import orjson
 from app.percentile import nearest_rank
 from app.simulator.config import SimConfig
 from app.simulator.prompt import render_chat, tokenize
+from app.stream_stats import read_stats
 from bench.peers import INSTALL_HINT, missing_peers, peer_plans
 from bench.servers import DEFAULT_REDIS_URL, MODEL, kvroute_server, peer_server, start_server
 from harness.ports import free_port
@@ -224,8 +225,9 @@ async def stream_chat(
             buffer += chunk
             while b"\n\n" in buffer:
                 event, buffer = buffer.split(b"\n\n", 1)
-                if event.startswith(b"event: router.stream_stats"):
-                    stats = orjson.loads(event.split(b"data: ", 1)[1])["router_stats"]
+                found = read_stats(event)
+                if found is not None:
+                    stats = found
                     continue
                 if not event.startswith(b"data: {"):
                     continue

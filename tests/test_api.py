@@ -51,12 +51,21 @@ def stream_raw(
         return sse_events(r.read())
 
 
+def stats_events(events: list[tuple[str | None, bytes]]) -> list[tuple[str | None, bytes]]:
+    """The router's stats messages (either form): they carry the name inside."""
+    return [(n, d) for n, d in events if b'"kvroute_event":"router.stream_stats"' in d]
+
+
 def test_stream_ends_with_stats_then_done(router: RouterServer) -> None:
     events = stream_raw(router, {**CHAT, "stream": True}, {"X-Tenant-ID": "acme"})
     assert events[-1] == (None, b"[DONE]")
     name, data = events[-2]
-    assert name == "router.stream_stats"
+    # By default a plain data chunk, the name inside: every SSE reader can decode it.
+    assert name is None
+    assert stats_events(events) == [events[-2]]
     body = orjson.loads(data)
+    assert body["kvroute_event"] == "router.stream_stats"
+    assert "usage" not in body
     first = orjson.loads(events[0][1])
     assert body["id"] == first["id"]
     assert body["created"] == first["created"]
@@ -82,7 +91,8 @@ def test_usage_kept_when_the_client_asked(router: RouterServer) -> None:
     usage = [orjson.loads(d) for n, d in events if n is None and b'"usage"' in d]
     assert len(usage) == 1
     assert usage[0]["choices"] == []
-    assert events[-2][0] == "router.stream_stats"
+    assert stats_events(events) == [events[-2]]
+    assert events[-3] == (None, orjson.dumps(usage[0]))
 
 
 def test_stats_can_be_turned_off_per_request_and_globally(
@@ -90,11 +100,33 @@ def test_stats_can_be_turned_off_per_request_and_globally(
 ) -> None:
     events = stream_raw(router, {**CHAT, "stream": True}, {"X-Router-Stream-Stats": "0"})
     assert events[-1] == (None, b"[DONE]")
+    assert not stats_events(events)
     assert all(n is None for n, _ in events)
+    assert b'"tok4 "' in events[-2][1]
     with running_router([s.url for s in sims], stream_stats=False) as quiet:
-        events = stream_raw(quiet, {**CHAT, "stream": True})
-        assert all(n is None for n, _ in events)
-        assert events[-1] == (None, b"[DONE]")
+        for header in ("1", "event", "chunk"):
+            events = stream_raw(quiet, {**CHAT, "stream": True}, {"X-Router-Stream-Stats": header})
+            assert not stats_events(events)
+            assert all(n is None for n, _ in events)
+            assert events[-1] == (None, b"[DONE]")
+
+
+def test_stats_form_per_request_and_by_setting(router: RouterServer, sims: list[Any]) -> None:
+    named = stream_raw(router, {**CHAT, "stream": True}, {"X-Router-Stream-Stats": "event"})
+    assert stats_events(named) == [named[-2]]
+    assert named[-2][0] == "router.stream_stats"
+    assert all(n is None for n, _ in named[:-2])
+    with running_router([s.url for s in sims], stream_stats_format="event") as eventful:
+        for headers in ({}, {"X-Router-Stream-Stats": "1"}):
+            events = stream_raw(eventful, {**CHAT, "stream": True}, headers)
+            assert stats_events(events) == [events[-2]]
+            assert events[-2][0] == "router.stream_stats"
+        events = stream_raw(eventful, {**CHAT, "stream": True}, {"X-Router-Stream-Stats": "chunk"})
+        assert stats_events(events) == [events[-2]]
+        assert events[-2][0] is None
+        stats = orjson.loads(events[-2][1])["router_stats"]
+        assert stats["completion_tokens"] == 5
+        assert stats["token_source"] == "backend"
 
 
 def test_second_turn_hits_the_owner_and_reports_cached_tokens(router: RouterServer) -> None:
@@ -130,6 +162,7 @@ def test_openai_client_streams_and_sees_stats(router: RouterServer) -> None:
     ]
     assert len(extra) == 1
     assert extra[0].model_extra["router_stats"]["completion_tokens"] == 5
+    assert extra[0].model_extra["kvroute_event"] == "router.stream_stats"
     completion = client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
     assert completion.usage.completion_tokens == 5
     assert completion.choices[0].message.content
@@ -163,7 +196,7 @@ def test_completions_stream_has_text_completion_stats(router: RouterServer) -> N
     ) as r:
         events = sse_events(r.read())
     body = orjson.loads(events[-2][1])
-    assert events[-2][0] == "router.stream_stats"
+    assert stats_events(events) == [events[-2]]
     assert body["object"] == "text_completion"
 
 

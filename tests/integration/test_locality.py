@@ -9,8 +9,8 @@ from collections import Counter
 from typing import Any
 
 import httpx
-import orjson
 
+from app.stream_stats import read_stats
 from bench.locality import Workload, build_conversations, drive, ideal_ratio
 from harness.redis import PrivateRedis
 from tests.conftest import missing_service, running_router, running_simulators, wait_for
@@ -22,8 +22,9 @@ SIM = {"base_ttft_s": 0.001, "prefill_s_per_token": 0.00002, "decode_tokens_per_
 def stats_of(raw: bytes) -> dict[str, Any]:
     events = [e for e in raw.split(b"\n\n") if e.strip()]
     assert events[-1] == b"data: [DONE]"
-    assert events[-2].startswith(b"event: router.stream_stats")
-    return orjson.loads(events[-2].split(b"data: ", 1)[1])["router_stats"]  # type: ignore[no-any-return]
+    stats = read_stats(events[-2])
+    assert stats is not None, events[-2]
+    return stats
 
 
 CLIENT = httpx.Client()

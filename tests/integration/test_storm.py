@@ -199,6 +199,7 @@ def test_storm_leaves_nothing_held_and_the_router_serving() -> None:
     ):
         storm = Storm(router.url, seed=19)
         asyncio.run(storm.run())
+        print(f"storm: {sorted(storm.kinds.items())} -> statuses {sorted(storm.statuses.items())}")
         sim_urls = [s.url for s in sims]
         at_rest(router.url, sim_urls)
 

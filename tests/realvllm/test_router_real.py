@@ -99,13 +99,15 @@ def sse_events(raw: bytes) -> list[tuple[str | None, str]]:
 
 
 def parse_stream(headers: httpx.Headers, raw: bytes) -> Streamed:
-    """Chunks, then at most one `router.stream_stats` event, then `data: [DONE]`, nothing else."""
+    """Chunks, then at most one `router.stream_stats` message (a plain chunk by default, or a
+    named event), then `data: [DONE]`, nothing else."""
     events = sse_events(raw)
     assert events[-1] == (None, "[DONE]"), events[-1]
     body = events[:-1]
     stats_event = None
-    if body and body[-1][0] == "router.stream_stats":
+    if body and '"kvroute_event":"router.stream_stats"' in body[-1][1]:
         stats_event = json.loads(body.pop()[1])
+        assert stats_event["kvroute_event"] == "router.stream_stats"
     assert all(name is None for name, _ in body), "a named event other than the last"
     chunks = [json.loads(data) for _, data in body]
     assert "[DONE]" not in (data for _, data in body)
@@ -488,14 +490,23 @@ async def test_router_reads_real_metrics_and_avoids_a_queueing_server(
                         # "While it queues" as the router sees it at each decision.
                         await until(lambda: b.metrics.waiting > 0, "router sees B queueing")
                         stats = await routed_stats(router, body, tenant)
-                        views = [
-                            (v.name, v.healthy, v.in_flight, v.waiting, v.capacity, v.others)
-                            for v in pool.snapshot()
-                        ]
-                        assert (stats["backend"], stats["cache_outcome"]) == ("b0", "miss"), (
-                            stats,
-                            views,
-                        )
+                        if (stats["backend"], stats["cache_outcome"]) != ("b0", "miss"):
+                            # Which layer was wrong: the router's view, vLLM's own gauges now,
+                            # and the flood (a client that died stops loading B).
+                            views = [
+                                (v.name, v.healthy, v.in_flight, v.waiting, v.capacity, v.others)
+                                for v in pool.snapshot()
+                            ]
+                            truth = await asyncio.to_thread(vllm_metrics, servers.queued_url)
+                            flood_alive = sum(not t.done() for t in tasks)
+                            died = [repr(t.exception()) for t in tasks if t.done()][:2]
+                            raise AssertionError(
+                                f"routed to {stats['backend']} ({stats['cache_outcome']}); "
+                                f"router's views {views}; B's vLLM now: running "
+                                f"{truth['vllm:num_requests_running']}, waiting "
+                                f"{truth['vllm:num_requests_waiting']}; flood clients alive "
+                                f"{flood_alive}/40 {died}"
+                            )
                     assert b.metrics.waiting > 0, "B stopped queueing before the check ended"
                 finally:
                     for task in tasks:
@@ -634,8 +645,8 @@ def test_client_disconnect_through_router_stops_generation(
 async def test_abandoned_streams_and_queued_requests_leave_real_vllm_idle(
     real_vllm_servers: RealVllmServers,
 ) -> None:
-    """Clients leave mid-stream and while queued in the router: every slot comes back, the queued
-    requests never reach vLLM, and vLLM's running and waiting go back to 0."""
+    """Clients leave mid-stream and while queued in the router: every slot comes back, no
+    queued request reaches vLLM, and vLLM's running and waiting go back to 0."""
     servers = real_vllm_servers
     for url in servers.urls:
         await asyncio.to_thread(wait_idle, url)
@@ -654,20 +665,19 @@ async def test_abandoned_streams_and_queued_requests_leave_real_vllm_idle(
         async with httpx.AsyncClient(timeout=None, limits=limits) as client:
             tasks = [asyncio.create_task(leave_mid_stream_or_queued(client)) for _ in range(12)]
             await until(
-                lambda: state.admission.in_flight == 4 and state.admission.waiting == 8,
-                "4 streams running and 8 queued in the router",
-                timeout_s=60,
-            )
-            await until(
                 lambda: (
                     sum(vllm_metrics(u)["vllm:num_requests_running"] for u in servers.urls) >= 1
                 ),
                 "vLLM generating",
                 timeout_s=60,
             )
+            # A stream may end by itself meanwhile and let a queued one in: any still queued
+            # now leave while queued, the others mid-stream.
+            await until(lambda: state.admission.waiting >= 1, "requests queued in the router")
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        left = sum(isinstance(r, asyncio.CancelledError) for r in results)
         for url in servers.urls:
             await asyncio.to_thread(wait_idle, url)
         await until(
@@ -678,7 +688,9 @@ async def test_abandoned_streams_and_queued_requests_leave_real_vllm_idle(
             ),
             "the router at rest",
         )
-        assert state.admission.stats.abandoned == 8
-        assert state.metrics.client_disconnects == 12
-        dispatched = sum(b.dispatched for b in state.pool.backends)
-        assert dispatched == 4, "a request that left while queued reached a backend"
+        stats = state.admission.stats
+        assert stats.abandoned >= 1
+        assert stats.admitted + stats.abandoned == 12
+        # Every admitted request was sent once; none that left while queued reached vLLM.
+        assert sum(b.dispatched for b in state.pool.backends) == stats.admitted
+        assert state.metrics.client_disconnects == left
