@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from app.admin import admin_routes
 from app.config import Settings, load_settings
 from app.dashboard import dashboard_data, page_headers, page_html
 from app.errors import KvrouteError, Unauthorized
@@ -27,6 +28,7 @@ from app.exchange import Call, raw_headers
 from app.handlers import GENERATION_PATHS, PASSTHROUGH_PATHS, Work, generation, handle, passthrough
 from app.logs import configure_logging
 from app.presentation import architecture_body, backend_status, health_body, models_body
+from app.security import AdminKey
 from app.services import Services, build_services, running
 
 log = logging.getLogger("kvroute.api")
@@ -130,6 +132,7 @@ def create_app(settings: Settings, services: Services | None = None) -> RouterAp
         # Registered for their other methods: a GET is answered 405, OpenAI-shaped.
         app.add_route(path, _method_not_allowed, methods=["POST"])
     _introspection_routes(app, svc)
+    admin_routes(app, svc.fleet, AdminKey(settings.admin_api_key))
     _error_handlers(app)
     return app
 

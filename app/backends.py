@@ -2,7 +2,13 @@
 
 `parse_vllm_metrics(text)` is pure. `BackendPool` owns the mutable per-backend state; the router
 reads it through `snapshot()`, an immutable view per request. Load is counted by the proxy when it
-dispatches (`acquire`/`release`), never by a probe.
+dispatches (`lease`), never by a probe.
+
+The membership changes while the router runs (`add`, `drain`, `remove`): `backends` is a tuple
+replaced on each change, never mutated, so whoever iterates it holds a consistent snapshot, and a
+lease keeps its `Backend` object, so one taken on a backend removed meanwhile is released on it.
+Each backend has a state: `probing` (added, not yet answering `/health` and `/v1/models`),
+`serving`, `draining` (no new requests; removed once its open ones end) and `down`.
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import orjson
 
 from app.errors import UpstreamError
-from app.transport import Transport, read_all
+from app.transport import Transport, UpstreamResponse, read_all
+
+BackendState = Literal["probing", "serving", "draining", "down"]
 
 log = logging.getLogger("kvroute.backends")
 
@@ -129,13 +138,35 @@ class Backend:
     capacity: int | None = None
     others: float = 0.0
     max_model_len: dict[str, int] = field(default_factory=dict)
+    # Its own key (else BACKEND_API_KEY's) sent as its bearer; never shown.
+    api_key: str = field(default="", repr=False)
+    # Set once its /health and /v1/models first answered: `probing` until then.
+    admitted: bool = False
+    draining: bool = False
+    cut: bool = False  # removed from the pool
+    # Upstream responses held on it now: cutting the backend closes them.
+    responses: dict[int, UpstreamResponse] = field(default_factory=dict)  # by id()
+    idle: asyncio.Event | None = None  # a drain waits on it: set when in_flight comes to 0
+
+    @property
+    def state(self) -> BackendState:
+        if self.draining:
+            return "draining"
+        if not self.admitted:
+            return "probing"
+        return "serving" if self.healthy else "down"
+
+    @property
+    def routable(self) -> bool:
+        """Whether new requests may go to it."""
+        return self.healthy and not self.draining
 
     def view(self) -> BackendView:
         metrics = self.metrics or VllmMetrics()
         return BackendView(
             name=self.name,
             url=self.url,
-            healthy=self.healthy,
+            healthy=self.routable,
             models=self.models,
             in_flight=self.in_flight,
             waiting=metrics.waiting,
@@ -154,34 +185,89 @@ class BackendPool:
         urls: Iterable[str],
         *,
         default_model: str = "",
+        default_api_key: str = "",
         unhealthy_after_failures: int = 2,
         breaker_failures: int = 3,
         breaker_cooldown_s: float = 5.0,
         on_restart: Callable[[str], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.backends = [Backend(name=f"b{i}", url=url) for i, url in enumerate(urls)]
-        self._by_name = {b.name: b for b in self.backends}
+        self.backends: tuple[Backend, ...] = ()
+        self._by_name: dict[str, Backend] = {}
+        self._next_index = 0
         self._default_models = frozenset({default_model}) if default_model else frozenset()
+        self._default_api_key = default_api_key
         self._unhealthy_after = unhealthy_after_failures
         self._breaker_failures = breaker_failures
         self._breaker_cooldown_s = breaker_cooldown_s
         self._on_restart = on_restart
         self._clock = clock
-        for backend in self.backends:
-            backend.models = self._default_models
+        self._probe_soon = asyncio.Event()  # a backend was added: probe it now, not later
+        for url in urls:
+            self.add(url)
 
     def get(self, name: str) -> Backend:
         return self._by_name[name]
+
+    def find(self, name: str) -> Backend | None:
+        return self._by_name.get(name)
+
+    def by_url(self, url: str) -> Backend | None:
+        return next((b for b in self.backends if b.url == url), None)
+
+    # --- membership ----------------------------------------------------------------------
+    def next_name(self, taken: Iterable[str] = ()) -> str:
+        """The next free `bN`: never one used before in this process (its counters and
+        ownership records belong to the old backend), nor one in `taken`."""
+        used = set(taken) | set(self._by_name)
+        while f"b{self._next_index}" in used:
+            self._next_index += 1
+        return f"b{self._next_index}"
+
+    def add(self, url: str, *, name: str | None = None, api_key: str = "") -> Backend:
+        """A new backend in state `probing`; ValueError when its URL or name is present."""
+        url = url.rstrip("/")
+        if self.by_url(url) is not None:
+            raise ValueError(f"{url} is already in the pool")
+        name = name or self.next_name()
+        if name in self._by_name:
+            raise ValueError(f"a backend named {name!r} is already in the pool")
+        backend = Backend(name=name, url=url, models=self._default_models, api_key=api_key)
+        self._replace((*self.backends, backend))
+        self._probe_soon.set()
+        if name[:1] == "b" and name[1:].isdigit():  # a given `bN`: never handed out again
+            self._next_index = max(self._next_index, int(name[1:]) + 1)
+        return backend
+
+    def drain(self, name: str) -> Backend:
+        backend = self._by_name[name]
+        backend.draining = True
+        return backend
+
+    def remove(self, name: str) -> Backend | None:
+        """Out of the pool; its open responses are closed (their streams end with an error
+        event). A drained backend has none left."""
+        backend = self._by_name.get(name)
+        if backend is None:
+            return None
+        self._replace(tuple(b for b in self.backends if b.name != name))
+        backend.cut = True
+        for response in list(backend.responses.values()):
+            response.close()
+        return backend
+
+    def _replace(self, backends: tuple[Backend, ...]) -> None:
+        self.backends = backends
+        self._by_name = {b.name: b for b in backends}
 
     def snapshot(self) -> tuple[BackendView, ...]:
         return tuple(b.view() for b in self.backends)
 
     def models(self) -> dict[str, int | None]:
-        """Models served by healthy backends, with the smallest max_model_len reported."""
+        """Models served by routable backends, with the smallest max_model_len reported."""
         served: dict[str, int | None] = {}
         for backend in self.backends:
-            if not backend.healthy:
+            if not backend.routable:
                 continue
             for model in backend.models:
                 known = served.get(model)
@@ -193,7 +279,7 @@ class BackendPool:
         return served
 
     def any_healthy(self) -> bool:
-        return any(b.healthy for b in self.backends)
+        return any(b.routable for b in self.backends)
 
     # --- load accounting (held around every upstream request) ----------------------------
     @contextlib.contextmanager
@@ -206,10 +292,14 @@ class BackendPool:
             yield backend
         finally:
             backend.in_flight -= 1
+            if backend.idle is not None and not backend.in_flight:
+                backend.idle.set()
 
     def mark_failed(self, name: str, reason: str) -> None:
         """A live request could not reach the backend: suspect it at once, probe it soon."""
-        backend = self._by_name[name]
+        backend = self._by_name.get(name)
+        if backend is None:  # removed meanwhile
+            return
         backend.failures = max(backend.failures + 1, self._unhealthy_after)
         backend.healthy = False
         backend.last_error = reason
@@ -217,7 +307,9 @@ class BackendPool:
 
     def record_failure(self, name: str, reason: str) -> None:
         """A live request failed with a retryable status; enough in a row open the breaker."""
-        backend = self._by_name[name]
+        backend = self._by_name.get(name)
+        if backend is None:
+            return
         backend.live_failures += 1
         backend.last_error = reason
         if backend.live_failures >= self._breaker_failures and backend.healthy:
@@ -232,7 +324,9 @@ class BackendPool:
             backend.breaker_until_s = self._clock() + self._breaker_cooldown_s
 
     def record_success(self, name: str) -> None:
-        self._by_name[name].live_failures = 0
+        backend = self._by_name.get(name)
+        if backend is not None:
+            backend.live_failures = 0
 
     # --- probes --------------------------------------------------------------------------
     async def probe_health(
@@ -252,9 +346,12 @@ class BackendPool:
             ok = status == 200
             reason = "" if ok else f"/health answered {status}"
             if ok:
-                status, data = await _get(transport, f"{backend.url}/v1/models", timeout_s)
+                auth = self._auth(backend)
+                status, data = await _get(transport, f"{backend.url}/v1/models", timeout_s, auth)
                 if status == 200:
                     self._set_models(backend, orjson.loads(data))
+                elif status >= 500:  # (a 401 is an answer: the clients' keys may be vLLM's)
+                    ok, reason = False, f"/v1/models answered {status}"
         except (UpstreamError, orjson.JSONDecodeError) as exc:
             ok, reason = False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if ok and backend.breaker_until_s > self._clock():
@@ -265,6 +362,7 @@ class BackendPool:
             if not backend.healthy:
                 log.info("backend %s (%s) is healthy", backend.name, backend.url)
             backend.healthy, backend.failures, backend.last_error = True, 0, ""
+            backend.admitted = True
             return
         backend.failures += 1
         backend.last_error = reason
@@ -287,6 +385,11 @@ class BackendPool:
             backend.models = frozenset(models)
             backend.max_model_len = lengths
 
+    def _auth(self, backend: Backend) -> dict[str, str]:
+        """Its own key, else BACKEND_API_KEY (vLLM's --api-key guards /v1/models, /metrics)."""
+        key = backend.api_key or self._default_api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
     async def probe_metrics(self, transport: Transport, timeout_s: float) -> None:
         await asyncio.gather(*(self._scrape_one(transport, b, timeout_s) for b in self.backends))
 
@@ -294,7 +397,9 @@ class BackendPool:
         if not backend.healthy:
             return
         try:
-            status, data = await _get(transport, f"{backend.url}/metrics", timeout_s)
+            status, data = await _get(
+                transport, f"{backend.url}/metrics", timeout_s, self._auth(backend)
+            )
         except UpstreamError:
             return
         if status != 200:
@@ -320,27 +425,29 @@ class BackendPool:
         metrics_interval_s: float,
         timeout_s: float,
     ) -> None:
-        """Background loop: health every `health_interval_s`, metrics every `metrics_interval_s`."""
-        next_health = 0.0
+        """Background loop: health every `health_interval_s` (a new backend at once), metrics
+        every `metrics_interval_s`."""
         while True:
-            now = time.monotonic()
+            self._probe_soon.clear()
             try:
-                if now >= next_health:
-                    await self.probe_health(transport, timeout_s, health_interval_s)
-                    next_health = now + health_interval_s
+                # Only the backends due are probed (each has its next time).
+                await self.probe_health(transport, timeout_s, health_interval_s)
                 await self.probe_metrics(transport, timeout_s)
             except Exception:  # the loop's outer boundary: a bug here must not stop the probes
                 log.exception("backend probes failed; retrying")
-            await asyncio.sleep(metrics_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._probe_soon.wait(), metrics_interval_s)
 
 
 # A probe answer larger than this is not vLLM's (its /metrics is tens of KB).
 PROBE_MAX_BYTES = 8 << 20
 
 
-async def _get(transport: Transport, url: str, timeout_s: float) -> tuple[int, bytes]:
+async def _get(
+    transport: Transport, url: str, timeout_s: float, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     response = await transport.request(
-        "GET", url, None, {}, read_timeout_s=timeout_s, total_timeout_s=timeout_s
+        "GET", url, None, headers or {}, read_timeout_s=timeout_s, total_timeout_s=timeout_s
     )
     try:
         return response.status, await read_all(response, PROBE_MAX_BYTES)

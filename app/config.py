@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     backend_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
     served_model: str = ""
     backend_api_key: str = Field(default="", repr=False)
+    # A file of backend URLs (one a line, `#` comments), watched: edits add and drain backends.
+    backends_file: str = ""
+    # Enables /admin/backends (add, list, drain, cut) for `Authorization: Bearer <key>`.
+    admin_api_key: str = Field(default="", repr=False)
+    # How long a drained backend's open requests may run before they are cut.
+    drain_timeout_s: float = Field(default=60.0, ge=0)
 
     # --- listener -------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -148,12 +154,7 @@ class Settings(BaseSettings):
     @field_validator("backend_urls")
     @classmethod
     def _check_urls(cls, urls: list[str]) -> list[str]:
-        cleaned = []
-        for url in urls:
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError(f"{url!r} is not an http(s) URL such as http://10.0.0.5:8000")
-            cleaned.append(url.rstrip("/"))
+        cleaned = [backend_url(url) for url in urls]
         if len(set(cleaned)) != len(cleaned):
             raise ValueError("lists the same URL twice")
         return cleaned
@@ -227,10 +228,11 @@ class Settings(BaseSettings):
 
     def require_backends(self) -> None:
         """Serving needs at least one backend; tests and tools may build Settings without."""
-        if not self.backend_urls:
+        if not (self.backend_urls or self.backends_file or self.admin_api_key):
             raise SettingsError(
                 "BACKEND_URLS is not set: give the vLLM servers as a comma-separated list, "
-                "e.g. BACKEND_URLS=http://10.0.0.5:8000,http://10.0.0.6:8000 "
+                "e.g. BACKEND_URLS=http://10.0.0.5:8000,http://10.0.0.6:8000, give BACKENDS_FILE, "
+                "or set ADMIN_API_KEY to add them through /admin/backends "
                 "(or run `kvroute demo` to try the router on simulated backends)"
             )
 
@@ -249,6 +251,7 @@ class Settings(BaseSettings):
         """The configuration without secrets, for /architecture."""
         data = self.model_dump()
         data["backend_api_key"] = "set" if self.backend_api_key else ""
+        data["admin_api_key"] = "set" if self.admin_api_key else ""
         data["router_api_keys"] = f"{len(self.router_api_keys)} keys"
         data["cache_salt_secret"] = "set" if self.cache_salt_secret else ""
         data["redis_url"] = redact_url(self.redis_url)
@@ -256,6 +259,24 @@ class Settings(BaseSettings):
         for name in ("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint"):
             data[name] = redact_url(str(data[name]))
         return data
+
+
+def backend_url(url: str) -> str:
+    """A backend's base URL, without the trailing slash; ValueError for anything else."""
+    parts = urlsplit(url)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+        or any(c.isspace() for c in url)
+    ):
+        raise ValueError(f"{url!r} is not an http(s) URL such as http://10.0.0.5:8000")
+    try:
+        parts.port  # noqa: B018  (raises for a port out of range or not a number)
+    except ValueError as exc:
+        raise ValueError(f"{url!r} has a bad port") from exc
+    return url.rstrip("/")
 
 
 def redact_url(url: str) -> str:

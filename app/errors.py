@@ -5,6 +5,8 @@
     │   └── PayloadTooLarge           413     invalid_request_error
     ├── Unauthorized                  401     authentication_error
     ├── ModelNotFound                 404     invalid_request_error (code model_not_found)
+    ├── NotFound                      404     invalid_request_error (code not_found)
+    ├── Conflict                      409     invalid_request_error (code conflict)
     ├── Overloaded                    429     rate_limit_error (+ Retry-After)
     ├── ClientGone                    499     the client left; nothing is sent, the request is logged
     ├── NoHealthyBackend              503     service_unavailable
@@ -71,6 +73,18 @@ class ModelNotFound(KvrouteError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class NotFound(KvrouteError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class Conflict(KvrouteError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
 
 
 class Overloaded(KvrouteError):

@@ -273,6 +273,7 @@ class RouterMetrics:
 GAUGE_HELP = {
     "backend_in_flight": "Requests this router has in flight on the backend",
     "backend_healthy": "1 when the backend answers its health probe, else 0",
+    "backend_serving": "1 when the backend takes new requests (state serving), else 0",
     "backend_owned_keys": "Conversation prefix keys the backend owns",
     "backend_waiting_requests": "Requests waiting in the backend's vLLM queue (its /metrics)",
     "backend_running_requests": "Requests running in the backend's vLLM engine (its /metrics)",

@@ -43,6 +43,7 @@ def backend_status(pool: BackendPool, store: OwnershipStore) -> list[dict[str, A
                 "name": b.name,
                 "url": b.url,
                 "healthy": b.healthy,
+                "state": b.state,
                 "models": sorted(b.models),
                 "in_flight": b.in_flight,
                 "dispatched": b.dispatched,
@@ -94,6 +95,7 @@ def prom_gauges(pool: BackendPool, store: OwnershipStore) -> dict[str, dict[str,
     return {
         "backend_in_flight": {b.name: b.in_flight for b in backends},
         "backend_healthy": {b.name: float(b.healthy) for b in backends},
+        "backend_serving": {b.name: float(b.state == "serving") for b in backends},
         "backend_owned_keys": {b.name: owned.get(b.name, 0) for b in backends},
         # As each backend's vLLM last reported them (none before its first scrape).
         "backend_waiting_requests": {
@@ -123,6 +125,6 @@ def architecture_body(
             "max(load_cap_factor * (total_in_flight + 1) / n, load_cap_floor)",
         },
         "ownership": store.describe(),
-        "backends": [{"name": b.name, "url": b.url} for b in pool.backends],
+        "backends": [{"name": b.name, "url": b.url, "state": b.state} for b in pool.backends],
         "settings": settings.public_view(),
     }

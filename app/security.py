@@ -54,3 +54,23 @@ class KeyRing:
 
 def tenant_salt(secret: str, tenant: str) -> str:
     return hmac.new(secret.encode(), tenant.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+class AdminKey:
+    """`ADMIN_API_KEY`: the one key of the admin API, compared in constant time. Client keys
+    (`KeyRing`) never grant it."""
+
+    def __init__(self, key: str) -> None:
+        self._digest = hashlib.sha256(key.encode()).digest() if key else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._digest is not None
+
+    def check(self, authorization: str | None) -> None:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("missing admin key: send 'Authorization: Bearer <ADMIN_API_KEY>'")
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        if self._digest is None or not hmac.compare_digest(self._digest, digest):
+            raise Unauthorized("invalid admin key")

@@ -22,6 +22,7 @@ from app.admission import Admission, Limits
 from app.backends import BackendPool
 from app.config import Settings
 from app.dashboard import SeriesRecorder, TenantTags
+from app.fleet import Fleet, FleetCollector, RedisMembership
 from app.logs import RequestLog
 from app.metrics import RequestRecord, RouterMetrics
 from app.ownership import MemoryStore, OwnershipStore, RedisStore, redis_client
@@ -54,24 +55,27 @@ class Services:
     dispatcher: Dispatcher
     registry: CollectorRegistry
     series: SeriesRecorder
+    fleet: Fleet
     tenant_tags: TenantTags = field(default_factory=TenantTags)
     passthrough_policy: Policy = field(default_factory=LeastLoaded)
     redis: Any = None  # redis.asyncio.Redis when REDIS_URL is set
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     def ready_for(self, model: str) -> Callable[[], bool]:
-        """Whether some healthy backend serving `model` can take one more request now."""
+        """Whether some routable backend serving `model` can take one more request now."""
         per_backend = self.settings.max_in_flight_per_backend
         max_waiting = self.settings.max_backend_waiting
-        backends = self.pool.backends
+        pool = self.pool
 
         def ready() -> bool:
+            # `pool.backends` read at each call: a queued request sees backends added (or
+            # drained) while it waits.
             return any(
-                b.healthy
+                b.routable
                 and model in b.models
                 and b.in_flight < per_backend
                 and (b.metrics is None or b.metrics.waiting <= max_waiting)
-                for b in backends
+                for b in pool.backends
             )
 
         return ready
@@ -103,6 +107,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
     pool = BackendPool(
         s.backend_urls,
         default_model=s.served_model,
+        default_api_key=s.backend_api_key,
         unhealthy_after_failures=s.unhealthy_after_failures,
         breaker_failures=s.breaker_failures,
         breaker_cooldown_s=s.breaker_cooldown_s,
@@ -142,8 +147,16 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         ),
         registry=CollectorRegistry(auto_describe=True),
         series=SeriesRecorder(metrics, pool),
+        fleet=Fleet(
+            pool,
+            drain_timeout_s=s.drain_timeout_s,
+            membership=RedisMembership(redis) if redis is not None else None,
+            backends_file=s.backends_file,
+            forget=store.forget_backend,
+        ),
         redis=redis,
     )
+    services.registry.register(FleetCollector(services.fleet))
     services.registry.register(
         metrics.collector(
             lambda: prom_gauges(pool, store), services.ownership_fallbacks, services.rejections
@@ -196,6 +209,7 @@ async def running(services: Services) -> AsyncIterator[None]:
     s = services.settings
     async with services.transport as transport:
         pool = services.pool
+        await services.fleet.start()
         await pool.probe_health(transport, s.probe_timeout_s)
         await pool.probe_metrics(transport, s.probe_timeout_s)
         if not pool.any_healthy():
@@ -210,6 +224,7 @@ async def running(services: Services) -> AsyncIterator[None]:
             services.admission.run(),
             services.store.run(),
             services.series.run(),
+            services.fleet.run(),
         ]
         try:
             async with background(loops):

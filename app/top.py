@@ -118,7 +118,7 @@ def _backends(data: Mapping[str, Any]) -> Table:
         outcomes = b.get("outcomes") or {}
         table.add_row(
             str(b.get("name")),
-            Text("up", style="green") if b.get("healthy") else Text("down", style="bold red"),
+            _health(b),
             _int(b.get("in_flight")),
             _int(b.get("running")),
             _int(b.get("waiting")),
@@ -129,6 +129,12 @@ def _backends(data: Mapping[str, Any]) -> Table:
             *(_int(outcomes.get(o, 0)) for o in OUTCOMES),
         )
     return table
+
+
+def _health(b: Mapping[str, Any]) -> Text:
+    if b.get("state") in ("probing", "draining"):
+        return Text(str(b["state"]), style="yellow")
+    return Text("up", style="green") if b.get("healthy") else Text("down", style="bold red")
 
 
 def _mix(data: Mapping[str, Any]) -> Text:

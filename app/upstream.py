@@ -108,6 +108,7 @@ class Dispatcher:
                 except UpstreamUnavailable as exc:
                     last_error = exc
                     continue
+                backend.responses[id(response)] = response  # closed by a cut of the backend
                 try:
                     if self._retry_elsewhere(backend, response, n, out):
                         last_error = UpstreamUnavailable(
@@ -118,6 +119,7 @@ class Dispatcher:
                     yield Attempt(decision=decision, response=response, retries=n)
                     return
                 finally:
+                    backend.responses.pop(id(response), None)
                     response.close()
         if last_error is not None:
             raise last_error
@@ -129,9 +131,11 @@ class Dispatcher:
         # vLLM wants ids unique among its in-flight requests: a retry gets a fresh one.
         request_id = f"{out.request_id}-r{n}" if n else out.request_id
         headers = {**out.headers, "X-Request-Id": request_id}
+        if backend.api_key:
+            headers["Authorization"] = f"Bearer {backend.api_key}"
         trace.upstream(backend.name, n, headers)
         try:
-            return await self.transport.request(
+            response = await self.transport.request(
                 "POST",
                 backend.url + out.path,
                 out.body,
@@ -144,6 +148,10 @@ class Dispatcher:
             raise UpstreamUnavailable(
                 f"backend {backend.name} is unreachable ({exc.message})", backend=backend.name
             ) from exc
+        if backend.cut:  # removed while it answered: nothing reached the client, go elsewhere
+            response.close()
+            raise UpstreamUnavailable(f"backend {backend.name} was removed", backend=backend.name)
+        return response
 
     def _retry_elsewhere(
         self, backend: Backend, response: UpstreamResponse, n: int, out: Outgoing

@@ -37,6 +37,15 @@ def test_bad_setting_is_named_in_one_line(
 def test_missing_backends_is_explained() -> None:
     with pytest.raises(SettingsError, match="BACKEND_URLS is not set"):
         Settings(backend_urls=[]).require_backends()
+    # A fleet that starts empty and is filled live is fine.
+    Settings(backend_urls=[], admin_api_key="k").require_backends()
+    Settings(backend_urls=[], backends_file="/etc/kvroute/backends").require_backends()
+
+
+def test_admin_key_is_hidden_from_the_public_view() -> None:
+    view = Settings(admin_api_key="adm-secret").public_view()
+    assert view["admin_api_key"] == "set"
+    assert "adm-secret" not in repr(Settings(admin_api_key="adm-secret"))
 
 
 def test_public_view_hides_secrets() -> None:

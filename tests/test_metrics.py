@@ -30,7 +30,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 PROM_ACCEPT = {"Accept": "text/plain;version=0.0.4"}
 # Every label name the router may put on a metric: all bounded sets.
 ALLOWED_LABELS = {"endpoint", "status", "kind", "backend", "outcome", "model", "cache_outcome"}
-ALLOWED_LABELS |= {"reason", "le"}
+ALLOWED_LABELS |= {"reason", "le", "action"}
 
 
 def chat(content: str, **extra: Any) -> dict[str, Any]:
@@ -152,7 +152,12 @@ def test_prometheus_exposition_families_and_labels(router: RouterServer) -> None
         "kvroute_request_duration_seconds",
     ):
         assert types[name] == "histogram", name
-    for name in ("kvroute_spills", "kvroute_reassignments", "kvroute_admission_rejections"):
+    for name in (
+        "kvroute_spills",
+        "kvroute_reassignments",
+        "kvroute_admission_rejections",
+        "kvroute_fleet_changes",
+    ):
         assert types[name] == "counter", name
     for name in (
         "kvroute_backend_in_flight",

@@ -150,3 +150,13 @@ def test_top_reports_an_unreachable_router() -> None:
     out = run_top("--url", dead, "--once", "--timeout", "2")
     assert out.returncode == 1
     assert "kvroute top: cannot read" in out.stderr
+
+
+def test_render_shows_probing_and_draining_backends() -> None:
+    backends = [
+        {"name": "b2", "healthy": False, "state": "probing", "outcomes": {}},
+        {"name": "b3", "healthy": True, "state": "draining", "in_flight": 4, "outcomes": {}},
+    ]
+    text = frame_text(data(backends=backends))
+    assert "probing" in next(line for line in text.splitlines() if "│ b2 " in line)
+    assert "draining" in next(line for line in text.splitlines() if "│ b3 " in line)

@@ -14,6 +14,7 @@ and parse what comes back; ``remote/`` holds the Python programs they run on the
     ├── InstallError            installing vLLM into the remote virtualenv failed
     ├── DownloadError           model download failed (gated, missing, disk, network)
     ├── StartError              vLLM exited or never became healthy; carries the log tail
+    ├── RegisterError           the router (--register) refused or could not be reached
     └── RemoteCommandError      a remote helper command failed unexpectedly
 """
 
@@ -75,8 +76,13 @@ __all__ = [
     "HostKeyError",
     "InstallError",
     "PreflightError",
+    "RegisterError",
     "RemoteCommandError",
     "SshError",
     "StartError",
     "UsageError",
 ]
+
+
+class RegisterError(DeployError):
+    """The router given with --register could not add or drain the backend."""

