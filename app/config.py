@@ -122,6 +122,8 @@ class Settings(BaseSettings):
     # --- routing --------------------------------------------------------------------------
     routing_policy: PolicyName = "sticky"
     redis_url: str = Field(default="", repr=False)
+    # auto: ask the server at start (INFO cluster); true/false: decided here.
+    redis_cluster: Literal["auto", "true", "false"] = "auto"
     redis_timeout_s: float = Field(default=0.05, gt=0)
     redis_retry_s: float = Field(default=5.0, gt=0)
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -24,9 +24,10 @@ from app.config import Settings
 from app.dashboard import SeriesRecorder, TenantTags
 from app.logs import RequestLog
 from app.metrics import RequestRecord, RouterMetrics
-from app.ownership import MemoryStore, OwnershipStore, RedisStore, redis_client
+from app.ownership import MemoryStore, OwnershipStore, RedisStore
 from app.presentation import prom_gauges
 from app.rates import RateLimits, RedisRateLimits
+from app.redislink import LoopLag, is_cluster, redis_client
 from app.routing import CostWeights, LeastLoaded, Policy, make_policy
 from app.security import KeyRing
 from app.tenancy import Network, parse_networks
@@ -56,7 +57,7 @@ class Services:
     series: SeriesRecorder
     tenant_tags: TenantTags = field(default_factory=TenantTags)
     passthrough_policy: Policy = field(default_factory=LeastLoaded)
-    redis: Any = None  # redis.asyncio.Redis when REDIS_URL is set
+    redis: Any = None  # redis.asyncio.Redis or RedisCluster when REDIS_URL is set
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     def ready_for(self, model: str) -> Callable[[], bool]:
@@ -82,13 +83,23 @@ class Services:
         rates = {f"rate_{kind}": n for kind, n in local.rejected.items()}
         return {**self.admission.stats.rejected, **rates}
 
-    def ownership_fallbacks(self) -> int:
-        return self.store.fallbacks if isinstance(self.store, RedisStore) else 0
+    def ownership_fallbacks(self) -> dict[str, int]:
+        """Look-ups served from memory instead of Redis, by cause."""
+        if isinstance(self.store, RedisStore):
+            return {cause: n for cause, n in self.store.fallback_causes.items()}
+        return {}
 
 
 def build_services(settings: Settings, *, transport: Transport | None = None) -> Services:
     s = settings
-    redis = redis_client(s.redis_url, s.redis_timeout_s) if s.redis_url else None
+    redis = (
+        redis_client(
+            s.redis_url, s.redis_timeout_s, cluster=is_cluster(s.redis_url, s.redis_cluster)
+        )
+        if s.redis_url
+        else None
+    )
+    lag = LoopLag()  # run by the Redis store, read by both Redis users
     store: OwnershipStore = (
         RedisStore(
             redis,
@@ -96,6 +107,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
             ttl_s=s.ownership_ttl_s,
             timeout_s=s.redis_timeout_s,
             retry_s=s.redis_retry_s,
+            lag=lag,
         )
         if redis is not None
         else MemoryStore(s.ownership_ttl_s)
@@ -128,7 +140,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         store=store,
         policy=policy,
         admission=Admission(_limits(s)),
-        rates=_rates(s, redis),
+        rates=_rates(s, redis, lag),
         transport=transport,
         dispatcher=Dispatcher(
             pool=pool,
@@ -172,11 +184,11 @@ def _limits(s: Settings) -> Limits:
     )
 
 
-def _rates(s: Settings, redis: Any) -> RateLimits | RedisRateLimits:
+def _rates(s: Settings, redis: Any, lag: LoopLag) -> RateLimits | RedisRateLimits:
     if redis is None:
         return RateLimits(s.tenant_rpm, s.tenant_tpm)
     return RedisRateLimits(
-        redis, s.tenant_rpm, s.tenant_tpm, timeout_s=max(s.redis_timeout_s, 0.05)
+        redis, s.tenant_rpm, s.tenant_tpm, timeout_s=max(s.redis_timeout_s, 0.05), lag=lag
     )
 
 
