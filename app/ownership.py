@@ -407,6 +407,7 @@ class RedisStore:
         return {
             "kind": "redis",
             "url": redact_url(self.url),
+            "cluster": type(self._redis).__name__ == "RedisCluster",
             "state": "up" if self.is_up() else "down (serving from memory)",
             "fallbacks": self.fallbacks,
             "fallback_causes": dict(self.fallback_causes),

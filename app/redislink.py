@@ -25,8 +25,11 @@ log = logging.getLogger("kvroute.redis")
 FallbackCause = Literal["timeout", "connection", "cluster", "other"]
 FALLBACK_CAUSES: tuple[FallbackCause, ...] = ("timeout", "connection", "cluster", "other")
 
-# The cluster client's connections per node: above the router's usual concurrency, since a
-# request waiting for a free connection would be a fallback for want of a socket.
+# Connections per Redis node. redis-py refuses a command past its pool's limit
+# (MaxConnectionsError, 100 by default): a fallback for want of a socket, not Redis's fault. A
+# single node's pool makes a look-up wait for a free connection instead (within its deadline);
+# the cluster client cannot wait, so its limit is well above any router's concurrency.
+MAX_CONNECTIONS = 256
 CLUSTER_MAX_CONNECTIONS = 4096
 
 
@@ -46,7 +49,14 @@ def redis_client(url: str, timeout_s: float, *, cluster: bool = False) -> Redis 
         )
     import redis.asyncio as redis_asyncio
 
-    return redis_asyncio.Redis.from_url(url, socket_timeout=bound, socket_connect_timeout=bound)
+    pool = redis_asyncio.BlockingConnectionPool.from_url(
+        url,
+        socket_timeout=bound,
+        socket_connect_timeout=bound,
+        max_connections=MAX_CONNECTIONS,
+        timeout=None,  # the wait for a connection is bounded by each call's deadline
+    )
+    return redis_asyncio.Redis.from_pool(pool)
 
 
 def is_cluster(url: str, mode: str, *, timeout_s: float = 1.0) -> bool:
