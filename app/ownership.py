@@ -256,11 +256,12 @@ class RedisStore:
     def is_up(self) -> bool:
         return self._clock() >= self.down_until
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException, during: str) -> None:
         was_up = self.down_until == 0.0
         self.errors += 1
         self.down_cause = fallback_cause(exc)
         self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        self.last_error += f" (during a {during})"
         self.down_until = self._clock() + self.retry_s
         if was_up:
             log.warning(
@@ -299,7 +300,7 @@ class RedisStore:
                 pipe.hgetall(system_key)
                 owner_value, homes = await pipe.execute()
         except self._trouble as exc:  # serve from memory
-            self._failed(exc)
+            self._failed(exc, "look-up")
             return self._from_memory(keys)
         self._succeeded()
         ownership = self._ownership(owner_value, homes)
@@ -363,7 +364,7 @@ class RedisStore:
             try:
                 results = await self._write_batch(batch)
             except self._trouble as exc:  # memory keeps serving
-                self._failed(exc)
+                self._failed(exc, "write")
                 continue
             self._succeeded()
             for (keys, backend, _tokens, claim), result in zip(batch, results, strict=True):

@@ -144,3 +144,31 @@ async def test_redis_stopped_mid_run_then_back() -> None:
             assert store.is_up()
     finally:
         server.stop()
+
+
+def test_router_counts_fallbacks_by_cause_in_both_metrics_views() -> None:
+    import httpx
+
+    from tests.conftest import running_router, running_simulators
+
+    body = {"model": "sim-model", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    with (
+        running_simulators(1, base_ttft_s=0.0, prefill_s_per_token=0.0) as sims,
+        running_router(
+            [sims[0].url], served_model="sim-model", redis_url=f"redis://127.0.0.1:{free_port()}/0"
+        ) as r,
+    ):
+        for i in range(3):  # nothing listens there: each request is served from memory
+            chat = {**body, "messages": [{"role": "user", "content": f"hi {i}"}]}
+            assert httpx.post(f"{r.url}/v1/chat/completions", json=chat).status_code == 200
+        ownership = httpx.get(f"{r.url}/metrics").json()["ownership"]
+        assert ownership["fallback_causes"] == {
+            "timeout": 0,
+            "connection": 3,
+            "cluster": 0,
+            "other": 0,
+        }
+        assert ownership["cluster"] is False
+        prom = httpx.get(f"{r.url}/metrics", headers={"Accept": "text/plain;version=0.0.4"}).text
+        assert 'kvroute_ownership_fallbacks_total{cause="connection"} 3.0' in prom
+        assert 'kvroute_ownership_fallbacks_total{cause="timeout"} 0.0' in prom
