@@ -141,7 +141,10 @@ class LoopLag:
 
     def opened(self) -> None:
         self.open += 1
-        if self._wanted is not None:
+        if self._wanted is not None and self._due is None:
+            # Until the idle ticker gets its turn, the loop's delay counts as lag from now: a
+            # burst that wakes it may hold the loop for a while first.
+            self._due = asyncio.get_running_loop().time()
             self._wanted.set()
 
     def closed(self) -> None:
@@ -156,6 +159,8 @@ class LoopLag:
                     self._due = None
                     self._wanted.clear()
                     await self._wanted.wait()
+                    if self._due is not None:  # set by `opened`
+                        self.total_s += max(0.0, loop.time() - self._due)
                 self._due = loop.time() + self.tick_s
                 await asyncio.sleep(self.tick_s)
                 self.total_s += max(0.0, loop.time() - self._due)

@@ -87,6 +87,16 @@ async def test_a_saturated_loop_is_not_a_redis_timeout(lag: LoopLag) -> None:
         await hogs
 
 
+async def test_a_burst_that_wakes_an_idle_ticker_counts_as_lag(lag: LoopLag) -> None:
+    assert lag.open == 0  # idle: the ticker is not ticking
+    loop = asyncio.get_running_loop()
+    async with redis_deadline(0.05, lag, cap_s=5.0):
+        # The burst runs before the ticker's first turn and holds the loop past the budget.
+        loop.call_soon(time.sleep, 0.08)
+        assert await reply_after_turns(3) == "reply"
+    assert lag.open == 0
+
+
 async def test_a_silent_redis_times_out_on_an_idle_loop(lag: LoopLag) -> None:
     started = time.monotonic()
     with pytest.raises(TimeoutError):
