@@ -89,11 +89,11 @@ async def test_a_saturated_loop_is_not_a_redis_timeout(lag: LoopLag) -> None:
 
 async def test_a_burst_that_wakes_an_idle_ticker_counts_as_lag(lag: LoopLag) -> None:
     assert lag.open == 0  # idle: the ticker is not ticking
-    loop = asyncio.get_running_loop()
+    # A burst already queued when the deadline opens runs before the ticker's first turn and
+    # holds the loop past the budget.
+    asyncio.get_running_loop().call_soon(time.sleep, 0.08)
     async with redis_deadline(0.05, lag, cap_s=5.0):
-        # The burst runs before the ticker's first turn and holds the loop past the budget.
-        loop.call_soon(time.sleep, 0.08)
-        assert await reply_after_turns(3) == "reply"
+        assert await reply_after_turns(10) == "reply"
     assert lag.open == 0
 
 
