@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -214,6 +215,7 @@ class RedisStore:
         cache_s: float = 1.0,
         prefix: str = "kvroute:",
         lag: LoopLag | None = None,
+        load_interval_s: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
@@ -241,6 +243,16 @@ class RedisStore:
         self.fallback_causes: dict[FallbackCause, int] = dict.fromkeys(FALLBACK_CAUSES, 0)
         self.errors = 0
         self.last_error = ""
+        # Shared load: this replica's in-flight counts per backend, published every
+        # `load_interval_s` under a lease; the others' read with every look-up.
+        self.replica = uuid.uuid4().hex[:12]
+        self.load_key = f"{prefix}{{load}}"
+        self.load_interval_s = load_interval_s
+        self.load_lease_ms = int(max(load_interval_s * 20, 1.0) * 1000)
+        self.local_in_flight: Callable[[], Mapping[str, int]] | None = None
+        self.on_peer_load: Callable[[Mapping[str, float], float], None] | None = None
+        self.peer_in_flight: dict[str, float] = {}
+        self._stale_replicas: set[str] = set()
 
     @property
     def fallbacks(self) -> int:
@@ -298,14 +310,41 @@ class RedisStore:
             ):
                 pipe.get(conversation_key)
                 pipe.hgetall(system_key)
-                owner_value, homes = await pipe.execute()
+                if self.local_in_flight is not None:  # the load shared by the replicas
+                    pipe.hgetall(self.load_key)
+                owner_value, homes, *load = await pipe.execute()
         except self._trouble as exc:  # serve from memory
             self._failed(exc, "look-up")
             return self._from_memory(keys)
         self._succeeded()
+        if load:
+            self._read_peer_load(load[0])
         ownership = self._ownership(owner_value, homes)
         self._remember(keys.conversation, ownership, now)
         return ownership
+
+    def _read_peer_load(self, fields: object) -> None:
+        """Sum the other live replicas' in-flight counts per backend (`expires_ms|b0:3,b1:1`)."""
+        if not isinstance(fields, dict):
+            return
+        now_ms = self._wall_ms()
+        total: dict[str, float] = {}
+        for raw_replica, raw_value in fields.items():
+            replica = raw_replica.decode() if isinstance(raw_replica, bytes) else str(raw_replica)
+            value = raw_value.decode() if isinstance(raw_value, bytes) else str(raw_value)
+            expires, _, counts = value.partition("|")
+            if replica == self.replica or not expires.isdigit():
+                continue
+            if int(expires) < now_ms:  # its lease ran out: the replica is gone
+                self._stale_replicas.add(replica)
+                continue
+            for pair in counts.split(",") if counts else ():
+                backend, _, n = pair.partition(":")
+                if n.isdigit():
+                    total[backend] = total.get(backend, 0.0) + int(n)
+        self.peer_in_flight = total
+        if self.on_peer_load is not None:
+            self.on_peer_load(total, self.load_interval_s * 20)
 
     def _ownership(self, owner_value: object, homes: object) -> Ownership:
         holders: list[tuple[int, str]] = []
@@ -352,6 +391,30 @@ class RedisStore:
         async with asyncio.TaskGroup() as group:
             group.create_task(self.lag.run())
             group.create_task(self.write())
+            group.create_task(self.share_load())
+
+    async def share_load(self) -> None:
+        """Publish this replica's in-flight counts under a lease, so that a dead replica's
+        counts expire on their own; drop the entries of replicas whose lease ran out."""
+        while True:
+            await asyncio.sleep(self.load_interval_s)
+            if self.local_in_flight is None or not self.is_up():
+                continue
+            counts = ",".join(f"{b}:{n}" for b, n in self.local_in_flight().items() if n > 0)
+            value = f"{self._wall_ms() + self.load_lease_ms}|{counts}"
+            stale, self._stale_replicas = self._stale_replicas, set()
+            try:
+                async with (
+                    redis_deadline(max(self.timeout_s * 10, 1.0), self.lag, self.cap_s),
+                    self._redis.pipeline(transaction=False) as pipe,
+                ):
+                    pipe.hset(self.load_key, self.replica, value)
+                    pipe.pexpire(self.load_key, self.load_lease_ms * 10)
+                    if stale:
+                        pipe.hdel(self.load_key, *stale)
+                    await pipe.execute()
+            except self._trouble as exc:  # the others go on with the last scrape
+                self._failed(exc, "load update")
 
     async def write(self) -> None:
         """The writer: records go to Redis in pipelined batches, off the request path."""
@@ -415,4 +478,6 @@ class RedisStore:
             "errors": self.errors,
             "last_error": self.last_error or None,
             "local_keys": self.memory.describe()["keys"],
+            "replica": self.replica,
+            "peer_in_flight": self.peer_in_flight,
         }

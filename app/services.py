@@ -120,6 +120,9 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         breaker_cooldown_s=s.breaker_cooldown_s,
         on_restart=store.forget_backend,
     )
+    if isinstance(store, RedisStore):  # replicas share their in-flight counts through Redis
+        store.local_in_flight = lambda: {b.name: b.in_flight for b in pool.backends}
+        store.on_peer_load = pool.share_peer_load
     policy = make_policy(s.routing_policy, _weights(s))
     transport = transport or AiohttpTransport(
         connect_timeout_s=s.connect_timeout_s,
