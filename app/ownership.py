@@ -387,7 +387,7 @@ class RedisStore:
         return owner
 
     async def run(self) -> None:
-        """The loop-lag meter and the writer, for the app's lifetime."""
+        """The loop-lag meter, the writer and the load publisher, for the app's lifetime."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self.lag.run())
             group.create_task(self.write())
