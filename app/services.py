@@ -120,7 +120,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         breaker_cooldown_s=s.breaker_cooldown_s,
         on_restart=store.forget_backend,
     )
-    if isinstance(store, RedisStore):  # replicas share their in-flight counts through Redis
+    if s.shared_load and isinstance(store, RedisStore):  # replicas share in-flight counts
         store.local_in_flight = lambda: {b.name: b.in_flight for b in pool.backends}
         store.on_peer_load = pool.share_peer_load
     policy = make_policy(s.routing_policy, _weights(s))

@@ -306,7 +306,8 @@ async def restart_sims(urls: list[str]) -> None:
 ONE_BACKEND = "one backend"
 REPLICAS = "kvroute x2 + Redis"
 REPLICAS_4 = "kvroute x4 + Redis"
-SHARED = (REPLICAS, REPLICAS_4)  # the rows that need Redis
+REPLICAS_SHARED = "kvroute x2 + Redis + shared load"
+SHARED = (REPLICAS, REPLICAS_4, REPLICAS_SHARED)  # the rows that need Redis
 # The router's own probes, fast enough for a short run.
 ROUTER_ENV = {"METRICS_INTERVAL_S": "0.25", "HEALTH_INTERVAL_S": "1", "REDIS_URL": ""}
 POLICIES: dict[str, dict[str, str]] = {
@@ -321,6 +322,13 @@ POLICIES: dict[str, dict[str, str]] = {
     # agreeing on owners through Redis: what several replicas keep of the locality.
     REPLICAS: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true", "WORKERS": "2"},
     REPLICAS_4: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true", "WORKERS": "4"},
+    # The same two, each seeing the other's in-flight counts through Redis (SHARED_LOAD).
+    REPLICAS_SHARED: {
+        "ROUTING_POLICY": "sticky",
+        "SYSTEM_AFFINITY": "true",
+        "WORKERS": "2",
+        "SHARED_LOAD": "true",
+    },
 }
 
 

@@ -217,3 +217,21 @@ async def test_replicas_share_in_flight_counts_under_a_lease(redis_url: str) -> 
             await a.lookup(keys("any"))
             await asyncio.sleep(0.05)
         sync.close()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_shared_load_is_wired_only_when_asked(redis_url: str, shared: bool) -> None:
+    from app.config import Settings
+    from app.services import build_services
+
+    services = build_services(
+        Settings(
+            backend_urls=["http://127.0.0.1:1"],
+            redis_url=redis_url,
+            shared_load=shared,
+            _env_file=None,  # type: ignore[call-arg]
+        )
+    )
+    store = services.store
+    assert isinstance(store, RedisStore)
+    assert (store.local_in_flight is not None, store.on_peer_load is not None) == (shared, shared)
