@@ -88,6 +88,9 @@ def is_restart(before: VllmMetrics | None, after: VllmMetrics) -> bool:
     return after.prefix_queries < before.prefix_queries
 
 
+NO_METRICS = VllmMetrics()  # before the first scrape (shared: building one per view costs µs)
+
+
 @dataclass(frozen=True, slots=True)
 class BackendView:
     """One backend as a routing decision sees it."""
@@ -132,7 +135,7 @@ class Backend:
     max_model_len: dict[str, int] = field(default_factory=dict)
 
     def view(self) -> BackendView:
-        metrics = self.metrics or VllmMetrics()
+        metrics = self.metrics or NO_METRICS
         return BackendView(
             name=self.name,
             url=self.url,

@@ -11,13 +11,13 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from app.backends import BackendView
+from app.backends import BackendPool, BackendView
 from app.percentile import nearest_rank
 from app.prefix import PrefixKeys
 from app.routing import CostWeights, Ownership, RouteRequest, StickyBounded, candidates_for
@@ -69,6 +69,26 @@ def decisions(n: int, count: int, rng: random.Random) -> list[tuple[RouteRequest
     return out
 
 
+def live_pool(n: int, rng: random.Random) -> BackendPool:
+    """A `BackendPool` of `n` healthy backends, for the snapshot the router takes per request."""
+    backends = BackendPool([f"http://10.0.{i // 250}.{i % 250}:8000" for i in range(n)])
+    for backend in backends.backends:
+        backend.healthy = True
+        backend.models = frozenset({MODEL})
+        backend.in_flight = rng.randint(0, 24)
+    return backends
+
+
+def timed_us(calls: Sequence[Callable[[], object]]) -> list[float]:
+    clock = time.perf_counter_ns
+    times_us = []
+    for call in calls:
+        start = clock()
+        call()
+        times_us.append((clock() - start) / 1000)
+    return sorted(times_us)
+
+
 def measure(n: int, count: int, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     snapshot = pool(n, rng)
@@ -83,12 +103,16 @@ def measure(n: int, count: int, seed: int) -> dict[str, Any]:
         policy.choose(request, candidates_for(snapshot, MODEL), ownership)
         times_us.append((clock() - start) / 1000)
     times_us.sort()
+    # What the router also pays per request before choosing: the pool's snapshot.
+    backends = live_pool(n, rng)
+    snapshots_us = timed_us([backends.snapshot] * min(count, 2000))
     return {
         "backends": n,
         "decisions": count,
         "median_us": round(statistics.median(times_us), 2),
         "p99_us": round(nearest_rank(times_us, 0.99) or 0.0, 2),
         "per_backend_ns": round(statistics.median(times_us) * 1000 / n, 1),
+        "snapshot_median_us": round(statistics.median(snapshots_us), 2),
     }
 
 
@@ -101,11 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = [int(v) for v in args.backends.split(",") if v.strip()]
     rows = [measure(n, args.decisions, args.seed) for n in sizes]
-    print(f"{'backends':>8} {'median µs':>10} {'p99 µs':>10} {'ns/backend':>11}")
+    print(
+        f"{'backends':>8} {'median µs':>10} {'p99 µs':>10} {'ns/backend':>11} {'snapshot µs':>12}"
+    )
     for r in rows:
         print(
             f"{r['backends']:>8} {r['median_us']:>10.2f} {r['p99_us']:>10.2f} "
-            f"{r['per_backend_ns']:>11.1f}"
+            f"{r['per_backend_ns']:>11.1f} {r['snapshot_median_us']:>12.2f}"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     result = {"python": sys.version.split()[0], "seed": args.seed, "rows": rows}
