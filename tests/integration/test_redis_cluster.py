@@ -201,6 +201,9 @@ def test_a_master_stopped_under_load_costs_no_request() -> None:
             served_at_least(40)
             cluster.wait_ok(timeout_s=30)  # the replica is promoted
             served_at_least(40)
+            stop.set()  # the load has made its point; agreement is checked turn by turn
+            for t in threads:
+                t.join(timeout=30)
             # Back on the cluster: both routers up, and agreeing again.
             wait_for(
                 lambda: all(
