@@ -253,6 +253,7 @@ class RedisStore:
         self.on_peer_load: Callable[[Mapping[str, float], float], None] | None = None
         self.peer_in_flight: dict[str, float] = {}
         self._stale_replicas: set[str] = set()
+        self._topology_stale = asyncio.Event()
 
     @property
     def fallbacks(self) -> int:
@@ -275,6 +276,8 @@ class RedisStore:
         self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         self.last_error += f" (during a {during})"
         self.down_until = self._clock() + self.retry_s
+        if self.down_cause != "other":
+            self._topology_stale.set()  # a cluster client re-reads the slots (see `heal`)
         if was_up:
             log.warning(
                 "Redis at %s failed (%s, cause %s): ownership served from memory, retrying "
@@ -387,11 +390,28 @@ class RedisStore:
         return owner
 
     async def run(self) -> None:
-        """The loop-lag meter, the writer and the load publisher, for the app's lifetime."""
+        """The loop-lag meter, the writer, the load publisher and the cluster map's healer, for
+        the app's lifetime."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self.lag.run())
             group.create_task(self.write())
             group.create_task(self.share_load())
+            group.create_task(self.heal())
+
+    async def heal(self) -> None:
+        """After a failure, have a cluster client re-read who serves which slots, off the request
+        path. redis-py refreshes its map after a failed single command, but not after a failed
+        pipeline (all our calls): without this, a promoted replica could go unseen for long."""
+        nodes = getattr(self._redis, "nodes_manager", None)
+        if nodes is None:
+            return  # a single node: nothing to re-read
+        while True:
+            await self._topology_stale.wait()
+            self._topology_stale.clear()
+            with contextlib.suppress(*self._trouble):  # the next failure asks again
+                async with redis_deadline(max(self.timeout_s * 20, 2.0), self.lag, self.cap_s * 2):
+                    await nodes.initialize()
+            await asyncio.sleep(min(self.retry_s, 1.0))  # at most once a second
 
     async def share_load(self) -> None:
         """Publish this replica's in-flight counts under a lease, so that a dead replica's

@@ -37,7 +37,13 @@ def redis_client(url: str, timeout_s: float, *, cluster: bool = False) -> Redis 
     """One client (and connection pool) per router process, shared by ownership and rate limits.
 
     The socket timeouts only bound a hung connection; each call has its own, shorter deadline."""
+    from redis.maint_notifications import MaintNotificationsConfig
+
     bound = max(timeout_s * 4, 0.5)
+    # Maintenance notifications (a managed-service feature) cost a command per new connection,
+    # and their set-up is where a cluster connection dropped mid-failover broke (see
+    # `redis_trouble`).
+    quiet = MaintNotificationsConfig(enabled=False)
     if cluster:
         from redis.asyncio.cluster import RedisCluster
 
@@ -46,6 +52,7 @@ def redis_client(url: str, timeout_s: float, *, cluster: bool = False) -> Redis 
             socket_timeout=bound,
             socket_connect_timeout=bound,
             max_connections=CLUSTER_MAX_CONNECTIONS,
+            maint_notifications_config=quiet,
         )
     import redis.asyncio as redis_asyncio
 
@@ -55,6 +62,7 @@ def redis_client(url: str, timeout_s: float, *, cluster: bool = False) -> Redis 
         socket_connect_timeout=bound,
         max_connections=MAX_CONNECTIONS,
         timeout=None,  # the wait for a connection is bounded by each call's deadline
+        maint_notifications_config=quiet,
     )
     return redis_asyncio.Redis.from_pool(pool)
 
@@ -89,7 +97,10 @@ def redis_trouble() -> tuple[type[BaseException], ...]:
     error, our deadline. (redis is imported only when it is used: it pulls in OpenTelemetry.)"""
     from redis.exceptions import RedisClusterException, RedisError
 
-    return (RedisError, RedisClusterException, OSError, TimeoutError)
+    # AttributeError, RuntimeError: when a master dies, redis-py 8's cluster client can write on
+    # a connection another task has just closed ("'NoneType' object has no attribute
+    # 'writelines'"; uvloop: "unable to perform operation on <TCPTransport closed=True>").
+    return (RedisError, RedisClusterException, OSError, TimeoutError, AttributeError, RuntimeError)
 
 
 def fallback_cause(exc: BaseException) -> FallbackCause:

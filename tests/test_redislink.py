@@ -29,6 +29,8 @@ from harness.ports import free_port
         (rex.ResponseError("MOVED 3999 127.0.0.1:7001"), "cluster"),
         (rex.ResponseError("ERR unknown command"), "other"),
         (rex.ReadOnlyError("READONLY"), "other"),
+        (AttributeError("'NoneType' object has no attribute 'writelines'"), "other"),
+        (RuntimeError("unable to perform operation on <TCPTransport closed=True>"), "other"),
     ],
 )
 def test_fallback_causes(exc: BaseException, cause: str) -> None:
