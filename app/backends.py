@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -97,6 +97,9 @@ def is_restart(before: VllmMetrics | None, after: VllmMetrics) -> bool:
     return after.prefix_queries < before.prefix_queries
 
 
+NO_METRICS = VllmMetrics()  # before the first scrape (shared: building one per view costs µs)
+
+
 @dataclass(frozen=True, slots=True)
 class BackendView:
     """One backend as a routing decision sees it."""
@@ -137,6 +140,7 @@ class Backend:
     breaker_until_s: float = 0.0
     capacity: int | None = None
     others: float = 0.0
+    peers_until_s: float = 0.0  # `others` holds the other replicas' shared counts until then
     max_model_len: dict[str, int] = field(default_factory=dict)
     # Its own key (else BACKEND_API_KEY's) sent as its bearer; never shown.
     api_key: str = field(default="", repr=False)
@@ -162,7 +166,7 @@ class Backend:
         return self.healthy and not self.draining
 
     def view(self) -> BackendView:
-        metrics = self.metrics or VllmMetrics()
+        metrics = self.metrics or NO_METRICS
         return BackendView(
             name=self.name,
             url=self.url,
@@ -259,6 +263,14 @@ class BackendPool:
     def _replace(self, backends: tuple[Backend, ...]) -> None:
         self.backends = backends
         self._by_name = {b.name: b for b in backends}
+
+    def share_peer_load(self, counts: Mapping[str, float], fresh_s: float) -> None:
+        """The other router replicas' in-flight counts, just read from Redis: for `fresh_s` they
+        stand for `others` instead of the last vLLM scrape (older, and blind between scrapes)."""
+        until = self._clock() + fresh_s
+        for backend in self.backends:
+            backend.others = counts.get(backend.name, 0.0)
+            backend.peers_until_s = until
 
     def snapshot(self) -> tuple[BackendView, ...]:
         return tuple(b.view() for b in self.backends)
@@ -412,7 +424,8 @@ class BackendPool:
             if self._on_restart is not None:
                 await self._on_restart(backend.name)
         backend.metrics = metrics
-        backend.others = max(0.0, metrics.running + metrics.waiting - backend.in_flight)
+        if self._clock() >= backend.peers_until_s:  # no current counts from the other replicas
+            backend.others = max(0.0, metrics.running + metrics.waiting - backend.in_flight)
         if metrics.waiting > 0 and metrics.running >= 1:
             # Queueing: what runs now is (about) all it can run at once.
             backend.capacity = max(backend.capacity or 0, int(metrics.running))

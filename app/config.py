@@ -131,8 +131,12 @@ class Settings(BaseSettings):
     # --- routing --------------------------------------------------------------------------
     routing_policy: PolicyName = "sticky"
     redis_url: str = Field(default="", repr=False)
+    # auto: ask the server at start (INFO cluster); true/false: decided here.
+    redis_cluster: Literal["auto", "true", "false"] = "auto"
     redis_timeout_s: float = Field(default=0.05, gt=0)
     redis_retry_s: float = Field(default=5.0, gt=0)
+    # Replicas publish their per-backend in-flight counts in Redis and read each other's.
+    shared_load: bool = False
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     prefix_window_chars: int = Field(default=2048, ge=16)
     # Second level of affinity: a new conversation prefers a backend holding its system prompt.

@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 from app.backends import Backend, BackendPool
 from app.config import backend_url
 from app.errors import BadRequest, Conflict, KvrouteError, NoHealthyBackend, NotFound
-from app.ownership import redis_trouble  # (a function: importing redis pulls in OpenTelemetry)
+from app.redislink import redis_trouble  # (a function: importing redis pulls in OpenTelemetry)
 
 log = logging.getLogger("kvroute.fleet")
 

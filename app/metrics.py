@@ -261,7 +261,7 @@ class RouterMetrics:
     def collector(
         self,
         gauges: Callable[[], dict[str, dict[str, float]]],
-        ownership_fallbacks: Callable[[], int],
+        ownership_fallbacks: Callable[[], Mapping[str, int]],
         rejections: Callable[[], Mapping[str, int]] | None = None,
     ) -> Collector:
         """Prometheus view. `gauges()` gives live per-backend gauges: {metric: {backend: value}};
@@ -287,7 +287,7 @@ class _PromCollector(Collector):
         self,
         m: RouterMetrics,
         gauges: Callable[[], dict[str, dict[str, float]]],
-        ownership_fallbacks: Callable[[], int],
+        ownership_fallbacks: Callable[[], Mapping[str, int]],
         rejections: Callable[[], Mapping[str, int]],
     ) -> None:
         self.m = m
@@ -341,11 +341,15 @@ class _PromCollector(Collector):
         yield CounterMetricFamily(
             "kvroute_client_disconnects", "Streams the client left", value=m.client_disconnects
         )
-        yield CounterMetricFamily(
+        fallbacks = CounterMetricFamily(
             "kvroute_ownership_fallbacks",
-            "Ownership look-ups served from memory because Redis failed",
-            value=self.ownership_fallbacks(),
+            "Ownership look-ups served from memory because Redis failed, by cause "
+            "(timeout, connection, cluster, other)",
+            labels=["cause"],
         )
+        for cause, n in self.ownership_fallbacks().items():
+            fallbacks.add_metric([cause], n)
+        yield fallbacks
         yield m.ttft_s.family(
             "kvroute_ttft_seconds",
             "Time to first token: router receipt to the first content chunk (streams)",

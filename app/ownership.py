@@ -4,6 +4,8 @@ Records (both stores):
     conversation_key -> (backend, prompt tokens it has seen)   refreshed on use, idle TTL
     system_key       -> {backend: last used}                    the homes of a system prompt
 A first claim is atomic (`SET NX` in Redis), so router replicas sharing one Redis agree on an owner.
+In Redis both records of a request carry the system key as hash tag (`kvroute:{<system>}:c:<conv>`,
+`kvroute:{<system>}:s`): one slot, so a look-up and a record stay one call on a Redis Cluster too.
 """
 
 from __future__ import annotations
@@ -12,40 +14,33 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from app.config import redact_url
 from app.prefix import PrefixKeys
+from app.redislink import (
+    FALLBACK_CAUSES,
+    FallbackCause,
+    LoopLag,
+    fallback_cause,
+    redis_deadline,
+    redis_trouble,
+)
+from app.redislink import redis_client as redis_client  # where callers have found it
 from app.routing import Ownership
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
 log = logging.getLogger("kvroute.ownership")
 
 
-def redis_client(url: str, timeout_s: float) -> Redis:
-    """One client (and connection pool) per router process, shared by ownership and rate limits.
-
-    The socket timeouts only bound a hung connection; each call has its own, shorter deadline."""
-    import redis.asyncio as redis_asyncio
-
-    bound = max(timeout_s * 4, 0.5)
-    return redis_asyncio.Redis.from_url(url, socket_timeout=bound, socket_connect_timeout=bound)
-
-
 MAX_SYSTEM_HOMES = 4
-
-
-def redis_trouble() -> tuple[type[BaseException], ...]:
-    """What Redis failing looks like from here: its own errors, a socket error, our deadline.
-    (redis is imported only when it is used: importing it pulls in OpenTelemetry's SDK.)"""
-    from redis.exceptions import RedisError
-
-    return (RedisError, OSError, TimeoutError)
 
 
 class OwnershipStore(Protocol):
@@ -203,13 +198,15 @@ class RedisStore:
 
     On the request path: a look-up is one pipelined round trip, or none when the key was seen in
     the last `cache_s`. Records are written by one background task in pipelined batches. When Redis
-    errs or takes longer than `timeout_s`, that request is served from memory, the fallback is
-    counted, and Redis is tried again after `retry_s`. No request ever fails because of Redis.
+    errs, or leaves a look-up unanswered for `timeout_s` of a responsive event loop (our own
+    saturated loop is not Redis's fault: see `redis_deadline`), that request is served from
+    memory, the fallback is counted by cause, and Redis is tried again after `retry_s`. No
+    request ever fails because of Redis.
     """
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Redis | RedisCluster,
         url: str,
         *,
         ttl_s: float,
@@ -217,6 +214,8 @@ class RedisStore:
         retry_s: float,
         cache_s: float = 1.0,
         prefix: str = "kvroute:",
+        lag: LoopLag | None = None,
+        load_interval_s: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
@@ -227,6 +226,9 @@ class RedisStore:
         self.retry_s = retry_s
         self.cache_s = cache_s
         self.prefix = prefix
+        # A slow Redis behind a saturated loop still gives up after this much wall time.
+        self.cap_s = max(timeout_s * 40, 2.0)
+        self.lag = lag or LoopLag()
         self._clock = clock
         self._wall_ms = wall_ms
         self.memory = MemoryStore(ttl_s, clock=clock)
@@ -235,27 +237,54 @@ class RedisStore:
         self._queue: asyncio.Queue[tuple[PrefixKeys, str, int, bool]] = asyncio.Queue(
             maxsize=100_000
         )
-        self._script = self._redis.register_script(_RECORD_SCRIPT)
         self._trouble = redis_trouble()
         self.down_until = 0.0
-        self.fallbacks = 0
+        self.down_cause: FallbackCause = "other"
+        self.fallback_causes: dict[FallbackCause, int] = dict.fromkeys(FALLBACK_CAUSES, 0)
         self.errors = 0
         self.last_error = ""
+        # Shared load: this replica's in-flight counts per backend, published every
+        # `load_interval_s` under a lease; the others' read with every look-up.
+        self.replica = uuid.uuid4().hex[:12]
+        self.load_key = f"{prefix}{{load}}"
+        self.load_interval_s = load_interval_s
+        self.load_lease_ms = int(max(load_interval_s * 20, 1.0) * 1000)
+        self.local_in_flight: Callable[[], Mapping[str, int]] | None = None
+        self.on_peer_load: Callable[[Mapping[str, float], float], None] | None = None
+        self.peer_in_flight: dict[str, float] = {}
+        self._stale_replicas: set[str] = set()
+        self._topology_stale = asyncio.Event()
+
+    @property
+    def fallbacks(self) -> int:
+        """Look-ups served from memory instead of Redis, whatever the cause."""
+        return sum(self.fallback_causes.values())
+
+    def redis_keys(self, keys: PrefixKeys) -> list[str]:
+        """The conversation and system records, in one hash slot (the system key's tag)."""
+        tagged = f"{self.prefix}{{{keys.system}}}:"
+        return [tagged + "c:" + keys.conversation, tagged + "s"]
 
     # --- state ---------------------------------------------------------------------------
     def is_up(self) -> bool:
         return self._clock() >= self.down_until
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException, during: str) -> None:
         was_up = self.down_until == 0.0
         self.errors += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.down_cause = fallback_cause(exc)
+        self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        self.last_error += f" (during a {during})"
         self.down_until = self._clock() + self.retry_s
+        if self.down_cause != "other":
+            self._topology_stale.set()  # a cluster client re-reads the slots (see `heal`)
         if was_up:
             log.warning(
-                "Redis at %s failed (%s): ownership served from memory, retrying every %.0f s",
+                "Redis at %s failed (%s, cause %s): ownership served from memory, retrying "
+                "every %.0f s",
                 redact_url(self.url),
                 self.last_error,
+                self.down_cause,
                 self.retry_s,
             )
 
@@ -264,29 +293,61 @@ class RedisStore:
             log.info("Redis at %s is back: ownership shared again", redact_url(self.url))
             self.down_until = 0.0
 
+    def _from_memory(self, keys: PrefixKeys) -> Ownership:
+        self.fallback_causes[self.down_cause] += 1
+        return self.memory.lookup_now(keys)
+
     # --- OwnershipStore --------------------------------------------------------------------
     async def lookup(self, keys: PrefixKeys) -> Ownership:
         now = self._clock()
         if now < self.down_until:
-            self.fallbacks += 1
-            return self.memory.lookup_now(keys)
+            return self._from_memory(keys)
         cached = self._cache.get(keys.conversation)
         if cached is not None and cached[0] > now:
             return cached[1]
+        conversation_key, system_key = self.redis_keys(keys)
         try:
-            async with asyncio.timeout(self.timeout_s):
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.get(self.prefix + "c:" + keys.conversation)
-                    pipe.hgetall(self.prefix + "s:" + keys.system)
-                    owner_value, homes = await pipe.execute()
+            async with (
+                redis_deadline(self.timeout_s, self.lag, self.cap_s),
+                self._redis.pipeline(transaction=False) as pipe,
+            ):
+                pipe.get(conversation_key)
+                pipe.hgetall(system_key)
+                if self.local_in_flight is not None:  # the load shared by the replicas
+                    pipe.hgetall(self.load_key)
+                owner_value, homes, *load = await pipe.execute()
         except self._trouble as exc:  # serve from memory
-            self._failed(exc)
-            self.fallbacks += 1
-            return self.memory.lookup_now(keys)
+            self._failed(exc, "look-up")
+            return self._from_memory(keys)
         self._succeeded()
+        if load:
+            self._read_peer_load(load[0])
         ownership = self._ownership(owner_value, homes)
         self._remember(keys.conversation, ownership, now)
         return ownership
+
+    def _read_peer_load(self, fields: object) -> None:
+        """Sum the other live replicas' in-flight counts per backend (`expires_ms|b0:3,b1:1`)."""
+        if not isinstance(fields, dict):
+            return
+        now_ms = self._wall_ms()
+        total: dict[str, float] = {}
+        for raw_replica, raw_value in fields.items():
+            replica = raw_replica.decode() if isinstance(raw_replica, bytes) else str(raw_replica)
+            value = raw_value.decode() if isinstance(raw_value, bytes) else str(raw_value)
+            expires, _, counts = value.partition("|")
+            if replica == self.replica or not expires.isdigit():
+                continue
+            if int(expires) < now_ms:  # its lease ran out: the replica is gone
+                self._stale_replicas.add(replica)
+                continue
+            for pair in counts.split(",") if counts else ():
+                backend, _, n = pair.partition(":")
+                if n.isdigit():
+                    total[backend] = total.get(backend, 0.0) + int(n)
+        self.peer_in_flight = total
+        if self.on_peer_load is not None:
+            self.on_peer_load(total, self.load_interval_s * 20)
 
     def _ownership(self, owner_value: object, homes: object) -> Ownership:
         holders: list[tuple[int, str]] = []
@@ -329,6 +390,53 @@ class RedisStore:
         return owner
 
     async def run(self) -> None:
+        """The loop-lag meter, the writer, the load publisher and the cluster map's healer, for
+        the app's lifetime."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.lag.run())
+            group.create_task(self.write())
+            group.create_task(self.share_load())
+            group.create_task(self.heal())
+
+    async def heal(self) -> None:
+        """After a failure, have a cluster client re-read who serves which slots, off the request
+        path. redis-py refreshes its map after a failed single command, but not after a failed
+        pipeline (all our calls): without this, a promoted replica could go unseen for long."""
+        nodes = getattr(self._redis, "nodes_manager", None)
+        if nodes is None:
+            return  # a single node: nothing to re-read
+        while True:
+            await self._topology_stale.wait()
+            self._topology_stale.clear()
+            with contextlib.suppress(*self._trouble):  # the next failure asks again
+                async with redis_deadline(max(self.timeout_s * 20, 2.0), self.lag, self.cap_s * 2):
+                    await nodes.initialize()
+            await asyncio.sleep(min(self.retry_s, 1.0))  # at most once a second
+
+    async def share_load(self) -> None:
+        """Publish this replica's in-flight counts under a lease, so that a dead replica's
+        counts expire on their own; drop the entries of replicas whose lease ran out."""
+        while True:
+            await asyncio.sleep(self.load_interval_s)
+            if self.local_in_flight is None or not self.is_up():
+                continue
+            counts = ",".join(f"{b}:{n}" for b, n in self.local_in_flight().items() if n > 0)
+            value = f"{self._wall_ms() + self.load_lease_ms}|{counts}"
+            stale, self._stale_replicas = self._stale_replicas, set()
+            try:
+                async with (
+                    redis_deadline(max(self.timeout_s * 10, 1.0), self.lag, self.cap_s),
+                    self._redis.pipeline(transaction=False) as pipe,
+                ):
+                    pipe.hset(self.load_key, self.replica, value)
+                    pipe.pexpire(self.load_key, self.load_lease_ms * 10)
+                    if stale:
+                        pipe.hdel(self.load_key, *stale)
+                    await pipe.execute()
+            except self._trouble as exc:  # the others go on with the last scrape
+                self._failed(exc, "load update")
+
+    async def write(self) -> None:
         """The writer: records go to Redis in pipelined batches, off the request path."""
         while True:
             batch = [await self._queue.get()]
@@ -337,26 +445,9 @@ class RedisStore:
             if not self.is_up():
                 continue  # memory holds these; Redis catches up on the next uses
             try:
-                async with asyncio.timeout(max(self.timeout_s * 10, 1.0)):
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        for keys, backend, tokens, claim in batch:
-                            await self._script(
-                                keys=[
-                                    self.prefix + "c:" + keys.conversation,
-                                    self.prefix + "s:" + keys.system,
-                                ],
-                                args=[
-                                    backend,
-                                    tokens,
-                                    self.ttl_ms,
-                                    "1" if claim else "0",
-                                    self._wall_ms(),
-                                ],
-                                client=pipe,
-                            )
-                        results = await pipe.execute()
+                results = await self._write_batch(batch)
             except self._trouble as exc:  # memory keeps serving
-                self._failed(exc)
+                self._failed(exc, "write")
                 continue
             self._succeeded()
             for (keys, backend, _tokens, claim), result in zip(batch, results, strict=True):
@@ -365,6 +456,28 @@ class RedisStore:
                     # Another replica claimed this conversation first: follow it.
                     self.memory.record_now(keys, parsed[0], parsed[1], claim=False)
                     self._cache.pop(keys.conversation, None)
+
+    async def _write_batch(self, batch: list[tuple[PrefixKeys, str, int, bool]]) -> list[object]:
+        budget_s = max(self.timeout_s * 10, 1.0)
+        async with (
+            redis_deadline(budget_s, self.lag, max(self.cap_s, budget_s * 2)),
+            self._redis.pipeline(transaction=False) as pipe,
+        ):
+            for keys, backend, tokens, claim in batch:
+                # EVAL, not EVALSHA: on a cluster each node (a promoted replica too) may lack
+                # the script, and a pipeline cannot load it half-way.
+                pipe.eval(
+                    _RECORD_SCRIPT,
+                    2,
+                    *self.redis_keys(keys),
+                    backend,
+                    tokens,
+                    self.ttl_ms,
+                    "1" if claim else "0",
+                    self._wall_ms(),
+                )
+            results: list[object] = await pipe.execute()
+        return results
 
     async def forget_backend(self, backend: str) -> None:
         self._forgotten_ms[backend] = self._wall_ms()
@@ -378,9 +491,13 @@ class RedisStore:
         return {
             "kind": "redis",
             "url": redact_url(self.url),
+            "cluster": type(self._redis).__name__ == "RedisCluster",
             "state": "up" if self.is_up() else "down (serving from memory)",
             "fallbacks": self.fallbacks,
+            "fallback_causes": dict(self.fallback_causes),
             "errors": self.errors,
             "last_error": self.last_error or None,
             "local_keys": self.memory.describe()["keys"],
+            "replica": self.replica,
+            "peer_in_flight": self.peer_in_flight,
         }

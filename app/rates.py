@@ -1,20 +1,20 @@
 """Per-tenant request and token rates: token buckets in memory, or in Redis so that every router
-replica enforces one budget. A request is checked once, before admission; amounts are never
+replica enforces one budget (both buckets of a tenant in one hash slot: `kvroute:rate:{<tenant>}:rpm`). A request is checked once, before admission; amounts are never
 negative (a request cannot refill its tenant's allowance).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from app.errors import Overloaded
-from app.ownership import redis_trouble
+from app.redislink import LoopLag, redis_deadline, redis_trouble
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
 
 class TokenBucket:
@@ -121,12 +121,13 @@ class RedisRateLimits:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Redis | RedisCluster,
         rpm: float,
         tpm: float,
         *,
         timeout_s: float,
         prefix: str = "kvroute:rate:",
+        lag: LoopLag | None = None,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         self._redis = redis
@@ -134,6 +135,8 @@ class RedisRateLimits:
         self._trouble = redis_trouble()
         self.rpm, self.tpm = rpm, tpm
         self.timeout_s = timeout_s
+        self.cap_s = max(timeout_s * 40, 2.0)
+        self.lag = lag or LoopLag()  # the ownership store's, which runs it
         self.prefix = prefix
         self._wall_ms = wall_ms
         self.local = RateLimits(rpm, tpm)
@@ -143,15 +146,20 @@ class RedisRateLimits:
     def enabled(self) -> bool:
         return bool(self.rpm or self.tpm)
 
+    def redis_keys(self, tenant: str) -> list[str]:
+        """The tenant's two buckets, in one hash slot (the tenant's tag; never an empty one,
+        which would hash each whole key on its own)."""
+        tagged = f"{self.prefix}{{{tenant or '-'}}}:"
+        return [tagged + "rpm", tagged + "tpm"]
+
     async def check(self, tenant: str, tokens: int) -> None:
         if not self.enabled:
             return
         tokens = max(tokens, 0)
-        keys = [f"{self.prefix}{tenant}:rpm", f"{self.prefix}{tenant}:tpm"]
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with redis_deadline(self.timeout_s, self.lag, self.cap_s):
                 waits = await self._script(
-                    keys=keys, args=[self._wall_ms(), self.rpm, self.tpm, tokens]
+                    keys=self.redis_keys(tenant), args=[self._wall_ms(), self.rpm, self.tpm, tokens]
                 )
         except self._trouble:  # Redis failed: this process's buckets decide
             self.fallbacks += 1

@@ -145,25 +145,57 @@ class StickyBounded:
         w = self.weights
         # The cap bounds what this router dispatched (its traffic share); vLLM's waiting queue,
         # a sampled and lagging figure, only weighs in the cost.
-        in_flight = [b.in_flight for b in candidates]
-        cap = max(w.cap_factor * (sum(in_flight) + 1) / len(candidates), w.cap_floor)
+        total = sum(b.in_flight for b in candidates)
+        cap = max(w.cap_factor * (total + 1) / len(candidates), w.cap_floor)
         eligible = [b for b in candidates if b.in_flight + 1 <= cap]
         if not eligible:  # everyone is over the cap: the least loaded take it
-            eligible = [b for b in candidates if b.in_flight == min(in_flight)]
+            least = min(b.in_flight for b in candidates)
+            eligible = [b for b in candidates if b.in_flight == least]
+        cheapest = self._cheapest(request, eligible, ownership)
+        # Ties go to the highest rendezvous hash; hashing only the tied keeps a decision over
+        # hundreds of backends a few arithmetic steps per backend.
         key = request.keys.conversation
-
-        def score(backend: BackendView) -> tuple[float, int]:
-            cached = _cached(request, ownership, backend.name)
-            cost = w.w_prefill * (request.prompt_tokens - cached) + w.w_load * self.load(backend)
-            return (cost, -rendezvous(key, backend.name))
-
-        chosen = min(eligible, key=score).name
+        chosen = (
+            cheapest[0].name
+            if len(cheapest) == 1
+            else max(cheapest, key=lambda b: rendezvous(key, b.name)).name
+        )
         return Decision(
             backend=chosen,
             outcome=outcome_for(ownership, chosen, candidates),
             affinity=_affinity(ownership, chosen),
             cached_tokens=_cached(request, ownership, chosen),
         )
+
+    def _cheapest(
+        self, request: RouteRequest, eligible: Sequence[BackendView], ownership: Ownership
+    ) -> list[BackendView]:
+        """The backends of least cost: only the owner and the system's homes hold anything, so
+        every other backend's cost is the full prefill plus its load."""
+        w = self.weights
+        holders = {name: _cached(request, ownership, name) for name in ownership.system_holders}
+        if ownership.owner is not None:
+            holders[ownership.owner] = _cached(request, ownership, ownership.owner)
+        full = w.w_prefill * request.prompt_tokens
+        w_prefill, w_load, w_waiting = w.w_prefill, w.w_load, w.w_waiting
+        best_cost = float("inf")
+        best: list[BackendView] = []
+        for backend in eligible:
+            # self.load(backend), inlined: this loop is the whole cost of a decision.
+            if backend.capacity:
+                queued = backend.in_flight + backend.others - backend.capacity
+                queued = queued if queued > 0 else 0.0
+            else:
+                queued = int(backend.waiting)
+            load = backend.in_flight + w_waiting * queued
+            cost = full + w_load * load
+            if holders:
+                cost -= w_prefill * holders.get(backend.name, 0)
+            if cost < best_cost:
+                best_cost, best = cost, [backend]
+            elif cost == best_cost:
+                best.append(backend)
+        return best
 
 
 class LeastLoaded:

@@ -25,9 +25,10 @@ from app.dashboard import SeriesRecorder, TenantTags
 from app.fleet import Fleet, FleetCollector, RedisMembership
 from app.logs import RequestLog
 from app.metrics import RequestRecord, RouterMetrics
-from app.ownership import MemoryStore, OwnershipStore, RedisStore, redis_client
+from app.ownership import MemoryStore, OwnershipStore, RedisStore
 from app.presentation import prom_gauges
 from app.rates import RateLimits, RedisRateLimits
+from app.redislink import LoopLag, is_cluster, redis_client
 from app.routing import CostWeights, LeastLoaded, Policy, make_policy
 from app.security import KeyRing
 from app.tenancy import Network, parse_networks
@@ -58,7 +59,7 @@ class Services:
     fleet: Fleet
     tenant_tags: TenantTags = field(default_factory=TenantTags)
     passthrough_policy: Policy = field(default_factory=LeastLoaded)
-    redis: Any = None  # redis.asyncio.Redis when REDIS_URL is set
+    redis: Any = None  # redis.asyncio.Redis or RedisCluster when REDIS_URL is set
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     def ready_for(self, model: str) -> Callable[[], bool]:
@@ -86,13 +87,23 @@ class Services:
         rates = {f"rate_{kind}": n for kind, n in local.rejected.items()}
         return {**self.admission.stats.rejected, **rates}
 
-    def ownership_fallbacks(self) -> int:
-        return self.store.fallbacks if isinstance(self.store, RedisStore) else 0
+    def ownership_fallbacks(self) -> dict[str, int]:
+        """Look-ups served from memory instead of Redis, by cause."""
+        if isinstance(self.store, RedisStore):
+            return {cause: n for cause, n in self.store.fallback_causes.items()}
+        return {}
 
 
 def build_services(settings: Settings, *, transport: Transport | None = None) -> Services:
     s = settings
-    redis = redis_client(s.redis_url, s.redis_timeout_s) if s.redis_url else None
+    redis = (
+        redis_client(
+            s.redis_url, s.redis_timeout_s, cluster=is_cluster(s.redis_url, s.redis_cluster)
+        )
+        if s.redis_url
+        else None
+    )
+    lag = LoopLag()  # run by the Redis store, read by both Redis users
     store: OwnershipStore = (
         RedisStore(
             redis,
@@ -100,6 +111,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
             ttl_s=s.ownership_ttl_s,
             timeout_s=s.redis_timeout_s,
             retry_s=s.redis_retry_s,
+            lag=lag,
         )
         if redis is not None
         else MemoryStore(s.ownership_ttl_s)
@@ -113,6 +125,9 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         breaker_cooldown_s=s.breaker_cooldown_s,
         on_restart=store.forget_backend,
     )
+    if s.shared_load and isinstance(store, RedisStore):  # replicas share in-flight counts
+        store.local_in_flight = lambda: {b.name: b.in_flight for b in pool.backends}
+        store.on_peer_load = pool.share_peer_load
     policy = make_policy(s.routing_policy, _weights(s))
     transport = transport or AiohttpTransport(
         connect_timeout_s=s.connect_timeout_s,
@@ -133,7 +148,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         store=store,
         policy=policy,
         admission=Admission(_limits(s)),
-        rates=_rates(s, redis),
+        rates=_rates(s, redis, lag),
         transport=transport,
         dispatcher=Dispatcher(
             pool=pool,
@@ -185,11 +200,11 @@ def _limits(s: Settings) -> Limits:
     )
 
 
-def _rates(s: Settings, redis: Any) -> RateLimits | RedisRateLimits:
+def _rates(s: Settings, redis: Any, lag: LoopLag) -> RateLimits | RedisRateLimits:
     if redis is None:
         return RateLimits(s.tenant_rpm, s.tenant_tpm)
     return RedisRateLimits(
-        redis, s.tenant_rpm, s.tenant_tpm, timeout_s=max(s.redis_timeout_s, 0.05)
+        redis, s.tenant_rpm, s.tenant_tpm, timeout_s=max(s.redis_timeout_s, 0.05), lag=lag
     )
 
 

@@ -307,6 +307,9 @@ async def restart_sims(urls: list[str]) -> None:
 
 ONE_BACKEND = "one backend"
 REPLICAS = "kvroute x2 + Redis"
+REPLICAS_4 = "kvroute x4 + Redis"
+REPLICAS_SHARED = "kvroute x2 + Redis + shared load"
+SHARED = (REPLICAS, REPLICAS_4, REPLICAS_SHARED)  # the rows that need Redis
 # The router's own probes, fast enough for a short run.
 ROUTER_ENV = {"METRICS_INTERVAL_S": "0.25", "HEALTH_INTERVAL_S": "1", "REDIS_URL": ""}
 POLICIES: dict[str, dict[str, str]] = {
@@ -320,6 +323,14 @@ POLICIES: dict[str, dict[str, str]] = {
     # Two router processes (uvicorn workers on one port, the kernel spreads the connections)
     # agreeing on owners through Redis: what several replicas keep of the locality.
     REPLICAS: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true", "WORKERS": "2"},
+    REPLICAS_4: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true", "WORKERS": "4"},
+    # The same two, each seeing the other's in-flight counts through Redis (SHARED_LOAD).
+    REPLICAS_SHARED: {
+        "ROUTING_POLICY": "sticky",
+        "SYSTEM_AFFINITY": "true",
+        "WORKERS": "2",
+        "SHARED_LOAD": "true",
+    },
 }
 
 
@@ -428,11 +439,13 @@ async def run_capacity(
         wanted = [p.strip() for p in args.policies.split(",")] if args.policies else list(POLICIES)
         log_dir = Path(tempfile.mkdtemp(prefix="kvroute-locality-"))
         redis_url = None
-        if REPLICAS in wanted:
+        if any(name in wanted for name in SHARED):
             redis_url = stack.enter_context(redis_or_private(args.redis_url, log_dir))
             if redis_url is None:
-                print(f"  {REPLICAS}: not run (no Redis at {args.redis_url})", file=sys.stderr)
-                wanted.remove(REPLICAS)
+                for name in SHARED:
+                    if name in wanted:
+                        print(f"  {name}: not run (no Redis at {args.redis_url})", file=sys.stderr)
+                        wanted.remove(name)
         servers: list[tuple[str, ChildServer, dict[str, str]]] = [
             (
                 name,
@@ -442,7 +455,7 @@ async def run_capacity(
                     {
                         **POLICIES[name],
                         **ROUTER_ENV,
-                        **({"REDIS_URL": redis_url or ""} if name == REPLICAS else {}),
+                        **({"REDIS_URL": redis_url or ""} if name in SHARED else {}),
                     },
                 ),
                 {},

@@ -147,7 +147,7 @@ def measure(n: int) -> dict[str, Any]:
 
     registry = CollectorRegistry()
     registry.register(
-        m.collector(lambda: {"backend_in_flight": dict.fromkeys(BACKENDS, 1.0)}, lambda: 0)
+        m.collector(lambda: {"backend_in_flight": dict.fromkeys(BACKENDS, 1.0)}, dict)
     )
     start = time.perf_counter()
     text = generate_latest(registry)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 
 from app.simulator.config import SimConfig
@@ -570,9 +571,22 @@ async def run_scaling(
                 )
                 row = phase.row()
                 row["redis_url"] = redis_url
+                if workers == 1:  # one process: its /metrics is the whole router's
+                    row["ownership_fallbacks"] = await ownership_fallbacks(server.url)
                 rows.append(row)
                 _progress(row)
     return rows, None
+
+
+async def ownership_fallbacks(url: str) -> dict[str, Any]:
+    """Look-ups the router served from memory instead of Redis, in all and by cause."""
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(url + "/metrics") as r,
+    ):
+        ownership = (await r.json())["ownership"]
+    return {"total": ownership.get("fallbacks"), "by_cause": ownership.get("fallback_causes")}
 
 
 def _progress(row: dict[str, Any]) -> None:
@@ -593,6 +607,11 @@ def report(result: dict[str, Any]) -> str:
                 f"  workers={r['workers']}  c={r['concurrency']}  {r['requests_per_s']:.1f} req/s "
                 f"(x{r['speedup_vs_first']:.2f})  router cpu {r['server_cpu_s_per_1k']:.2f} s/1k  "
                 f"ttft p50 {_fmt(r['ttft_ms']['p50'], '.2f')} ms  errors {r['requests'] - r['ok']}"
+                + (
+                    f"  ownership fallbacks {r['ownership_fallbacks']['total']}"
+                    if "ownership_fallbacks" in r
+                    else ""
+                )
             )
     soak = result["soak"]
     if soak:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from app.config import Settings
 from app.listener import protocol_for
 from app.simulator.config import SimConfig
 from harness.asgi import ThreadedServer, uvicorn_server
+from harness.redis import PrivateRedisCluster
 from harness.simulator import SimulatorThread
 
 
@@ -106,3 +108,17 @@ def redis_url() -> str:
     except redis.ConnectionError as exc:
         missing_service(f"no Redis at {REDIS_URL} ({exc}); start one or set KVROUTE_TEST_REDIS_URL")
     return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A Redis Cluster: KVROUTE_TEST_REDIS_CLUSTER_URL, else a private one (3 masters, 3 replicas
+    on loopback) for the session. Tests keep apart by their own keys (tenants, prompts)."""
+    url = os.environ.get("KVROUTE_TEST_REDIS_CLUSTER_URL")
+    if url:
+        yield url
+        return
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        missing_service("no Redis Cluster: set KVROUTE_TEST_REDIS_CLUSTER_URL or install redis")
+    with PrivateRedisCluster() as cluster:
+        yield cluster.url

@@ -45,3 +45,13 @@ def test_restart_detection() -> None:
     assert not is_restart(a, VllmMetrics(prefix_queries=150, start_time_s=1.0))
     assert is_restart(a, VllmMetrics(prefix_queries=150, start_time_s=2.0))
     assert is_restart(a, VllmMetrics(prefix_queries=10, start_time_s=None))
+
+
+def test_shared_peer_load_stands_for_others_while_fresh() -> None:
+    from app.backends import BackendPool
+
+    now = [100.0]
+    pool = BackendPool(["http://a:1", "http://b:1"], clock=lambda: now[0])
+    pool.share_peer_load({"b1": 4.0}, fresh_s=1.0)
+    assert [v.others for v in pool.snapshot()] == [0.0, 4.0]
+    assert pool.get("b1").peers_until_s == 101.0

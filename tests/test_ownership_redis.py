@@ -144,3 +144,94 @@ async def test_redis_stopped_mid_run_then_back() -> None:
             assert store.is_up()
     finally:
         server.stop()
+
+
+def test_router_counts_fallbacks_by_cause_in_both_metrics_views() -> None:
+    import httpx
+
+    from tests.conftest import running_router, running_simulators
+
+    body = {"model": "sim-model", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    with (
+        running_simulators(1, base_ttft_s=0.0, prefill_s_per_token=0.0) as sims,
+        running_router(
+            [sims[0].url], served_model="sim-model", redis_url=f"redis://127.0.0.1:{free_port()}/0"
+        ) as r,
+    ):
+        for i in range(3):  # nothing listens there: each request is served from memory
+            chat = {**body, "messages": [{"role": "user", "content": f"hi {i}"}]}
+            assert httpx.post(f"{r.url}/v1/chat/completions", json=chat).status_code == 200
+        ownership = httpx.get(f"{r.url}/metrics").json()["ownership"]
+        assert ownership["fallback_causes"] == {
+            "timeout": 0,
+            "connection": 3,
+            "cluster": 0,
+            "other": 0,
+        }
+        assert ownership["cluster"] is False
+        prom = httpx.get(f"{r.url}/metrics", headers={"Accept": "text/plain;version=0.0.4"}).text
+        assert 'kvroute_ownership_fallbacks_total{cause="connection"} 3.0' in prom
+        assert 'kvroute_ownership_fallbacks_total{cause="timeout"} 0.0' in prom
+
+
+async def test_replicas_share_in_flight_counts_under_a_lease(redis_url: str) -> None:
+    a, b = (
+        RedisStore(
+            redis_client(redis_url, 0.5),
+            redis_url,
+            ttl_s=60,
+            timeout_s=0.5,
+            retry_s=0.2,
+            cache_s=0.0,
+        )
+        for _ in range(2)
+    )
+    a.local_in_flight = lambda: {"b0": 1}
+    b.local_in_flight = lambda: {"b0": 3, "b1": 2, "b2": 0}
+    seen: list[tuple[dict[str, float], float]] = []
+    a.on_peer_load = lambda counts, fresh_s: seen.append((dict(counts), fresh_s))
+
+    async def a_sees(expected: dict[str, float]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while True:
+            await a.lookup(keys("any"))  # every look-up reads the shared counts too
+            if a.peer_in_flight == expected:
+                return
+            assert loop.time() < deadline, a.peer_in_flight
+            await asyncio.sleep(0.02)
+
+    async with writing(a):
+        async with writing(b):
+            await a_sees({"b0": 3.0, "b1": 2.0})  # b's, never a's own
+            assert seen[-1] == ({"b0": 3.0, "b1": 2.0}, 1.0)
+        # b stopped publishing (a dead replica): its counts expire with its lease...
+        await a_sees({})
+        # ...and a drops its entry from Redis.
+        import redis
+
+        sync = redis.Redis.from_url(redis_url)
+        wait_fields = asyncio.get_running_loop().time() + 5
+        while b.replica.encode() in sync.hkeys(a.load_key):
+            assert asyncio.get_running_loop().time() < wait_fields
+            await a.lookup(keys("any"))
+            await asyncio.sleep(0.05)
+        sync.close()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_shared_load_is_wired_only_when_asked(redis_url: str, shared: bool) -> None:
+    from app.config import Settings
+    from app.services import build_services
+
+    services = build_services(
+        Settings(
+            backend_urls=["http://127.0.0.1:1"],
+            redis_url=redis_url,
+            shared_load=shared,
+            _env_file=None,  # type: ignore[call-arg]
+        )
+    )
+    store = services.store
+    assert isinstance(store, RedisStore)
+    assert (store.local_in_flight is not None, store.on_peer_load is not None) == (shared, shared)

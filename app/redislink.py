@@ -1,0 +1,213 @@
+"""The router's one Redis connection (a single node or a Redis Cluster), the names of its failures,
+and a deadline that measures Redis rather than this process's own event loop.
+
+Ownership and rate limits share one client per process. Every script's keys carry one hash tag,
+so the same code runs on a single node and on a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
+
+from app.config import redact_url
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+
+log = logging.getLogger("kvroute.redis")
+
+FallbackCause = Literal["timeout", "connection", "cluster", "other"]
+FALLBACK_CAUSES: tuple[FallbackCause, ...] = ("timeout", "connection", "cluster", "other")
+
+# Connections per Redis node. redis-py refuses a command past its pool's limit
+# (MaxConnectionsError, 100 by default): a fallback for want of a socket, not Redis's fault. A
+# single node's pool makes a look-up wait for a free connection instead (within its deadline);
+# the cluster client cannot wait, so its limit is well above any router's concurrency.
+MAX_CONNECTIONS = 256
+CLUSTER_MAX_CONNECTIONS = 4096
+
+
+def redis_client(url: str, timeout_s: float, *, cluster: bool = False) -> Redis | RedisCluster:
+    """One client (and connection pool) per router process, shared by ownership and rate limits.
+
+    The socket timeouts only bound a hung connection; each call has its own, shorter deadline."""
+    from redis.maint_notifications import MaintNotificationsConfig
+
+    bound = max(timeout_s * 4, 0.5)
+    # Maintenance notifications (a managed-service feature) cost a command per new connection,
+    # and their set-up is where a cluster connection dropped mid-failover broke (see
+    # `redis_trouble`).
+    quiet = MaintNotificationsConfig(enabled=False)
+    if cluster:
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(
+            url,
+            socket_timeout=bound,
+            socket_connect_timeout=bound,
+            max_connections=CLUSTER_MAX_CONNECTIONS,
+            maint_notifications_config=quiet,
+        )
+    import redis.asyncio as redis_asyncio
+
+    pool = redis_asyncio.BlockingConnectionPool.from_url(
+        url,
+        socket_timeout=bound,
+        socket_connect_timeout=bound,
+        max_connections=MAX_CONNECTIONS,
+        timeout=None,  # the wait for a connection is bounded by each call's deadline
+        maint_notifications_config=quiet,
+    )
+    return redis_asyncio.Redis.from_pool(pool)
+
+
+def is_cluster(url: str, mode: str, *, timeout_s: float = 1.0) -> bool:
+    """Whether `url` is a Redis Cluster: `mode` true/false decides, `auto` asks the server once
+    (`INFO cluster`). A server that does not answer at start-up is taken for a single node."""
+    if mode != "auto":
+        return mode == "true"
+    import redis
+
+    if urlsplit(url).scheme == "unix":
+        return False  # a cluster is never reached through a unix socket
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        info = client.info("cluster")
+    except redis_trouble() as exc:
+        log.warning(
+            "Redis at %s did not answer INFO cluster (%s): taken for a single node; set "
+            "REDIS_CLUSTER=true if it is a cluster",
+            redact_url(url),
+            exc,
+        )
+        return False
+    finally:
+        client.close()
+    return bool(info.get("cluster_enabled"))
+
+
+def redis_trouble() -> tuple[type[BaseException], ...]:
+    """What Redis failing looks like from here: its own errors (the cluster client's too), a socket
+    error, our deadline. (redis is imported only when it is used: it pulls in OpenTelemetry.)"""
+    from redis.exceptions import RedisClusterException, RedisError
+
+    # AttributeError, RuntimeError: when a master dies, redis-py 8's cluster client can write on
+    # a connection another task has just closed ("'NoneType' object has no attribute
+    # 'writelines'"; uvloop: "unable to perform operation on <TCPTransport closed=True>").
+    return (RedisError, RedisClusterException, OSError, TimeoutError, AttributeError, RuntimeError)
+
+
+def fallback_cause(exc: BaseException) -> FallbackCause:
+    """The cause a Redis failure is counted under."""
+    from redis import exceptions as rex
+
+    if isinstance(exc, (TimeoutError, rex.TimeoutError)):
+        return "timeout"
+    cluster_errors = (
+        rex.ClusterError,
+        rex.AskError,  # and MovedError
+        rex.TryAgainError,
+        rex.ClusterCrossSlotError,
+        rex.RedisClusterException,
+    )
+    if isinstance(exc, cluster_errors):
+        return "cluster"
+    if isinstance(exc, rex.ResponseError) and str(exc).split(" ", 1)[0] in (
+        "MOVED",
+        "ASK",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+        "CROSSSLOT",
+    ):
+        return "cluster"
+    if isinstance(exc, (rex.ConnectionError, OSError)):
+        return "connection"
+    return "other"
+
+
+class LoopLag:
+    """How late this event loop has run its timers, in total: the time a saturated loop kept
+    every awaiting call (a Redis reply among them) waiting, which is not Redis's to answer for.
+
+    `run()` ticks every `tick_s` while some deadline is open (an idle router pays nothing); the
+    lateness of the tick now due counts too, so the figure is current even while the ticker itself
+    is waiting its turn."""
+
+    def __init__(self, tick_s: float = 0.002) -> None:
+        self.tick_s = tick_s
+        self.total_s = 0.0
+        self.open = 0  # deadlines now running
+        self._due: float | None = None
+        self._wanted: asyncio.Event | None = None
+
+    def lag_s(self, now: float) -> float:
+        pending = max(0.0, now - self._due) if self._due is not None else 0.0
+        return self.total_s + pending
+
+    def opened(self) -> None:
+        self.open += 1
+        if self._wanted is not None and self._due is None:
+            # Until the idle ticker gets its turn, the loop's delay counts as lag from now: a
+            # burst that wakes it may hold the loop for a while first.
+            self._due = asyncio.get_running_loop().time()
+            self._wanted.set()
+
+    def closed(self) -> None:
+        self.open -= 1
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._wanted = asyncio.Event()
+        try:
+            while True:
+                if not self.open:
+                    self._due = None
+                    self._wanted.clear()
+                    await self._wanted.wait()
+                    if self._due is not None:  # set by `opened`
+                        self.total_s += max(0.0, loop.time() - self._due)
+                self._due = loop.time() + self.tick_s
+                await asyncio.sleep(self.tick_s)
+                self.total_s += max(0.0, loop.time() - self._due)
+        finally:
+            self._due = None
+            self._wanted = None
+
+
+@contextlib.asynccontextmanager
+async def redis_deadline(budget_s: float, lag: LoopLag, cap_s: float) -> AsyncIterator[None]:
+    """Raise TimeoutError in the body once Redis has had `budget_s` of a responsive loop without
+    answering (the wall time minus the loop's lag meanwhile), or after `cap_s` of wall time
+    whatever the loop did (a slow Redis behind a saturated loop)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    lag.opened()
+    lag_at_start = lag.lag_s(start)
+    handle: asyncio.TimerHandle | None = None
+    try:
+        async with asyncio.timeout_at(start + cap_s) as timeout:
+
+            def check() -> None:
+                nonlocal handle
+                if timeout.expired():
+                    return  # the cap came first
+                now = loop.time()
+                spent = (now - start) - (lag.lag_s(now) - lag_at_start)
+                if spent >= budget_s:
+                    timeout.reschedule(now)  # expires at once: asyncio cancels and raises
+                else:
+                    handle = loop.call_at(now + budget_s - spent, check)
+
+            handle = loop.call_at(start + budget_s, check)
+            try:
+                yield
+            finally:
+                handle.cancel()
+    finally:
+        lag.closed()

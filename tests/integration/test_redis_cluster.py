@@ -1,0 +1,228 @@
+"""Ownership and tenant rates on a real Redis Cluster (3 masters, 3 replicas on loopback): stores
+and router processes agree, one budget per tenant, and a master's failover costs no request."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from app.errors import Overloaded
+from app.ownership import RedisStore
+from app.prefix import PrefixKeys
+from app.rates import RedisRateLimits
+from app.redislink import is_cluster, redis_client
+from app.services import background
+from harness.redis import PrivateRedisCluster
+from tests.conftest import missing_service, running_simulators, wait_for
+from tests.integration.router_process import RouterProcess
+from tests.integration.test_locality import SIM, conversation, turn
+
+pytestmark = pytest.mark.redis
+
+
+def keys(conv: str, system: str) -> PrefixKeys:
+    return PrefixKeys(conversation=conv, system=system, prompt_chars=0, system_chars=0)
+
+
+def cluster_store(url: str) -> RedisStore:
+    client = redis_client(url, 0.5, cluster=True)
+    return RedisStore(client, url, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=0.0)
+
+
+@pytest.fixture
+async def replicas(redis_cluster_url: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    a, b = cluster_store(redis_cluster_url), cluster_store(redis_cluster_url)
+    async with background([a.run(), b.run()]):
+        yield a, b
+
+
+async def written(store: RedisStore, look: RedisStore, k: PrefixKeys, timeout_s: float = 5) -> str:
+    """Wait until `look` sees an owner for `k` (the writer is asynchronous); that owner."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while (owner := (await look.lookup(k)).owner) is None:
+        assert loop.time() < deadline, f"{k.conversation} never reached Redis"
+        await asyncio.sleep(0.01)
+    return owner
+
+
+def test_the_cluster_is_detected(redis_cluster_url: str) -> None:
+    assert is_cluster(redis_cluster_url, "auto")
+
+
+async def test_two_stores_agree_on_owners_across_shards(
+    replicas: tuple[RedisStore, RedisStore],
+) -> None:
+    a, b = replicas
+    run = uuid.uuid4().hex[:8]
+    # Many system prompts: their tags spread the records over the three shards.
+    wanted = {keys(f"{run}-c{i}", f"{run}-s{i}"): f"b{i % 3}" for i in range(30)}
+    for k, backend in wanted.items():
+        await a.record(k, backend, 100, claim=True)
+    for k, backend in wanted.items():
+        assert await written(a, b, k) == backend
+        seen = await b.lookup(k)
+        assert (seen.owner_tokens, seen.system_holders) == (100, (backend,))
+    # A race for one new key: both end up following the same winner.
+    race = keys(f"{run}-race", f"{run}-s0")
+    await asyncio.gather(a.record(race, "b0", 1, claim=True), b.record(race, "b1", 1, claim=True))
+    owner = await written(a, b, race)
+    await written(b, a, race)
+    assert (await a.lookup(race)).owner == (await b.lookup(race)).owner == owner
+    assert a.fallbacks == b.fallbacks == 0
+    assert a.describe()["cluster"] is True
+
+
+async def test_two_rate_limiters_share_one_budget(redis_cluster_url: str) -> None:
+    limits = [
+        RedisRateLimits(redis_client(redis_cluster_url, 0.5, cluster=True), 3, 0, timeout_s=0.5)
+        for _ in range(2)
+    ]
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    await limits[0].check(tenant, 1)
+    await limits[1].check(tenant, 1)
+    await limits[0].check(tenant, 1)
+    with pytest.raises(Overloaded, match="RPM"):
+        await limits[1].check(tenant, 1)
+    assert limits[0].fallbacks == limits[1].fallbacks == 0
+
+
+def router_env(sims_urls: list[str], redis_url: str, **extra: str) -> dict[str, str]:
+    return {
+        "BACKEND_URLS": ",".join(sims_urls),
+        "SERVED_MODEL": "sim-model",
+        "REDIS_URL": redis_url,  # REDIS_CLUSTER left to auto: the router asks the server
+        **extra,
+    }
+
+
+def alternating_turns_agree(routers: list[RouterProcess], run: str, conversations: int) -> None:
+    """Conversations whose turns alternate between the routers each stay on one backend."""
+    for i in range(conversations):
+        messages = conversation(i)
+        messages[1]["content"] += run
+        backends = []
+        for t in range(4):
+            stats = turn(routers[(i + t) % len(routers)].url, f"tenant{i % 4}-{run}", messages)
+            backends.append(stats["backend"])
+            if t:
+                assert stats["cache_outcome"] == "hit", (i, t, stats)
+            messages = [
+                *messages,
+                {"role": "assistant", "content": "x"},
+                {"role": "user", "content": f"turn {t}"},
+            ]
+        assert len(set(backends)) == 1, backends
+
+
+def test_two_router_processes_agree_and_share_a_tenant_budget(redis_cluster_url: str) -> None:
+    run = uuid.uuid4().hex[:8]
+    with running_simulators(3, **SIM) as sims:
+        env = router_env(
+            [s.url for s in sims],
+            redis_cluster_url,
+            TENANT_RPM="10",
+            TRUST_TENANT_HEADERS="true",
+        )
+        routers = [RouterProcess(env).start(), RouterProcess(env).start()]
+        try:
+            for r in routers:
+                ownership = httpx.get(f"{r.url}/metrics").json()["ownership"]
+                assert (ownership["kind"], ownership["cluster"]) == ("redis", True)
+            alternating_turns_agree(routers, run, conversations=2)  # 8 of each tenant's 10
+            body = {
+                "model": "sim-model",
+                "max_tokens": 2,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+            statuses = [
+                httpx.post(
+                    f"{routers[n % 2].url}/v1/chat/completions",
+                    json=body,
+                    headers={"X-Tenant-ID": f"budget-{run}"},
+                    timeout=10,
+                ).status_code
+                for n in range(14)
+            ]
+            assert statuses == [200] * 10 + [429] * 4  # one budget, whichever replica answers
+            for r in routers:
+                ownership = httpx.get(f"{r.url}/metrics").json()["ownership"]
+                assert (ownership["state"], ownership["fallbacks"]) == ("up", 0), ownership
+        finally:
+            for r in routers:
+                r.stop()
+
+
+def test_a_master_stopped_under_load_costs_no_request() -> None:
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        missing_service("redis-server / redis-cli are not installed")
+    statuses: Counter[int] = Counter()
+    stop = threading.Event()
+
+    def load(router: RouterProcess, n: int) -> None:
+        client, i = httpx.Client(), 0
+        while not stop.is_set():
+            body = {
+                "model": "sim-model",
+                "max_tokens": 2,
+                "stream": True,
+                "messages": [
+                    {"role": "system", "content": f"system {i % 11}"},  # tags on every shard
+                    {"role": "user", "content": f"load {n} {i % 7}"},
+                ],
+            }
+            try:
+                url = f"{router.url}/v1/chat/completions"
+                statuses[client.post(url, json=body, timeout=10).status_code] += 1
+            except httpx.HTTPError:
+                statuses[0] += 1
+            i += 1
+
+    def served_at_least(n: int) -> None:
+        target = sum(statuses.values()) + n
+        wait_for(lambda: sum(statuses.values()) >= target, timeout_s=60, interval_s=0.05)
+
+    with PrivateRedisCluster() as cluster, running_simulators(3, **SIM) as sims:
+        env = router_env([s.url for s in sims], cluster.url, REDIS_RETRY_S="0.5")
+        routers = [RouterProcess(env).start(), RouterProcess(env).start()]
+        threads = [threading.Thread(target=load, args=(r, n)) for n, r in enumerate(routers * 2)]
+        try:
+            for t in threads:
+                t.start()
+            served_at_least(40)
+            cluster.stop_master()
+            served_at_least(40)
+            cluster.wait_ok(timeout_s=30)  # the replica is promoted
+            served_at_least(40)
+            stop.set()  # the load has made its point; agreement is checked turn by turn
+            for t in threads:
+                t.join(timeout=30)
+            # Back on the cluster: both routers up, and agreeing again.
+            wait_for(
+                lambda: all(
+                    httpx.get(f"{r.url}/metrics").json()["ownership"]["state"] == "up"
+                    for r in routers
+                ),
+                timeout_s=20,
+            )
+            alternating_turns_agree(routers, uuid.uuid4().hex[:8], conversations=3)
+            causes = [
+                httpx.get(f"{r.url}/metrics").json()["ownership"]["fallback_causes"]
+                for r in routers
+            ]
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+            for r in routers:
+                r.stop()
+    assert set(statuses) == {200}, statuses
+    # Whatever the routers saw while the shard was away was counted, under a named cause.
+    assert all(set(c) == {"timeout", "connection", "cluster", "other"} for c in causes), causes

@@ -1,0 +1,121 @@
+"""The Redis edge without a server: failure causes, and a deadline that measures Redis, not our loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from redis import exceptions as rex
+
+from app.redislink import LoopLag, fallback_cause, is_cluster, redis_deadline
+from app.services import background
+from harness.ports import free_port
+
+
+@pytest.mark.parametrize(
+    ("exc", "cause"),
+    [
+        (TimeoutError(), "timeout"),
+        (rex.TimeoutError("read"), "timeout"),
+        (rex.ConnectionError("refused"), "connection"),
+        (ConnectionRefusedError(), "connection"),
+        (rex.MovedError("3999 127.0.0.1:7001"), "cluster"),
+        (rex.ClusterDownError("CLUSTERDOWN The cluster is down"), "cluster"),
+        (rex.TryAgainError("TRYAGAIN"), "cluster"),
+        (rex.SlotNotCoveredError("slot 12 not covered"), "cluster"),
+        (rex.ResponseError("CROSSSLOT Keys in request don't hash to the same slot"), "cluster"),
+        (rex.ResponseError("MOVED 3999 127.0.0.1:7001"), "cluster"),
+        (rex.ResponseError("ERR unknown command"), "other"),
+        (rex.ReadOnlyError("READONLY"), "other"),
+        (AttributeError("'NoneType' object has no attribute 'writelines'"), "other"),
+        (RuntimeError("unable to perform operation on <TCPTransport closed=True>"), "other"),
+    ],
+)
+def test_fallback_causes(exc: BaseException, cause: str) -> None:
+    assert fallback_cause(exc) == cause
+
+
+def test_cluster_mode_forced_or_asked() -> None:
+    silent = f"redis://127.0.0.1:{free_port()}/0"
+    assert is_cluster(silent, "true")
+    assert not is_cluster(silent, "false")
+    assert not is_cluster(silent, "auto", timeout_s=0.2)  # no answer: a single node
+
+
+@pytest.fixture
+async def lag() -> AsyncIterator[LoopLag]:
+    meter = LoopLag()
+    async with background([meter.run()]):
+        yield meter
+
+
+async def saturate(until: asyncio.Event, hold_s: float, tasks: int) -> None:
+    """`tasks` callbacks each holding the loop for `hold_s`, over and over: a router whose
+    event loop is busier than it can serve."""
+
+    async def hog() -> None:
+        while not until.is_set():
+            time.sleep(hold_s)  # noqa: ASYNC251 - blocking the loop is the point
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(hog() for _ in range(tasks)))
+
+
+async def reply_after_turns(turns: int) -> str:
+    """A reply already on the wire that takes `turns` loop turns to read (connect, handshake,
+    pipeline): what a healthy Redis looks like from a saturated loop."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    return "reply"
+
+
+async def test_a_saturated_loop_is_not_a_redis_timeout(lag: LoopLag) -> None:
+    done = asyncio.Event()
+    hogs = asyncio.create_task(saturate(done, hold_s=0.01, tasks=4))  # ~40 ms per loop turn
+    await asyncio.sleep(0.1)
+    try:
+        started = time.monotonic()
+        async with redis_deadline(0.05, lag, cap_s=5.0):
+            assert await reply_after_turns(6) == "reply"
+        # It took far longer than the 50 ms budget, all of it our loop's.
+        assert time.monotonic() - started > 0.1
+        with pytest.raises(TimeoutError):  # without the lag meter, the same wait times out
+            async with redis_deadline(0.05, LoopLag(), cap_s=5.0):
+                await reply_after_turns(6)
+    finally:
+        done.set()
+        await hogs
+
+
+async def test_a_burst_that_wakes_an_idle_ticker_counts_as_lag(lag: LoopLag) -> None:
+    assert lag.open == 0  # idle: the ticker is not ticking
+    # A burst already queued when the deadline opens runs before the ticker's first turn and
+    # holds the loop past the budget.
+    asyncio.get_running_loop().call_soon(time.sleep, 0.08)
+    async with redis_deadline(0.05, lag, cap_s=5.0):
+        assert await reply_after_turns(10) == "reply"
+    assert lag.open == 0
+
+
+async def test_a_silent_redis_times_out_on_an_idle_loop(lag: LoopLag) -> None:
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with redis_deadline(0.05, lag, cap_s=5.0):
+            await asyncio.Event().wait()  # no reply, ever
+    assert 0.045 <= time.monotonic() - started < 0.5
+
+
+async def test_the_cap_bounds_a_silent_redis_behind_a_saturated_loop(lag: LoopLag) -> None:
+    done = asyncio.Event()
+    hogs = asyncio.create_task(saturate(done, hold_s=0.02, tasks=4))
+    try:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            async with redis_deadline(0.05, lag, cap_s=0.3):
+                await asyncio.Event().wait()
+        assert time.monotonic() - started < 1.0
+    finally:
+        done.set()
+        await hogs
