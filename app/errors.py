@@ -5,6 +5,9 @@
     │   └── PayloadTooLarge           413     invalid_request_error
     ├── Unauthorized                  401     authentication_error
     ├── ModelNotFound                 404     invalid_request_error (code model_not_found)
+    ├── ResponseNotFound              404     invalid_request_error (code response_not_found)
+    ├── ResponseLost                  410     invalid_request_error (code response_lost): the
+    │                                         backend that held a response is down or restarted
     ├── Overloaded                    429     rate_limit_error (+ Retry-After)
     ├── ClientGone                    499     the client left; nothing is sent, the request is logged
     ├── NoHealthyBackend              503     service_unavailable
@@ -71,6 +74,21 @@ class ModelNotFound(KvrouteError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class ResponseNotFound(KvrouteError):
+    status = 404
+    type = "invalid_request_error"
+    code = "response_not_found"
+
+
+class ResponseLost(KvrouteError):
+    """The response existed, on a backend that has since gone or restarted (vLLM keeps it in
+    memory only): 410, so that a client can tell it from an id that never existed."""
+
+    status = 410
+    type = "invalid_request_error"
+    code = "response_lost"
 
 
 class Overloaded(KvrouteError):

@@ -27,6 +27,7 @@ from app.metrics import RequestRecord, RouterMetrics
 from app.ownership import MemoryStore, OwnershipStore, RedisStore, redis_client
 from app.presentation import prom_gauges
 from app.rates import RateLimits, RedisRateLimits
+from app.responses import MemoryResponses, RedisResponses, ResponseStore
 from app.routing import CostWeights, LeastLoaded, Policy, make_policy
 from app.security import KeyRing
 from app.tenancy import Network, parse_networks
@@ -57,6 +58,7 @@ class Services:
     tenant_tags: TenantTags = field(default_factory=TenantTags)
     passthrough_policy: Policy = field(default_factory=LeastLoaded)
     redis: Any = None  # redis.asyncio.Redis when REDIS_URL is set
+    responses: ResponseStore = field(default_factory=lambda: MemoryResponses(86400, 86400))
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     def ready_for(self, model: str) -> Callable[[], bool]:
@@ -100,13 +102,19 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         if redis is not None
         else MemoryStore(s.ownership_ttl_s)
     )
+    responses = _responses(s, redis)
+
+    async def on_restart(name: str) -> None:
+        await store.forget_backend(name)
+        await responses.forget_backend(pool.get(name).url)
+
     pool = BackendPool(
         s.backend_urls,
         default_model=s.served_model,
         unhealthy_after_failures=s.unhealthy_after_failures,
         breaker_failures=s.breaker_failures,
         breaker_cooldown_s=s.breaker_cooldown_s,
-        on_restart=store.forget_backend,
+        on_restart=on_restart,
     )
     policy = make_policy(s.routing_policy, _weights(s))
     transport = transport or AiohttpTransport(
@@ -143,6 +151,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         registry=CollectorRegistry(auto_describe=True),
         series=SeriesRecorder(metrics, pool),
         redis=redis,
+        responses=responses,
     )
     services.registry.register(
         metrics.collector(
@@ -169,6 +178,19 @@ def _limits(s: Settings) -> Limits:
         max_queue=s.max_queue,
         max_queue_per_tenant=s.max_queue_per_tenant,
         queue_timeout_s=s.queue_timeout_s,
+    )
+
+
+def _responses(s: Settings, redis: Any) -> ResponseStore:
+    if redis is None:
+        return MemoryResponses(s.responses_owner_ttl_s, s.responses_history_ttl_s)
+    return RedisResponses(
+        redis,
+        s.redis_url,
+        owner_ttl_s=s.responses_owner_ttl_s,
+        history_ttl_s=s.responses_history_ttl_s,
+        timeout_s=max(s.redis_timeout_s, 0.05),
+        retry_s=s.redis_retry_s,
     )
 
 
