@@ -30,6 +30,7 @@ from app.backends import BackendView
 from app.errors import (
     BadRequest,
     NoHealthyBackend,
+    Overloaded,
     ResponseLost,
     ResponseNotFound,
     UpstreamBroken,
@@ -271,6 +272,13 @@ async def send_turn(
     except (OwnerAway, UpstreamUnavailable, NoHealthyBackend) as exc:
         if pinned is None or call.response_started:
             raise
+        if _is_healthy(svc, pinned.url):
+            # Up, but at its in-flight limit or answering 503: the conversation is not lost.
+            if isinstance(exc, OwnerAway):
+                raise Overloaded(
+                    "the backend that holds this conversation is busy; retry shortly"
+                ) from exc
+            raise
         raise Lost("is down or unreachable") from exc
 
 
@@ -357,7 +365,9 @@ async def answer_stream(
         _note_stream(rec, attempt, fig, scanner.bytes_in, error)
     tail = b""
     if error is None and scanner.final is not None:
-        await record_response(svc, turn, attempt, scanner.response_id, scanner.final)
+        await record_response(
+            svc, turn, attempt, scanner.response_id, scanner.final, remembered=True
+        )
     elif error is not None:
         log.warning("%s (request %s)", error, call.request_id)
         tail = render_error(scanner.events, error)
@@ -394,13 +404,20 @@ async def relay(
 
 
 async def record_response(
-    svc: Services, turn: Turn, attempt: Attempt, response_id: object, body: Mapping[str, Any]
+    svc: Services,
+    turn: Turn,
+    attempt: Attempt,
+    response_id: object,
+    body: Mapping[str, Any],
+    *,
+    remembered: bool = False,
 ) -> None:
     """The owner of a stored response; its turn in the history; the prefix owner's tokens."""
     if not isinstance(response_id, str) or not turn.store:
         return
     backend = attempt.decision.backend
-    await svc.responses.remember(response_id, _url(svc, attempt))
+    if not remembered:
+        await svc.responses.remember(response_id, _url(svc, attempt))
     s = svc.settings
     if s.responses_history:
         items = turn.new_items + output_items(body)
@@ -453,7 +470,7 @@ async def stored(svc: Services, call: Call, rec: RequestRecord) -> None:
                 ) as attempt:
                     await _answer_stored(svc, call, attempt, rec)
             except (OwnerAway, UpstreamUnavailable, NoHealthyBackend) as exc:
-                if call.response_started:
+                if call.response_started or _is_healthy(svc, owner.backend):
                     raise
                 raise _lost(response_id, "is down or unreachable") from exc
 
@@ -498,6 +515,10 @@ def _lost(response_id: str, why: str) -> ResponseLost:
 # --- parts -----------------------------------------------------------------------------------
 def _url(svc: Services, attempt: Attempt) -> str:
     return svc.pool.get(attempt.decision.backend).url
+
+
+def _is_healthy(svc: Services, url: str) -> bool:
+    return any(b.url == url and b.healthy for b in svc.pool.snapshot())
 
 
 def _model_of(svc: Services, url: str) -> str | None:
