@@ -95,7 +95,7 @@ def _responses_asgi(services: Services) -> ASGIHandler:
             if scope["method"] != "POST":
                 await error_response(_status_error(405, call.path))(scope, receive, send)
                 return
-            await handle(services, call, RESPONSES_PATH, responses_path.create)
+            await handle(services, call, "responses", responses_path.create)
             return
         await handle(services, call, "/v1/responses/{id}", responses_path.stored)
 

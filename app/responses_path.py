@@ -437,11 +437,11 @@ async def record_response(
 
 # --- GET /v1/responses/{id}, POST /v1/responses/{id}/cancel -----------------------------------
 async def stored(svc: Services, call: Call, rec: RequestRecord) -> None:
-    scope = _scope(rec)
     response_id, method = stored_target(call)
     bound = svc.keyring.authenticate(call.headers.get("authorization"))
     if method == "POST":
         await call.read_body(svc.settings.max_body_bytes)
+    scope = _scope(rec)
     tenant = scope.tenant = bound or tenant_of(svc, call)
     owner = await svc.responses.owner(response_id)
     if owner is None:
@@ -449,8 +449,27 @@ async def stored(svc: Services, call: Call, rec: RequestRecord) -> None:
     model = scope.model = _model_of(svc, owner.backend)
     if owner.state == "lost" or model is None:
         raise _lost(response_id, "has restarted since it stored it" if model else "is gone")
+    route = RouteRequest(model=model, keys=chat_keys(tenant, model, [], 0), prompt_tokens=0,
+                         system_tokens=0)  # fmt: skip
+    async with call.watching():
+        if svc.rates.enabled:
+            await svc.rates.check(tenant, 0)
+        async with svc.admission.slot(tenant, svc.ready_for(model)):
+            try:
+                async with svc.dispatcher.open(
+                    route, NO_OWNERSHIP, _stored_out(svc, call, method), policy=Pinned(owner.backend),
+                    remember=False,
+                ) as attempt:  # fmt: skip
+                    await _answer_stored(svc, call, attempt, rec)
+            except (OwnerAway, UpstreamUnavailable, NoHealthyBackend) as exc:
+                if call.response_started or _is_healthy(svc, owner.backend):
+                    raise
+                raise _lost(response_id, "is down or unreachable") from exc
+
+
+def _stored_out(svc: Services, call: Call, method: str) -> Outgoing:
     query = call.scope.get("query_string", b"")
-    out = Outgoing(
+    return Outgoing(
         path=call.path + ("?" + query.decode("latin-1") if query else ""),
         body=b"",
         headers=upstream_headers(svc, call, "application/json"),
@@ -458,21 +477,6 @@ async def stored(svc: Services, call: Call, rec: RequestRecord) -> None:
         started_s=call.started_s,
         method=method,
     )
-    keys = chat_keys(tenant, model, [], 0)
-    route = RouteRequest(model=model, keys=keys, prompt_tokens=0, system_tokens=0)
-    async with call.watching():
-        if svc.rates.enabled:
-            await svc.rates.check(tenant, 0)
-        async with svc.admission.slot(tenant, svc.ready_for(model)):
-            try:
-                async with svc.dispatcher.open(
-                    route, NO_OWNERSHIP, out, policy=Pinned(owner.backend), remember=False
-                ) as attempt:
-                    await _answer_stored(svc, call, attempt, rec)
-            except (OwnerAway, UpstreamUnavailable, NoHealthyBackend) as exc:
-                if call.response_started or _is_healthy(svc, owner.backend):
-                    raise
-                raise _lost(response_id, "is down or unreachable") from exc
 
 
 def stored_target(call: Call) -> tuple[str, str]:

@@ -227,6 +227,8 @@ def test_losing_the_owner(two_sims: list[SimulatorThread], *, history: bool, los
                 assert "RESPONSES_HISTORY" in caught.value.message
         if loss == "stopped":
             wait_for(lambda: not router.router.pool.get("b0").healthy)
+        outcomes = router.router.metrics.outcomes
+        assert outcomes["reassigned"] == (len(lost) if history else 0)
 
 
 def test_two_routers_sharing_redis(two_sims: list[SimulatorThread], redis_url: str) -> None:
