@@ -9,6 +9,7 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import openai
@@ -243,3 +244,25 @@ def test_two_routers_sharing_redis(two_sims: list[SimulatorThread], redis_url: s
         stream_ok, stream_failed = chains([client_for(b.url), client_for(a.url)], stream=True)
     assert (ok, failed) == (CONVERSATIONS * TURNS, 0)
     assert (stream_ok, stream_failed) == (CONVERSATIONS * TURNS, 0)
+
+
+def test_a_busy_owner_is_not_a_lost_one(two_sims: list[SimulatorThread]) -> None:
+    """The owner at its in-flight limit: 429 to retry, not 410 (and no move elsewhere)."""
+    with running_router(
+        [s.url for s in two_sims],
+        served_model="sim-model",
+        max_in_flight_per_backend=1,
+        responses_history=True,
+    ) as router:
+        client = client_for(router.url)
+        first = send(client, "hello there", None, stream=False)
+        owner = next(s for s in two_sims if first in s.app.responses.items)
+        post_json(owner.url + "/sim/control", {"delay_s": 1.0})
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(send, client, "slow", first, stream=True)
+            wait_for(lambda: sum(b.in_flight for b in router.router.pool.backends) == 1)
+            with pytest.raises(openai.RateLimitError):
+                send(client, "again", first, stream=False)
+            assert slow.result(timeout=10).startswith("resp_")
+        post_json(owner.url + "/sim/control", {"delay_s": 0})
+        assert router.router.metrics.outcomes["reassigned"] == 0
