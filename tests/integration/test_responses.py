@@ -266,3 +266,22 @@ def test_a_busy_owner_is_not_a_lost_one(two_sims: list[SimulatorThread]) -> None
             assert slow.result(timeout=10).startswith("resp_")
         post_json(owner.url + "/sim/control", {"delay_s": 0})
         assert router.router.metrics.outcomes["reassigned"] == 0
+
+
+def test_router_keys_and_tenant_rates_apply(two_sims: list[SimulatorThread]) -> None:
+    with running_router(
+        [s.url for s in two_sims],
+        served_model="sim-model",
+        router_api_keys=["k1=alice"],
+        tenant_rpm=2,
+    ) as router:
+        anonymous = client_for(router.url)
+        with pytest.raises(openai.AuthenticationError):
+            anonymous.responses.create(model="sim-model", input="hi")
+        alice = openai.OpenAI(base_url=router.url + "/v1", api_key="k1", max_retries=0)
+        first = alice.responses.create(model="sim-model", input="hi", max_output_tokens=2)
+        assert alice.responses.retrieve(first.id).id == first.id
+        with pytest.raises(openai.RateLimitError):  # the third request of the minute
+            alice.responses.create(model="sim-model", input="again", max_output_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            anonymous.responses.retrieve(first.id)
