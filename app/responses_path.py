@@ -21,7 +21,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -273,13 +273,16 @@ async def send_turn(
         if pinned is None or call.response_started:
             raise
         if _is_healthy(svc, pinned.url):
-            # Up, but at its in-flight limit or answering 503: the conversation is not lost.
-            if isinstance(exc, OwnerAway):
-                raise Overloaded(
-                    "the backend that holds this conversation is busy; retry shortly"
-                ) from exc
-            raise
+            _raise_busy(exc)
         raise Lost("is down or unreachable") from exc
+
+
+def _raise_busy(exc: Exception) -> NoReturn:
+    """The owner is up, but at its in-flight limit (429) or answering 503 (502 as for chat):
+    the response is not lost; the client may retry."""
+    if isinstance(exc, OwnerAway):
+        raise Overloaded("the backend that holds this response is busy; retry shortly") from exc
+    raise exc
 
 
 def _reassigned(attempt: Attempt) -> Attempt:
@@ -449,21 +452,24 @@ async def stored(svc: Services, call: Call, rec: RequestRecord) -> None:
     model = scope.model = _model_of(svc, owner.backend)
     if owner.state == "lost" or model is None:
         raise _lost(response_id, "has restarted since it stored it" if model else "is gone")
-    route = RouteRequest(model=model, keys=chat_keys(tenant, model, [], 0), prompt_tokens=0,
-                         system_tokens=0)  # fmt: skip
+    keys = chat_keys(tenant, model, [], 0)
+    route = RouteRequest(model=model, keys=keys, prompt_tokens=0, system_tokens=0)
+    pinned = Pinned(owner.backend)
     async with call.watching():
         if svc.rates.enabled:
             await svc.rates.check(tenant, 0)
         async with svc.admission.slot(tenant, svc.ready_for(model)):
             try:
+                out = _stored_out(svc, call, method)
                 async with svc.dispatcher.open(
-                    route, NO_OWNERSHIP, _stored_out(svc, call, method), policy=Pinned(owner.backend),
-                    remember=False,
-                ) as attempt:  # fmt: skip
+                    route, NO_OWNERSHIP, out, policy=pinned, remember=False
+                ) as attempt:
                     await _answer_stored(svc, call, attempt, rec)
             except (OwnerAway, UpstreamUnavailable, NoHealthyBackend) as exc:
-                if call.response_started or _is_healthy(svc, owner.backend):
+                if call.response_started:
                     raise
+                if _is_healthy(svc, pinned.url):
+                    _raise_busy(exc)
                 raise _lost(response_id, "is down or unreachable") from exc
 
 
