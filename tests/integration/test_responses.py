@@ -263,6 +263,8 @@ def test_a_busy_owner_is_not_a_lost_one(two_sims: list[SimulatorThread]) -> None
             wait_for(lambda: sum(b.in_flight for b in router.router.pool.backends) == 1)
             with pytest.raises(openai.RateLimitError):
                 send(client, "again", first, stream=False)
+            with pytest.raises(openai.RateLimitError):
+                client.responses.retrieve(first)
             assert slow.result(timeout=10).startswith("resp_")
         post_json(owner.url + "/sim/control", {"delay_s": 0})
         assert router.router.metrics.outcomes["reassigned"] == 0
