@@ -178,6 +178,7 @@ def _introspection_routes(app: FastAPI, svc: Services) -> None:
             "in_flight": {b.name: b.in_flight for b in svc.pool.backends},
             "backends": backend_status(svc.pool, svc.store),
             "ownership": svc.store.describe(),
+            "responses": svc.responses.describe(),
             "admission": {**svc.admission.snapshot(), "rejected": svc.rejections()},
             "policy": svc.settings.routing_policy,
         }

@@ -120,6 +120,9 @@ def test_headers_stats_and_errors(router: RouterServer) -> None:
     get = urllib.request.Request(f"{router.url}/v1/responses/{rid}")
     status, headers, fetched = _open(get)
     assert (status, fetched["id"]) == (200, rid)
+    with urllib.request.urlopen(router.url + "/metrics", timeout=5) as reply:
+        described = json.loads(reply.read())["responses"]
+    assert described == {"kind": "memory", "owners": 1, "turns": 0}
     status, _, cancel = post_json(f"{router.url}/v1/responses/{rid}/cancel", b"")
     assert status == 400  # vLLM's answer for a finished response, relayed
     assert cancel["error"]["message"] == "Cannot cancel a synchronous response."
