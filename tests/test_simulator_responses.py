@@ -203,3 +203,19 @@ async def test_openai_client_async_stream(sim: str) -> None:
     assert kinds[0] == "response.created"
     assert kinds[-1] == "response.completed"
     await client.close()
+
+
+def test_input_items_with_tool_calls(sim: str) -> None:
+    items = [
+        {"role": "user", "content": [{"type": "input_text", "text": "weather?"}]},
+        {"type": "function_call", "name": "weather", "arguments": "{}", "call_id": "c1"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        {"role": "assistant", "content": "It is sunny."},
+        {"role": "user", "content": "thanks"},
+    ]
+    status, raw = post(sim, "/v1/responses", {"input": items, "max_output_tokens": 2})
+    assert status == 200
+    assert json.loads(raw)["usage"]["input_tokens"] > 30
+    status, raw = post(sim, "/v1/responses", {"input": [{"content": "no role"}]})
+    assert status == 400
+    assert json.loads(raw)["error"]["param"] == "body.input.0.role"

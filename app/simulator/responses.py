@@ -29,6 +29,8 @@ from app.simulator.protocol import (
     parse_json_object,
 )
 
+_TOOL_ITEMS = ("function_call", "function_call_output")
+
 
 @dataclass(slots=True)
 class Stored:
@@ -96,6 +98,11 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
         )
     messages = []
     for i, item in enumerate(value):
+        if isinstance(item, dict) and item.get("type") in _TOOL_ITEMS:
+            # A tool call or its output: rendered as its JSON, as a template would show it.
+            role = "assistant" if item["type"] == "function_call" else "tool"
+            messages.append({"role": role, "content": orjson.dumps(item).decode()})
+            continue
         if not isinstance(item, dict) or not isinstance(item.get("role"), str):
             raise _validation_error(
                 "missing", f"body.input.{i}.role", "Field required", _sanitised(item)
