@@ -51,7 +51,7 @@ from app.handlers import (
 from app.metrics import RequestRecord
 from app.prefix import chat_keys, effective_tenant
 from app.relay import SSE_HEADERS, Sink
-from app.responses import history, input_items, keep_turn, output_items
+from app.responses import Owner, history, input_items, keep_turn, output_items
 from app.responses_stream import ResponsesScanner, render_error, render_stats, usage_tokens
 from app.routing import NO_OWNERSHIP, Decision, Ownership, RouteRequest
 from app.security import tenant_salt
@@ -65,6 +65,7 @@ from app.validation import dump_body, parse_json_object
 log = logging.getLogger("kvroute.responses")
 
 PATH = "/v1/responses"
+MAX_ID_CHARS = 256  # vLLM's ids are `resp_` and 16 or 32 hex digits (or the caller's request_id)
 
 
 class OwnerAway(Exception):
@@ -128,7 +129,7 @@ async def create(svc: Services, call: Call, rec: RequestRecord) -> None:
                 ownership = await lookup(svc, turn.route.keys)
                 await send_turn(svc, call, turn, rec, slot, ownership, None)
                 return
-            owner = await svc.responses.owner(turn.previous)
+            owner = await owner_of(svc, turn.previous)
             if owner is None:
                 raise ResponseNotFound(
                     f"Response with id '{turn.previous}' not found.",
@@ -446,7 +447,7 @@ async def stored(svc: Services, call: Call, rec: RequestRecord) -> None:
         await call.read_body(svc.settings.max_body_bytes)
     scope = _scope(rec)
     tenant = scope.tenant = bound or tenant_of(svc, call)
-    owner = await svc.responses.owner(response_id)
+    owner = await owner_of(svc, response_id)
     if owner is None:
         raise ResponseNotFound(f"Response with id '{response_id}' not found.", param="response_id")
     model = scope.model = _model_of(svc, owner.backend)
@@ -512,6 +513,13 @@ async def _answer_stored(svc: Services, call: Call, attempt: Attempt, rec: Reque
     data = await read_all(response, svc.settings.max_response_bytes)
     rec.status, rec.bytes_out = response.status, len(data)
     await call.respond(response.status, data, headers)
+
+
+async def owner_of(svc: Services, response_id: str) -> Owner | None:
+    """The owner record; an id longer than any vLLM makes is not looked up (nor stored as a key)."""
+    if len(response_id) > MAX_ID_CHARS:
+        return None
+    return await svc.responses.owner(response_id)
 
 
 def _lost(response_id: str, why: str) -> ResponseLost:

@@ -128,6 +128,7 @@ def test_headers_stats_and_errors(router: RouterServer) -> None:
     assert cancel["error"]["message"] == "Cannot cancel a synchronous response."
     for path, payload, want in [
         ("", {"input": "x", "previous_response_id": "resp_nope"}, (404, "response_not_found")),
+        ("", {"input": "x", "previous_response_id": "r" * 10_000}, (404, "response_not_found")),
         ("/resp_nope", None, (404, "response_not_found")),
         ("/resp_nope/cancel", b"", (404, "response_not_found")),
         ("", b"{nope", (400, None)),
