@@ -16,12 +16,14 @@ replica) finds it. The same steps as chat: keys, rates, admission slot, dispatch
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
+from urllib.parse import quote
 
 import orjson
 
@@ -129,7 +131,7 @@ async def create(svc: Services, call: Call, rec: RequestRecord) -> None:
                 ownership = await lookup(svc, turn.route.keys)
                 await send_turn(svc, call, turn, rec, slot, ownership, None)
                 return
-            owner = await owner_of(svc, turn.previous)
+            owner = await owner_of(svc, call, turn.previous, turn.model)
             if owner is None:
                 raise ResponseNotFound(
                     f"Response with id '{turn.previous}' not found.",
@@ -447,7 +449,7 @@ async def stored(svc: Services, call: Call, rec: RequestRecord) -> None:
         await call.read_body(svc.settings.max_body_bytes)
     scope = _scope(rec)
     tenant = scope.tenant = bound or tenant_of(svc, call)
-    owner = await owner_of(svc, response_id)
+    owner = await owner_of(svc, call, response_id, None)
     if owner is None:
         raise ResponseNotFound(f"Response with id '{response_id}' not found.", param="response_id")
     model = scope.model = _model_of(svc, owner.backend)
@@ -515,11 +517,48 @@ async def _answer_stored(svc: Services, call: Call, attempt: Attempt, rec: Reque
     await call.respond(response.status, data, headers)
 
 
-async def owner_of(svc: Services, response_id: str) -> Owner | None:
-    """The owner record; an id longer than any vLLM makes is not looked up (nor stored as a key)."""
+async def owner_of(svc: Services, call: Call, response_id: str, model: str | None) -> Owner | None:
+    """The owner record, else the backend that still holds the response (asked, see
+    `discover`); an id longer than any vLLM makes is neither looked up nor stored as a key."""
     if len(response_id) > MAX_ID_CHARS:
         return None
-    return await svc.responses.owner(response_id)
+    owner = await svc.responses.owner(response_id)
+    if owner is not None:
+        return owner
+    url = await discover(svc, upstream_headers(svc, call, "application/json"), response_id, model)
+    if url is None:
+        return None
+    await svc.responses.remember(response_id, url)
+    return Owner(url, "live")
+
+
+async def discover(
+    svc: Services, headers: Mapping[str, str], response_id: str, model: str | None
+) -> str | None:
+    """Which healthy backend answers `GET /v1/responses/{id}` (vLLM answers from memory): the
+    owner map is gone after a router restart without Redis, or after its TTL, while vLLM keeps
+    every response. One short GET per backend, only for ids the router does not know."""
+    timeout_s = svc.settings.probe_timeout_s
+    path = f"{PATH}/{quote(response_id, safe='')}"
+
+    async def holds(url: str) -> bool:
+        try:
+            response = await svc.transport.request(
+                "GET", url + path, None, headers, read_timeout_s=timeout_s,
+                total_timeout_s=timeout_s,
+            )  # fmt: skip
+        except UpstreamUnavailable:
+            return False
+        try:
+            return response.status == 200
+        finally:
+            response.close()
+
+    urls = [
+        b.url for b in svc.pool.snapshot() if b.healthy and (model is None or model in b.models)
+    ]
+    found = await asyncio.gather(*(holds(url) for url in urls))
+    return next((url for url, held in zip(urls, found, strict=True) if held), None)
 
 
 def _lost(response_id: str, why: str) -> ResponseLost:

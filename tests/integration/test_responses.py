@@ -291,3 +291,17 @@ def test_router_keys_and_tenant_rates_apply(two_sims: list[SimulatorThread]) -> 
             alice.responses.create(model="sim-model", input="again", max_output_tokens=2)
         with pytest.raises(openai.AuthenticationError):
             anonymous.responses.retrieve(first.id)
+
+
+def test_a_restarted_router_finds_the_owner_again(two_sims: list[SimulatorThread]) -> None:
+    """Without Redis the owner map dies with the router; vLLM still holds the responses, and the
+    next router asks the backends which one does."""
+    urls = [s.url for s in two_sims]
+    with running_router(urls, served_model="sim-model") as before:
+        last = [send(client_for(before.url), opening(n), None, stream=False) for n in range(6)]
+    with running_router(urls, served_model="sim-model") as after:
+        client = client_for(after.url)
+        for n, rid in enumerate(last):
+            assert send(client, "next", rid, stream=n % 2 == 1)
+        assert client.responses.retrieve(last[0]).id == last[0]
+        assert after.router.responses.describe()["owners"] == 2 * len(last)
