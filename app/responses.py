@@ -186,8 +186,9 @@ class RedisResponses:
     """Owners and turns shared by router replicas through Redis (`kvroute:resp:` keys).
 
     Writes are awaited (one SET, bounded by the Redis timeout): the record must exist before the
-    client can send its next turn, maybe to another replica. When Redis fails, memory serves and
-    Redis is tried again after `retry_s`, as for prefix ownership.
+    client can send its next turn, maybe to another replica. When Redis fails, memory serves this
+    replica; unlike prefix ownership (a hint), every call still tries Redis, since a record that
+    misses it is invisible to the other replicas. The failure is logged once per outage.
     """
 
     def __init__(
@@ -218,6 +219,11 @@ class RedisResponses:
     def _up(self) -> bool:
         return self._clock() >= self.down_until
 
+    def _recovered(self) -> None:
+        if self.down_until != 0.0:
+            log.info("Redis at %s is back: response owners shared again", redact_url(self.url))
+            self.down_until = 0.0
+
     def _failed(self, exc: BaseException) -> None:
         if self.down_until == 0.0:
             log.warning(
@@ -230,27 +236,23 @@ class RedisResponses:
         self.down_until = self._clock() + self.retry_s
 
     async def _get(self, key: str) -> object:
-        if not self._up():
-            return None
         try:
             async with asyncio.timeout(self.timeout_s):
                 value = await self._redis.get(self.prefix + key)
         except self._trouble as exc:
             self._failed(exc)
             return None
-        self.down_until = 0.0
+        self._recovered()
         return value
 
     async def _set(self, key: str, value: bytes, ttl_ms: int) -> None:
-        if not self._up():
-            return
         try:
             async with asyncio.timeout(self.timeout_s):
                 await self._redis.set(self.prefix + key, value, px=ttl_ms)
         except self._trouble as exc:
             self._failed(exc)
             return
-        self.down_until = 0.0
+        self._recovered()
 
     async def owner(self, response_id: str) -> Owner | None:
         found = await self.memory.owner(response_id)

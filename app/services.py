@@ -189,7 +189,9 @@ def _responses(s: Settings, redis: Any) -> ResponseStore:
         s.redis_url,
         owner_ttl_s=s.responses_owner_ttl_s,
         history_ttl_s=s.responses_history_ttl_s,
-        timeout_s=max(s.redis_timeout_s, 0.05),
+        # Correctness, not a routing hint: another replica must find the owner. So a slow Redis
+        # is waited for longer than for prefix ownership.
+        timeout_s=max(s.redis_timeout_s * 10, 0.5),
         retry_s=s.redis_retry_s,
     )
 
