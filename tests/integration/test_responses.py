@@ -305,3 +305,17 @@ def test_a_restarted_router_finds_the_owner_again(two_sims: list[SimulatorThread
             assert send(client, "next", rid, stream=n % 2 == 1)
         assert client.responses.retrieve(last[0]).id == last[0]
         assert after.router.responses.describe()["owners"] == 2 * len(last)
+
+
+def test_stats_can_be_left_out(router: RouterServer) -> None:
+    request = urllib.request.Request(
+        router.url + "/v1/responses",
+        data=json.dumps({"input": "hi", "max_output_tokens": 2, "stream": True}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "X-Router-Stream-Stats": "0"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.headers["x-router-backend"].startswith("b")
+        events = [e for e in response.read().split(b"\n\n") if e]
+    assert events[-1].startswith(b"event: response.completed\n")
+    assert not any(b"router.stream_stats" in e for e in events)
