@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from app import responses_path
 from app.admin import admin_routes
 from app.config import Settings, load_settings
 from app.dashboard import dashboard_data, page_headers, page_html
@@ -28,6 +29,7 @@ from app.exchange import Call, raw_headers
 from app.handlers import GENERATION_PATHS, PASSTHROUGH_PATHS, Work, generation, handle, passthrough
 from app.logs import configure_logging
 from app.presentation import architecture_body, backend_status, health_body, models_body
+from app.responses_path import PATH as RESPONSES_PATH
 from app.security import AdminKey
 from app.services import Services, build_services, running
 
@@ -86,14 +88,26 @@ def _asgi(services: Services, endpoint: str | None, work: Work) -> ASGIHandler:
     return asgi
 
 
-def _not_yet(message: str) -> ASGIHandler:
-    error = KvrouteError(message)
-    error.status, error.type, error.code = 501, "not_implemented", "unsupported"
+def _responses_asgi(services: Services) -> ASGIHandler:
+    """`/v1/responses` and `/v1/responses/{id}[/cancel]` (`app.responses_path`)."""
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
-        await error_response(error)(scope, receive, send)
+        call = Call(scope, receive, send)
+        if call.path == RESPONSES_PATH:
+            if scope["method"] != "POST":
+                await error_response(_status_error(405, call.path))(scope, receive, send)
+                return
+            await handle(services, call, "responses", responses_path.create)
+            return
+        await handle(services, call, "/v1/responses/{id}", responses_path.stored)
 
     return asgi
+
+
+def _status_error(status: int, path: str) -> KvrouteError:
+    error = KvrouteError(f"{path}: method not allowed")
+    error.status, error.type, error.code = status, "invalid_request_error", "method_not_allowed"
+    return error
 
 
 def create_app_from_env() -> FastAPI:
@@ -125,9 +139,7 @@ def create_app(settings: Settings, services: Services | None = None) -> RouterAp
         path: _asgi(svc, kind, generation(kind)) for path, kind in GENERATION_PATHS.items()
     }
     app.fast_routes.update({path: _asgi(svc, None, passthrough) for path in PASSTHROUGH_PATHS})
-    app.responses = _not_yet(
-        "kvroute does not route the stateful Responses API yet; use /v1/chat/completions"
-    )
+    app.responses = _responses_asgi(svc)
     for path in app.fast_routes:
         # Registered for their other methods: a GET is answered 405, OpenAI-shaped.
         app.add_route(path, _method_not_allowed, methods=["POST"])
@@ -169,6 +181,7 @@ def _introspection_routes(app: FastAPI, svc: Services) -> None:
             "in_flight": {b.name: b.in_flight for b in svc.pool.backends},
             "backends": backend_status(svc.pool, svc.store),
             "ownership": svc.store.describe(),
+            "responses": svc.responses.describe(),
             "admission": {**svc.admission.snapshot(), "rejected": svc.rejections()},
             "policy": svc.settings.routing_policy,
         }

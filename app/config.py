@@ -142,6 +142,12 @@ class Settings(BaseSettings):
     # Second level of affinity: a new conversation prefers a backend holding its system prompt.
     system_affinity: bool = True
     ownership_ttl_s: float = Field(default=600.0, gt=0)
+    # Responses API: response id -> backend records, and (opt-in) conversations kept for
+    # continuing on another backend when the one holding them is lost.
+    responses_owner_ttl_s: float = Field(default=86400.0, gt=0)
+    responses_history: bool = False
+    responses_history_ttl_s: float = Field(default=86400.0, gt=0)
+    responses_history_max_bytes: int = Field(default=1024 * 1024, ge=1024)
     # One-cost selection: cost = w_prefill * uncached_tokens + w_load * load.
     w_prefill: float = Field(default=1.0, ge=0)
     w_load: float = Field(default=32.0, ge=0)

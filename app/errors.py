@@ -7,6 +7,9 @@
     ├── ModelNotFound                 404     invalid_request_error (code model_not_found)
     ├── NotFound                      404     invalid_request_error (code not_found)
     ├── Conflict                      409     invalid_request_error (code conflict)
+    ├── ResponseNotFound              404     invalid_request_error (code response_not_found)
+    ├── ResponseLost                  410     invalid_request_error (code response_lost): the
+    │                                         backend that held a response is down or restarted
     ├── Overloaded                    429     rate_limit_error (+ Retry-After)
     ├── ClientGone                    499     the client left; nothing is sent, the request is logged
     ├── NoHealthyBackend              503     service_unavailable
@@ -85,6 +88,21 @@ class Conflict(KvrouteError):
     status = 409
     type = "invalid_request_error"
     code = "conflict"
+
+
+class ResponseNotFound(KvrouteError):
+    status = 404
+    type = "invalid_request_error"
+    code = "response_not_found"
+
+
+class ResponseLost(KvrouteError):
+    """The response existed, on a backend that has since gone or restarted (vLLM keeps it in
+    memory only): 410, so that a client can tell it from an id that never existed."""
+
+    status = 410
+    type = "invalid_request_error"
+    code = "response_lost"
 
 
 class Overloaded(KvrouteError):

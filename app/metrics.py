@@ -33,7 +33,7 @@ TPOT_BUCKETS_S = (
 DURATION_BUCKETS_S = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
-GENERATION_ENDPOINTS = frozenset({"chat", "completions"})
+GENERATION_ENDPOINTS = frozenset({"chat", "completions", "responses"})
 # Label values shown where a request has none (bounded: never a tenant or a prefix key).
 NO_LABEL = "none"
 

@@ -29,6 +29,7 @@ from app.ownership import MemoryStore, OwnershipStore, RedisStore
 from app.presentation import prom_gauges
 from app.rates import RateLimits, RedisRateLimits
 from app.redislink import LoopLag, is_cluster, redis_client
+from app.responses import MemoryResponses, RedisResponses, ResponseStore
 from app.routing import CostWeights, LeastLoaded, Policy, make_policy
 from app.security import KeyRing
 from app.tenancy import Network, parse_networks
@@ -60,6 +61,7 @@ class Services:
     tenant_tags: TenantTags = field(default_factory=TenantTags)
     passthrough_policy: Policy = field(default_factory=LeastLoaded)
     redis: Any = None  # redis.asyncio.Redis or RedisCluster when REDIS_URL is set
+    responses: ResponseStore = field(default_factory=lambda: MemoryResponses(86400, 86400))
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     def ready_for(self, model: str) -> Callable[[], bool]:
@@ -116,6 +118,12 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         if redis is not None
         else MemoryStore(s.ownership_ttl_s)
     )
+    responses = _responses(s, redis)
+
+    async def on_restart(name: str) -> None:
+        await store.forget_backend(name)
+        await responses.forget_backend(pool.get(name).url)
+
     pool = BackendPool(
         s.backend_urls,
         default_model=s.served_model,
@@ -123,7 +131,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         unhealthy_after_failures=s.unhealthy_after_failures,
         breaker_failures=s.breaker_failures,
         breaker_cooldown_s=s.breaker_cooldown_s,
-        on_restart=store.forget_backend,
+        on_restart=on_restart,
     )
     if s.shared_load and isinstance(store, RedisStore):  # replicas share in-flight counts
         store.local_in_flight = lambda: {b.name: b.in_flight for b in pool.backends}
@@ -170,6 +178,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
             forget=store.forget_backend,
         ),
         redis=redis,
+        responses=responses,
     )
     services.registry.register(FleetCollector(services.fleet))
     services.registry.register(
@@ -197,6 +206,21 @@ def _limits(s: Settings) -> Limits:
         max_queue=s.max_queue,
         max_queue_per_tenant=s.max_queue_per_tenant,
         queue_timeout_s=s.queue_timeout_s,
+    )
+
+
+def _responses(s: Settings, redis: Any) -> ResponseStore:
+    if redis is None:
+        return MemoryResponses(s.responses_owner_ttl_s, s.responses_history_ttl_s)
+    return RedisResponses(
+        redis,
+        s.redis_url,
+        owner_ttl_s=s.responses_owner_ttl_s,
+        history_ttl_s=s.responses_history_ttl_s,
+        # Correctness, not a routing hint: another replica must find the owner. So a slow Redis
+        # is waited for longer than for prefix ownership.
+        timeout_s=max(s.redis_timeout_s * 10, 0.5),
+        retry_s=s.redis_retry_s,
     )
 
 

@@ -36,6 +36,7 @@ class Outgoing:
     headers: Mapping[str, str]
     request_id: str
     started_s: float  # receipt at the router (time.monotonic), for the retry budget
+    method: str = "POST"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +137,7 @@ class Dispatcher:
         trace.upstream(backend.name, n, headers)
         try:
             response = await self.transport.request(
-                "POST",
+                out.method,
                 backend.url + out.path,
                 out.body,
                 headers,

@@ -30,6 +30,7 @@ def test_fingerprint_is_stable_and_tracks_what_runs() -> None:
         spec(api_key_sha256=api_key_digest("k1")),
         spec(vllm_version="0.11.0"),
         spec(revision="abc123"),
+        spec(responses_store=False),
     ):
         assert fingerprint(changed, paths_for(changed)) != fp
     key1 = spec(api_key_sha256=api_key_digest("k1"))
@@ -57,6 +58,8 @@ def test_serve_argv_and_env() -> None:
     env = serve_env(s)
     assert env["HF_HUB_OFFLINE"] == "1"
     assert "VLLM_TARGET_DEVICE" not in env
+    assert env["VLLM_ENABLE_RESPONSES_API_STORE"] == "1"
+    assert "VLLM_ENABLE_RESPONSES_API_STORE" not in serve_env(spec(responses_store=False))
     cpu = serve_env(spec(device="cpu", cpu_kvcache_gb=1, hf_home="/data/hf"))
     assert cpu["VLLM_TARGET_DEVICE"] == "cpu"
     assert cpu["VLLM_CPU_KVCACHE_SPACE"] == "1"

@@ -637,7 +637,7 @@ async def test_restart_clears_cache_and_bumps_start_time(
     before = await start_time()
     control(sim, restart=True)
     assert await start_time() > before
-    assert (await stats(http, sim))["requests"] == {"chat": 0, "completions": 0}
+    assert (await stats(http, sim))["requests"] == {"chat": 0, "completions": 0, "responses": 0}
     assert await cached() == 0
 
 

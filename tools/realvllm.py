@@ -457,7 +457,8 @@ def bench_serve(
 
 @dataclass(frozen=True, slots=True)
 class RealVllmServers:
-    """Two running real vLLM servers serving the same tiny model under one name.
+    """Two running real vLLM servers serving the same tiny model under one name, with the
+    Responses store on.
 
     ``urls[0]`` is a default server; ``urls[1]`` is ``queued_url``, started with a small
     ``--max-num-seqs`` so that a few dozen concurrent requests make it queue.
@@ -471,6 +472,10 @@ class RealVllmServers:
     model_dir: Path
     log_paths: list[Path]
     start_s: float
+
+
+# vLLM keeps Responses (for `previous_response_id`) only with this, as the deploy tool starts it.
+RESPONSES_STORE = (("VLLM_ENABLE_RESPONSES_API_STORE", "1"),)
 
 
 @contextlib.contextmanager
@@ -494,12 +499,15 @@ def serving_pair(
     model_dir = build_tiny_model(cache / "tiny-llama")
     logs = log_dir if log_dir is not None else cache / "logs"
     specs = [
-        ServerSpec(model_dir, model, cpu_bind="0", log_path=logs / "vllm-a.log"),
+        ServerSpec(
+            model_dir, model, cpu_bind="0", extra_env=RESPONSES_STORE, log_path=logs / "vllm-a.log"
+        ),
         ServerSpec(
             model_dir,
             model,
             cpu_bind="1",
             max_num_seqs=queued_max_num_seqs,
+            extra_env=RESPONSES_STORE,
             log_path=logs / "vllm-b-queued.log",
         ),
     ]

@@ -257,6 +257,12 @@ def _add_deploy_arguments(parser: argparse.ArgumentParser, where: argparse._Argu
     model.add_argument(
         "--cpu-kvcache-gb", type=int, default=4, help="KV cache GiB in --device cpu (default 4)"
     )
+    model.add_argument(
+        "--no-responses-store",
+        dest="responses_store",
+        action="store_false",
+        help="start vLLM without its Responses store (no previous_response_id; saves its memory)",
+    )
     install = parser.add_argument_group("install")
     install.add_argument(
         "--vllm-version",
@@ -349,6 +355,7 @@ def spec_from_args(
         api_key_sha256=api_key_digest(ns.api_key),
         cpu_kvcache_gb=ns.cpu_kvcache_gb,
         min_free_gb=min_free,
+        responses_store=ns.responses_store,
     )
 
 

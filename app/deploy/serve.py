@@ -48,6 +48,9 @@ def serve_env(spec: DeploySpec) -> dict[str, str]:
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
+    if spec.responses_store:
+        # Kept in vLLM's memory and never evicted: see the README (Responses API).
+        env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
     if spec.device == "cpu":
         env |= {
             "VLLM_TARGET_DEVICE": "cpu",
@@ -82,6 +85,7 @@ def deployment_info(spec: DeploySpec, paths: RemotePaths) -> dict[str, Any]:
         "install": spec.install_requirement,
         "extra_args": list(spec.extra_args),
         "api_key": spec.api_key_sha256 is not None,
+        "responses_store": spec.responses_store,
     }
 
 

@@ -92,6 +92,8 @@ class DeploySpec:
     api_key_sha256: str | None = None
     cpu_kvcache_gb: int = 4
     min_free_gb: float = 20.0
+    # vLLM's Responses store (VLLM_ENABLE_RESPONSES_API_STORE=1): `previous_response_id` needs it.
+    responses_store: bool = True
 
     def __post_init__(self) -> None:
         if self.tp < 1:

@@ -29,6 +29,9 @@ class SimConfig:
     api_key: str | None = None
     seed: int = 0
     log_size: int = 256
+    # vLLM's VLLM_ENABLE_RESPONSES_API_STORE: without it nothing is stored and
+    # `previous_response_id` always gets 404.
+    responses_store: bool = True
 
     def __post_init__(self) -> None:
         names = self.served_models
@@ -96,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-size", type=int, default=defaults.log_size, help="requests kept in /sim/stats"
     )
+    parser.add_argument(
+        "--responses-store",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.responses_store,
+        help="keep Responses for previous_response_id (vLLM's VLLM_ENABLE_RESPONSES_API_STORE)",
+    )
     return parser
 
 
@@ -116,6 +125,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         api_key=args.api_key,
         seed=args.seed,
         log_size=args.log_size,
+        responses_store=args.responses_store,
     )
 
 
@@ -138,6 +148,8 @@ def config_to_argv(config: SimConfig) -> list[str]:
         argv.append("--no-prompt-tokens-details")
     if config.api_key is not None:
         argv += ["--api-key", config.api_key]
+    if not config.responses_store:
+        argv.append("--no-responses-store")
     return argv
 
 

@@ -78,7 +78,9 @@ class RequestRecord:
 class Counters:
     """Totals since start (or the last restart/reset)."""
 
-    requests: dict[str, int] = field(default_factory=lambda: {"chat": 0, "completions": 0})
+    requests: dict[str, int] = field(
+        default_factory=lambda: {"chat": 0, "completions": 0, "responses": 0}
+    )
     completed: int = 0
     aborted: int = 0
     dropped: int = 0

@@ -29,7 +29,7 @@ def content_text(content: Any) -> str:
             pieces.append(part)
         elif isinstance(part, Mapping):
             kind = part.get("type", "text")
-            if kind == "text":
+            if kind in ("text", "input_text", "output_text"):  # the last two: Responses parts
                 pieces.append(str(part.get("text", "")))
             else:
                 pieces.append(f"<|{kind}|>")

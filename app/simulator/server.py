@@ -1,7 +1,10 @@
 """The simulator's HTTP face: a plain ASGI app with vLLM's OpenAI routes and test controls.
 
 vLLM routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
-`GET /health`, `GET /version`, `GET /metrics`, `POST /reset_prefix_cache`. With an api_key,
+`GET /health`, `GET /version`, `GET /metrics`, `POST /reset_prefix_cache`, and the Responses API
+(`POST /v1/responses`, `GET /v1/responses/{id}`, `POST /v1/responses/{id}/cancel`) with vLLM's
+in-memory store (`app.simulator.responses`; off with `responses_store=False`, as vLLM without
+`VLLM_ENABLE_RESPONSES_API_STORE=1`). With an api_key,
 paths under `/v1` need `Authorization: Bearer KEY` (401 `{"error": "Unauthorized"}`, as vLLM).
 Unknown paths get FastAPI's `{"detail": "Not Found"}`.
 
@@ -21,7 +24,7 @@ Test controls (never in vLLM):
                                      `data: [DONE]` after K content chunks
     `{"delay_s": x}`                 extra delay before the first byte of every generation
                                      response, until set back to 0
-    `{"restart": true}`              empty KV cache, zero counters and log, later
+    `{"restart": true}`              empty KV cache and Responses store, zero counters and log, later
                                      process_start_time_seconds (a restarted vLLM)
     `{"reset": true}`                controls back to defaults, empty KV cache, zero counters
                                      and log; same start time
@@ -44,7 +47,7 @@ import orjson
 from starlette.types import Message, Receive, Scope, Send
 
 from app.simulator.config import SimConfig
-from app.simulator.engine import Engine, RequestRecord
+from app.simulator.engine import Engine, Generation, RequestRecord
 from app.simulator.exposition import render_metrics
 from app.simulator.protocol import (
     DONE_EVENT,
@@ -60,6 +63,17 @@ from app.simulator.protocol import (
     sse_event,
     usage,
     usage_chunk,
+)
+from app.simulator.responses import (
+    EventCounter,
+    ResponsesCall,
+    ResponseStore,
+    Stored,
+    message_id,
+    output_item,
+    parse_responses,
+    response_body,
+    responses_usage,
 )
 
 VLLM_VERSION = "0.32.0"
@@ -136,9 +150,11 @@ class SimulatorApp:
         self._created = int(self.start_time_s)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self.responses = ResponseStore(enabled=config.responses_store)
         self._routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self._chat},
             "/v1/completions": {"POST": self._completions},
+            "/v1/responses": {"POST": self._responses_create},
             "/v1/models": {"GET": self._models},
             "/health": {"GET": self._health},
             "/version": {"GET": self._version},
@@ -168,7 +184,7 @@ class SimulatorApp:
                 record.status, record.outcome = 401, "unauthorized"
             await _send_json(send, 401, {"error": "Unauthorized"})
             return
-        methods = self._routes.get(path)
+        methods = self._routes.get(path) or self._response_routes(path)
         if methods is None:
             await _send_json(send, 404, {"detail": "Not Found"})
             return
@@ -229,6 +245,105 @@ class SimulatorApp:
         self.engine.cache.reset()
         await _send_bytes(send, 200, b"", [])
 
+    # --- Responses API ---------------------------------------------------------------------
+    def _response_routes(self, path: str) -> dict[str, Handler] | None:
+        """`/v1/responses/{id}` (GET) and `/v1/responses/{id}/cancel` (POST)."""
+        rest = path.removeprefix("/v1/responses/")
+        if rest == path or not rest:
+            return None
+        response_id, _, tail = rest.partition("/")
+        if tail == "cancel":
+            return {"POST": self._stored_answer(response_id, cancel=True)}
+        if not tail:
+            return {"GET": self._stored_answer(response_id, cancel=False)}
+        return None
+
+    def _stored_answer(self, response_id: str, *, cancel: bool) -> Handler:
+        async def handler(scope: Scope, receive: Receive, send: Send) -> None:
+            try:
+                if cancel:
+                    body = self.responses.cancel(response_id)
+                else:
+                    body = self.responses.get(response_id).body
+            except SimError as exc:
+                await _send_json(send, exc.status, exc.body())
+                return
+            await _send_json(send, 200, body)
+
+        return handler
+
+    async def _responses_create(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await _read_body(receive)
+        if body is None:
+            return
+        headers = _headers(scope)
+        record = self.engine.new_record("responses", _recorded(headers))
+        try:
+            call = parse_responses(body, headers, self.config, self.responses)
+        except SimError as exc:
+            record.status, record.outcome = exc.status, "rejected"
+            self.engine.counters.rejected += 1
+            await _send_json(send, exc.status, exc.body())
+            return
+        request = call.request
+        record.id, record.model, record.stream = request.id, request.model, request.stream
+        record.cache_salt, record.max_tokens = request.cache_salt, request.max_tokens
+        await self._watched(lambda out: self._answer_response(call, record, out), receive, send)
+
+    async def _answer_response(
+        self, call: ResponsesCall, record: RequestRecord, send: Send
+    ) -> None:
+        if not await self._before_answer(record, send):
+            return
+        request = call.request
+        item_id = message_id()
+        if request.stream:
+            await self._stream_response(call, record, item_id, send)
+            return
+        async with self.engine.session(request, record) as generation:
+            text = await generation.run_to_end()
+            generation.finish()
+            final = self._finished(call, generation, item_id, text)
+        await _send_json(send, 200, final)
+
+    def _finished(
+        self, call: ResponsesCall, generation: Generation, item_id: str, text: str
+    ) -> dict[str, Any]:
+        """The final body (always `incomplete`: the simulator stops at max_output_tokens);
+        stored when the request asked for it and the store is on."""
+        info = responses_usage(
+            len(call.request.prompt_tokens),
+            generation.emitted,
+            generation.cached_tokens,
+            generation.created_tokens,
+        )
+        final = response_body(
+            call, status="incomplete", output=[output_item(item_id, text)], usage=info
+        )
+        if call.store:
+            self.responses.items[call.request.id] = Stored(final, call.messages)
+        return final
+
+    async def _stream_response(
+        self, call: ResponsesCall, record: RequestRecord, item_id: str, send: Send
+    ) -> None:
+        events = EventCounter()
+        in_progress = response_body(call, status="in_progress", output=[], usage=None)
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+        await _body(send, events.opening(in_progress, item_id))
+        pieces: list[str] = []
+        async with (
+            self.engine.session(call.request, record) as generation,
+            contextlib.aclosing(generation.tokens()) as tokens,
+        ):
+            async for fragment in tokens:
+                pieces.append(fragment)
+                await _body(send, events.delta(item_id, fragment))
+            generation.finish()
+            text = "".join(pieces)
+            final = self._finished(call, generation, item_id, text)
+        await _body(send, events.closing(item_id, text, final), more=False)
+
     # --- generation --------------------------------------------------------------------------
     async def _generate(
         self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send
@@ -248,6 +363,13 @@ class SimulatorApp:
         record.id, record.model, record.stream = request.id, request.model, request.stream
         record.cache_salt, record.max_tokens = request.cache_salt, request.max_tokens
 
+        await self._watched(lambda out: self._respond(request, record, out), receive, send)
+
+    async def _watched(
+        self, respond: Callable[[Send], Awaitable[None]], receive: Receive, send: Send
+    ) -> None:
+        """Run `respond` in a child task and watch for the client leaving: vLLM aborts on
+        disconnect."""
         started = False
 
         async def tracked_send(message: Any) -> None:
@@ -255,8 +377,7 @@ class SimulatorApp:
             started = True
             await send(message)
 
-        # Generate in a child task and watch for the client leaving: vLLM aborts on disconnect.
-        task = asyncio.ensure_future(self._respond(request, record, tracked_send))
+        task = asyncio.ensure_future(respond(tracked_send))
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         self._tasks.add(task)
         try:
@@ -281,7 +402,9 @@ class SimulatorApp:
         if not task.cancelled():
             task.result()  # surfaces a bug as uvicorn's "Exception in ASGI application"
 
-    async def _respond(self, request: SimRequest, record: RequestRecord, send: Send) -> None:
+    async def _before_answer(self, record: RequestRecord, send: Send) -> bool:
+        """The controls that act before any byte: a set failure (answered here, False) and the
+        extra delay. True: go on and answer."""
         controls = self.controls
         failure: SimError | None = None
         if controls.fail_next > 0:
@@ -290,10 +413,6 @@ class SimulatorApp:
                 controls.status,
                 f"Simulated failure (status {controls.status}) set by /sim/control.",
             )
-        drop_after = error_after = None
-        if request.stream and failure is None:
-            drop_after, controls.fail_mid_stream_after = controls.fail_mid_stream_after, None
-            error_after, controls.error_mid_stream_after = controls.error_mid_stream_after, None
         if controls.delay_s > 0:
             try:
                 await asyncio.sleep(controls.delay_s)
@@ -305,6 +424,16 @@ class SimulatorApp:
             record.status, record.outcome = failure.status, "failed"
             self.engine.counters.failed += 1
             await _send_json(send, failure.status, failure.body())
+            return False
+        return True
+
+    async def _respond(self, request: SimRequest, record: RequestRecord, send: Send) -> None:
+        controls = self.controls
+        drop_after = error_after = None
+        if request.stream and controls.fail_next == 0:
+            drop_after, controls.fail_mid_stream_after = controls.fail_mid_stream_after, None
+            error_after, controls.error_mid_stream_after = controls.error_mid_stream_after, None
+        if not await self._before_answer(record, send):
             return
         if request.stream:
             await self._stream(request, record, send, drop_after, error_after)
@@ -410,8 +539,10 @@ class SimulatorApp:
         if data.get("reset"):
             self.controls = Controls()
             self.engine.clear()
+            self.responses.items.clear()
         if data.get("restart"):
             self.engine.clear()
+            self.responses.items.clear()  # vLLM's store lives in its memory
             # Strictly later, so a router comparing start times always sees the restart.
             self.start_time_s = max(time.time(), self.start_time_s + 0.01)
             self._created = int(self.start_time_s)

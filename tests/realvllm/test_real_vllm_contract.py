@@ -449,6 +449,166 @@ async def test_metrics_names(pair: Pair) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Responses API (the store on: VLLM_ENABLE_RESPONSES_API_STORE=1 in both)
+
+RESPONSE_PATHS = [
+    "$.id",
+    "$.object",
+    "$.status",
+    "$.model",
+    "$.instructions",
+    "$.previous_response_id",
+    "$.output[].type",
+    "$.output[].role",
+    "$.output[].content[].type",
+    "$.output[].content[].text",
+    "$.usage.input_tokens",
+    "$.usage.output_tokens",
+    "$.usage.total_tokens",
+    "$.usage.input_tokens_details.cached_tokens",
+]
+
+
+def responses_body(model: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "input": "Say something.",
+        "max_output_tokens": 4,
+        "ignore_eos": True,
+        **extra,
+    }
+
+
+async def test_responses_create_get_chain_cancel(pair: Pair) -> None:
+    real, sim = await both(
+        pair, "POST", "/v1/responses", responses_body(pair.model, instructions="Be brief.")
+    )
+    assert (real.status, sim.status) == (200, 200), real.body[:300]
+    assert real.content_type == sim.content_type == "application/json"
+    assert_same_shape(real.json(), sim.json(), RESPONSE_PATHS, "POST /v1/responses")
+    for url, reply in ((pair.real, real), (pair.sim, sim)):
+        created = reply.json()
+        assert created["id"].startswith("resp_")
+        assert created["object"] == "response"
+        assert created["instructions"] == "Be brief."
+        fetched = await call("GET", f"{url}/v1/responses/{created['id']}")
+        assert fetched.status == 200
+        assert fetched.json()["id"] == created["id"]
+        chained = await call(
+            "POST",
+            url + "/v1/responses",
+            responses_body(pair.model, input="More.", previous_response_id=created["id"]),
+        )
+        assert chained.status == 200, chained.body[:300]
+        data = chained.json()
+        assert data["previous_response_id"] == created["id"]
+        assert data["instructions"] is None  # instructions do not carry over
+        assert data["usage"]["input_tokens"] > created["usage"]["input_tokens"] - 8
+        cancel = await call("POST", f"{url}/v1/responses/{created['id']}/cancel")
+        assert cancel.status == 400
+        assert cancel.json()["error"]["message"] == "Cannot cancel a synchronous response."
+    real_get = await call("GET", f"{pair.real}/v1/responses/{real.json()['id']}")
+    sim_get = await call("GET", f"{pair.sim}/v1/responses/{sim.json()['id']}")
+    assert_same_shape(real_get.json(), sim_get.json(), RESPONSE_PATHS, "GET /v1/responses/{id}")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/v1/responses", {"input": "x", "previous_response_id": "resp_nope"}),
+        ("GET", "/v1/responses/resp_nope", None),
+        ("POST", "/v1/responses/resp_nope/cancel", None),
+        (
+            "POST",
+            "/v1/responses",
+            {"input": "x", "previous_response_id": "resp_nope", "stream": True},
+        ),
+    ],
+)
+async def test_responses_unknown_id(
+    pair: Pair, method: str, path: str, body: dict[str, Any] | None
+) -> None:
+    real, sim = await both(pair, method, path, body)
+    assert (real.status, sim.status) == (404, 404)
+    assert real.json() == sim.json()  # the same body, word for word
+    assert real.json()["error"]["param"] == "response_id"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"max_output_tokens": 3},  # no input
+        {"input": "x", "model": "nope"},
+        {
+            "input": "x",
+            "previous_response_id": "resp_x",
+            "previous_input_messages": [{"role": "user", "content": "y"}],
+        },
+    ],
+)
+async def test_responses_errors(pair: Pair, body: dict[str, Any]) -> None:
+    real, sim = await both(pair, "POST", "/v1/responses", {"model": pair.model, **body})
+    assert real.status == sim.status
+    assert real.status in (400, 404)
+    assert real.json()["error"]["param"] == sim.json()["error"]["param"]
+    assert real.json()["error"]["type"] == sim.json()["error"]["type"]
+
+
+def response_events(reply: Reply) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, data) of a Responses stream; asserts the framing (no [DONE])."""
+    assert reply.status == 200, reply.body[:300]
+    assert reply.content_type == "text/event-stream"
+    text = reply.body.decode()
+    assert text.endswith("\n\n")
+    events = []
+    for raw in text[:-2].split("\n\n"):
+        name_line, data_line = raw.split("\n")
+        name = name_line.removeprefix("event: ")
+        data = json.loads(data_line.removeprefix("data: "))
+        assert data["type"] == name
+        events.append((name, data))
+    return events
+
+
+async def test_responses_stream_events(pair: Pair) -> None:
+    real, sim = await both(pair, "POST", "/v1/responses", responses_body(pair.model, stream=True))
+    kinds: dict[str, list[str]] = {}
+    for who, reply in (("real", real), ("sim", sim)):
+        events = response_events(reply)
+        assert [d["sequence_number"] for _, d in events] == list(range(len(events))), who
+        # Consecutive deltas as one: their number follows the tokenizer.
+        names = [n for i, (n, _) in enumerate(events) if i == 0 or n != events[i - 1][0]]
+        kinds[who] = names
+        created, completed = events[0][1]["response"], events[-1][1]["response"]
+        assert completed["id"] == created["id"], who
+        assert completed["usage"]["output_tokens"] == 4, who
+    assert kinds["real"] == kinds["sim"]
+    assert kinds["real"][0] == "response.created"
+    assert kinds["real"][-1] == "response.completed"
+    by_kind: dict[str, tuple[list[Any], list[Any]]] = {}
+    for index, reply in enumerate((real, sim)):
+        for name, data in response_events(reply):
+            by_kind.setdefault(name, ([], []))[index].append(data)
+    for name, (real_data, sim_data) in by_kind.items():
+        assert_sim_within_real(real_data, sim_data, f"stream event {name}")
+
+
+async def test_responses_store_is_per_server(real_vllm_servers: RealVllmServers) -> None:
+    """Why the router pins turns: a response exists only on the server that made it."""
+    first, second = real_vllm_servers.urls
+    created = await call("POST", first + "/v1/responses", responses_body(real_vllm_servers.model))
+    rid = created.json()["id"]
+    assert (await call("GET", f"{first}/v1/responses/{rid}")).status == 200
+    assert (await call("GET", f"{second}/v1/responses/{rid}")).status == 404
+    elsewhere = await call(
+        "POST",
+        second + "/v1/responses",
+        responses_body(real_vllm_servers.model, previous_response_id=rid),
+    )
+    assert elsewhere.status == 404
+
+
+# ---------------------------------------------------------------------------------------------
 # Real vLLM only: the behaviours the router depends on
 
 

@@ -1,0 +1,151 @@
+"""app/responses.py: the owner map and the kept conversations, in memory and in a real Redis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from app.responses import (
+    MAX_ENTRIES,
+    MemoryResponses,
+    RedisResponses,
+    ResponseStore,
+    history,
+    input_items,
+    keep_turn,
+    output_items,
+    tenant_tag,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def memory(clock: Clock | None = None, wall: list[int] | None = None) -> MemoryResponses:
+    ms = wall if wall is not None else [1]
+    return MemoryResponses(60.0, 120.0, clock=clock or Clock(), wall_ms=lambda: ms[0])
+
+
+async def test_owner_expires_and_a_restart_makes_it_lost() -> None:
+    clock, wall = Clock(), [100]
+    store = memory(clock, wall)
+    assert await store.owner("resp_1") is None
+    await store.remember("resp_1", "http://a")
+    found = await store.owner("resp_1")
+    assert found is not None
+    assert (found.backend, found.state) == ("http://a", "live")
+    wall[0] = 200
+    await store.forget_backend("http://a")  # restarted after the record
+    lost = await store.owner("resp_1")
+    assert lost is not None
+    assert lost.state == "lost"
+    await store.remember("resp_2", "http://a")
+    wall[0] = 300
+    still = await store.owner("resp_2")  # recorded at the restart's ms: lost too
+    assert still is not None
+    assert still.state == "lost"
+    clock.now += 61
+    assert await store.owner("resp_1") is None
+
+
+async def test_memory_is_bounded() -> None:
+    store = memory()
+    for i in range(MAX_ENTRIES + 10):
+        store.remember_now(f"r{i}", "b")
+    assert store.describe()["owners"] == MAX_ENTRIES
+    assert await store.owner("r0") is None
+    assert await store.owner(f"r{MAX_ENTRIES + 9}") is not None
+
+
+def test_items() -> None:
+    assert input_items("hi") == [{"role": "user", "content": "hi"}]
+    assert input_items([{"role": "user", "content": "x"}]) == [{"role": "user", "content": "x"}]
+    body: dict[str, Any] = {
+        "output": [
+            {"type": "reasoning", "content": [{"text": "hidden"}]},
+            {"type": "message", "content": [{"type": "output_text", "text": "a"}, {"text": "b"}]},
+            {"type": "function_call", "name": "f", "arguments": "{}", "call_id": "c1"},
+        ]
+    }
+    assert output_items(body) == [
+        {"role": "assistant", "content": "ab"},
+        {"type": "function_call", "name": "f", "arguments": "{}", "call_id": "c1"},
+    ]
+
+
+async def check_history(store: ResponseStore) -> None:
+    turn1 = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "1"}]
+    turn2 = [{"role": "user", "content": "two"}, {"role": "assistant", "content": "2"}]
+    assert await keep_turn(store, "t", "r1", None, turn1, 10_000)
+    assert await keep_turn(store, "t", "r2", "r1", turn2, 10_000)
+    assert await history(store, "t", "r2") == turn1 + turn2
+    assert await history(store, "t", "r1") == turn1
+    assert await history(store, "other-tenant", "r2") is None
+    # Past the cap the turn is not kept; nor is any turn after one that was not.
+    big = [{"role": "user", "content": "x" * 20_000}]
+    assert not await keep_turn(store, "t", "r3", "r2", big, 10_000)
+    assert await history(store, "t", "r3") is None
+    assert not await keep_turn(store, "t", "r4", "r3", turn1, 10_000)
+
+
+async def test_history_in_memory() -> None:
+    await check_history(memory())
+
+
+@pytest.fixture
+async def redis_store(redis_url: str) -> Any:
+    import redis.asyncio as redis_asyncio
+
+    client = redis_asyncio.Redis.from_url(redis_url)
+    yield (
+        client,
+        RedisResponses(
+            client, redis_url, owner_ttl_s=60, history_ttl_s=60, timeout_s=1.0, retry_s=1.0
+        ),
+    )
+    await client.aclose()
+
+
+async def test_redis_shares_owners_and_history(redis_store: Any) -> None:
+    client, store = redis_store
+    await store.remember("resp_9", "http://b")
+    raw = await client.get("kvroute:resp:o:resp_9")
+    assert raw.endswith(b"|http://b")
+    assert 0 < await client.pttl("kvroute:resp:o:resp_9") <= 60_000
+    other = RedisResponses(
+        client, "redis://x", owner_ttl_s=60, history_ttl_s=60, timeout_s=1.0, retry_s=1.0
+    )
+    found = await other.owner("resp_9")  # another replica: from Redis, not its memory
+    assert found is not None
+    assert found.backend == "http://b"
+    await check_history(store)
+    assert await history(other, "t", "r2") is not None
+    keys = [k.decode() for k in await client.keys("kvroute:resp:h:*")]
+    assert all(tenant_tag("t") in k for k in keys)  # the tenant is hashed, never in clear
+    assert not any(":t:" in k for k in keys)
+
+
+async def test_redis_down_serves_from_memory() -> None:
+    import redis.asyncio as redis_asyncio
+
+    client = redis_asyncio.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    store = RedisResponses(
+        client,
+        "redis://127.0.0.1:1/0",
+        owner_ttl_s=60,
+        history_ttl_s=60,
+        timeout_s=0.5,
+        retry_s=30.0,
+    )
+    await store.remember("resp_1", "http://a")
+    found = await store.owner("resp_1")
+    assert found is not None
+    assert found.backend == "http://a"
+    assert store.describe()["state"] == "down (serving from memory)"
+    await client.aclose()
