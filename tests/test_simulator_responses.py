@@ -219,3 +219,11 @@ def test_input_items_with_tool_calls(sim: str) -> None:
     status, raw = post(sim, "/v1/responses", {"input": [{"content": "no role"}]})
     assert status == 400
     assert json.loads(raw)["error"]["param"] == "body.input.0.role"
+
+
+def test_an_answer_without_a_limit_ends_by_itself(sim: str) -> None:
+    status, raw = post(sim, "/v1/responses", {"model": "sim-model", "input": "hello"})
+    assert status == 200
+    body = json.loads(raw)
+    assert body["status"] == "completed"
+    assert body["incomplete_details"] is None

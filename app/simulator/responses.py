@@ -86,6 +86,9 @@ class ResponsesCall:
     store: bool
     temperature: float
     top_p: float
+    # The client set max_output_tokens: the answer stops there (`incomplete`, as vLLM says).
+    # Without it the simulated model ends on its own (`completed`), as a model reaching EOS.
+    limit_given: bool = False
 
 
 def input_messages(value: Any) -> list[dict[str, Any]]:
@@ -174,6 +177,7 @@ def parse_responses(
             f"your prompt contains at least {config.max_model_len + 1} input tokens.",
             param="input_tokens",
         )
+    limit_given = limit is not None
     if limit is None:
         limit = min(config.default_max_tokens, room)
     if not 1 <= limit <= room:
@@ -198,6 +202,7 @@ def parse_responses(
         store=store.enabled and wants_store is not False,
         temperature=1.0 if temperature is None else float(temperature),
         top_p=1.0 if top_p is None else float(top_p),
+        limit_given=limit_given,
     )
 
 

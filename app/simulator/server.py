@@ -309,17 +309,16 @@ class SimulatorApp:
     def _finished(
         self, call: ResponsesCall, generation: Generation, item_id: str, text: str
     ) -> dict[str, Any]:
-        """The final body (always `incomplete`: the simulator stops at max_output_tokens);
-        stored when the request asked for it and the store is on."""
+        """The final body: `incomplete` when it stopped at the client's max_output_tokens, else
+        `completed` (the simulated model ended its answer); stored when asked and the store is on."""
         info = responses_usage(
             len(call.request.prompt_tokens),
             generation.emitted,
             generation.cached_tokens,
             generation.created_tokens,
         )
-        final = response_body(
-            call, status="incomplete", output=[output_item(item_id, text)], usage=info
-        )
+        status = "incomplete" if call.limit_given else "completed"
+        final = response_body(call, status=status, output=[output_item(item_id, text)], usage=info)
         if call.store:
             self.responses.items[call.request.id] = Stored(final, call.messages)
         return final
