@@ -29,7 +29,7 @@ from app.config import Settings
 class ListenerLimits:
     max_header_bytes: int = 65536
     max_headers: int = 100
-    header_timeout_s: float = 10.0
+    header_timeout_s: float = 30.0
     max_connections: int = 4096
 
     @classmethod
