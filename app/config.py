@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     # (slow clients are cut: 408), and open connections at once (503 past it).
     max_header_bytes: int = Field(default=65536, ge=1024)
     max_headers: int = Field(default=100, ge=8)
-    # nginx waits 60 s, Apache 20–40 s: 10 s cut a real client whose own loop was starved.
+    # nginx waits 60 s, Apache 20 to 40 s: 10 s cut a real client whose own loop was starved.
     header_timeout_s: float = Field(default=30.0, gt=0)
     max_connections: int = Field(default=4096, ge=1)
 
