@@ -232,7 +232,15 @@ async def answer_stream(
         tail = scanner.abort() + render_error_event(error)
     form = stats_format(call.headers.get("x-router-stream-stats"), s)
     if form != "none":
-        stats = _stats(req, attempt, slot, fig, call.request_id, error)
+        stats = stream_stats(
+            attempt,
+            slot,
+            fig,
+            prefix_key=req.route.keys.conversation,
+            tenant=req.tenant,
+            request_id=call.request_id,
+            error=error,
+        )
         default_object = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
         tail += render_stats_event(scanner.meta, default_object, stats, form)
     await sink.finish(tail + DONE_EVENT)
@@ -353,14 +361,17 @@ def upstream_headers(svc: Services, call: Call, content_type: str) -> dict[str, 
     return headers
 
 
-def _stats(
-    req: Prepared,
+def stream_stats(
     attempt: Attempt,
     slot: Slot,
     fig: StreamFigures,
+    *,
+    prefix_key: str,
+    tenant: str,
     request_id: str,
     error: str | None,
 ) -> dict[str, Any]:
+    """The figures of the `router.stream_stats` message (chat, completions and Responses)."""
     decision = attempt.decision
     stats: dict[str, Any] = {
         "backend": decision.backend,
@@ -373,8 +384,8 @@ def _stats(
         "cached_tokens": fig.cached_tokens,
         "novel_tokens": fig.novel_tokens,
         "token_source": fig.token_source,
-        "prefix_key": req.route.keys.conversation,
-        "tenant": req.tenant,
+        "prefix_key": prefix_key,
+        "tenant": tenant,
         "retries": attempt.retries,
         "queue_ms": round(slot.queue_ms, 3),
         "request_id": request_id,

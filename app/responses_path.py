@@ -46,6 +46,7 @@ from app.handlers import (
     _scope,
     lookup,
     resolve_model,
+    stream_stats,
     tenant_of,
     upstream_headers,
 )
@@ -57,7 +58,7 @@ from app.responses_stream import ResponsesScanner, render_error, render_stats, u
 from app.routing import NO_OWNERSHIP, Decision, Ownership, RouteRequest
 from app.security import tenant_salt
 from app.services import Services
-from app.stream_stats import EventTooLarge, StreamFigures, stats_format
+from app.stream_stats import EventTooLarge, stats_format
 from app.tracing import NO_TRACE
 from app.transport import read_all
 from app.upstream import Attempt, Outgoing
@@ -377,7 +378,15 @@ async def answer_stream(
         log.warning("%s (request %s)", error, call.request_id)
         tail = render_error(scanner.events, error)
     if stats_format(call.headers.get("x-router-stream-stats"), s) != "none":
-        stats = stream_stats(turn, attempt, slot, fig, call.request_id, error)
+        stats = stream_stats(
+            attempt,
+            slot,
+            fig,
+            prefix_key=turn.route.keys.conversation,
+            tenant=turn.tenant,
+            request_id=call.request_id,
+            error=error,
+        )
         tail += render_stats(scanner.events + (1 if error else 0), stats)
     await sink.finish(tail)
 
@@ -591,34 +600,3 @@ def _json_object(data: bytes) -> dict[str, Any]:
         if isinstance(body, dict):
             return body
     return {}
-
-
-def stream_stats(
-    turn: Turn,
-    attempt: Attempt,
-    slot: Slot,
-    fig: StreamFigures,
-    request_id: str,
-    error: str | None,
-) -> dict[str, Any]:
-    decision = attempt.decision
-    stats: dict[str, Any] = {
-        "backend": decision.backend,
-        "cache_outcome": decision.outcome,
-        "affinity": decision.affinity,
-        "ttft_ms": fig.ttft_ms,
-        "tps": fig.tps,
-        "prompt_tokens": fig.prompt_tokens,
-        "completion_tokens": fig.completion_tokens,
-        "cached_tokens": fig.cached_tokens,
-        "novel_tokens": fig.novel_tokens,
-        "token_source": fig.token_source,
-        "prefix_key": turn.route.keys.conversation,
-        "tenant": turn.tenant,
-        "retries": attempt.retries,
-        "queue_ms": round(slot.queue_ms, 3),
-        "request_id": request_id,
-    }
-    if error:
-        stats["error"] = error
-    return stats

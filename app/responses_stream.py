@@ -19,7 +19,12 @@ from typing import Any
 
 import orjson
 
-from app.stream_stats import DEFAULT_MAX_EVENT_BYTES, EventTooLarge, StreamFigures
+from app.stream_stats import (
+    DEFAULT_MAX_EVENT_BYTES,
+    EventTooLarge,
+    StreamFigures,
+    stream_figures,
+)
 
 EVENT_END = b"\n\n"
 _DELTA = b"event: response.output_text.delta\n"
@@ -118,26 +123,14 @@ class ResponsesScanner:
     def figures(self, estimated_prompt_tokens: int, estimated_cached_tokens: int) -> StreamFigures:
         """Exact token counts from the final event's usage when it came, else estimates."""
         usage = (self.final or {}).get("usage")
-        if isinstance(usage, dict):
-            prompt, completion, cached = usage_tokens(usage)
-            source = "backend"
-        else:
-            prompt, completion = estimated_prompt_tokens, self.deltas
-            cached, source = min(estimated_cached_tokens, prompt), "estimate"
-        ttft_ms = tps = None
-        if self.first_content_s is not None and self.last_content_s is not None:
-            ttft_ms = round((self.first_content_s - self.start_s) * 1000, 3)
-            span = self.last_content_s - self.first_content_s
-            if span > 0 and completion > 1:
-                tps = round((completion - 1) / span, 2)
-        return StreamFigures(
-            ttft_ms=ttft_ms,
-            tps=tps,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            cached_tokens=cached,
-            novel_tokens=max(prompt - cached, 0),
-            token_source="backend" if source == "backend" else "estimate",
+        return stream_figures(
+            start_s=self.start_s,
+            first_content_s=self.first_content_s,
+            last_content_s=self.last_content_s,
+            exact=usage_tokens(usage) if isinstance(usage, dict) else None,
+            content_events=self.deltas,
+            estimated_prompt_tokens=estimated_prompt_tokens,
+            estimated_cached_tokens=estimated_cached_tokens,
         )
 
 

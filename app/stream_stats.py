@@ -260,19 +260,39 @@ def figures(
     scanner: StreamScanner, *, estimated_prompt_tokens: int, estimated_cached_tokens: int
 ) -> StreamFigures:
     """Exact figures from vLLM's usage chunk when it came, else the router's estimates."""
-    ttft_ms = None
-    if scanner.first_content_s is not None:
-        ttft_ms = round((scanner.first_content_s - scanner.start_s) * 1000, 3)
-    if scanner.usage is not None:
-        prompt, completion, cached = usage_figures(scanner.usage)
+    return stream_figures(
+        start_s=scanner.start_s,
+        first_content_s=scanner.first_content_s,
+        last_content_s=scanner.last_content_s,
+        exact=usage_figures(scanner.usage) if scanner.usage is not None else None,
+        content_events=scanner.content_events,
+        estimated_prompt_tokens=estimated_prompt_tokens,
+        estimated_cached_tokens=estimated_cached_tokens,
+    )
+
+
+def stream_figures(
+    *,
+    start_s: float,
+    first_content_s: float | None,
+    last_content_s: float | None,
+    exact: tuple[int, int, int] | None,
+    content_events: int,
+    estimated_prompt_tokens: int,
+    estimated_cached_tokens: int,
+) -> StreamFigures:
+    """A stream's figures (any SSE dialect): `exact` (prompt, completion, cached) from the
+    backend's usage when it came, else estimates with one token per content event."""
+    if exact is not None:
+        prompt, completion, cached = exact
         source: TokenSource = "backend"
     else:
-        prompt, completion = estimated_prompt_tokens, scanner.content_events
-        cached = min(estimated_cached_tokens, prompt)
-        source = "estimate"
-    tps = None
-    if scanner.first_content_s is not None and scanner.last_content_s is not None:
-        span = scanner.last_content_s - scanner.first_content_s
+        prompt, completion = estimated_prompt_tokens, content_events
+        cached, source = min(estimated_cached_tokens, prompt), "estimate"
+    ttft_ms = tps = None
+    if first_content_s is not None and last_content_s is not None:
+        ttft_ms = round((first_content_s - start_s) * 1000, 3)
+        span = last_content_s - first_content_s
         if span > 0 and completion > 1:
             tps = round((completion - 1) / span, 2)
     return StreamFigures(
