@@ -33,9 +33,17 @@ LISTENING_PREFIX = "KVROUTE_SIMULATOR_LISTENING "
 _INCOMPLETE_RESPONSE = "ASGI callable returned without completing response."
 
 
-def _quiet_dropped_streams(record: logging.LogRecord) -> bool:
-    """Streams cut on purpose (failure mode, abort on shutdown) are not errors worth a log line."""
-    return record.msg != _INCOMPLETE_RESPONSE
+class _QuietDroppedStreams(logging.Filter):
+    """Streams the simulator cuts on purpose (failure mode, abort on shutdown) are not errors
+    worth a log line. uvicorn's logger is shared by every server in the process, so only this
+    server's thread is muted: a router in the same process keeps its line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread: int | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread or record.msg != _INCOMPLETE_RESPONSE
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -75,7 +83,16 @@ class UvicornServer(uvicorn.Server):
         )
         super().__init__(config)
         self.sim_app = app
-        logging.getLogger("uvicorn.error").addFilter(_quiet_dropped_streams)
+        self._quiet = _QuietDroppedStreams()
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._quiet.thread = threading.get_ident()
+        logger = logging.getLogger("uvicorn.error")
+        logger.addFilter(self._quiet)
+        try:
+            await super().serve(sockets)
+        finally:
+            logger.removeFilter(self._quiet)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

@@ -642,12 +642,6 @@ def test_client_disconnect_through_router_stops_generation(
     assert router.router.metrics.client_disconnects == 1
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open finding: in suite order, the four holder streams sometimes end with a "
-    "client-side ReadError mid-body while new requests queue (3 of ~10 runs; passes alone). "
-    "Not yet explained; see the #19 closing note. Kept running so that a fix shows as XPASS.",
-)
 async def test_abandoned_streams_and_queued_requests_leave_real_vllm_idle(
     real_vllm_servers: RealVllmServers,
 ) -> None:
@@ -662,14 +656,25 @@ async def test_abandoned_streams_and_queued_requests_leave_real_vllm_idle(
             servers.model, [{"role": "user", "content": "hi"}], stream=True, max_tokens=1900
         )
         streaming = asyncio.Semaphore(0)
+        leaving = False  # set when the test makes the holders leave
+        cut_early: list[str] = []  # streams that broke before their client left
 
         async def client_stream(client: httpx.AsyncClient) -> None:
-            async with client.stream("POST", router.url + "/v1/chat/completions", json=body) as r:
-                first = True
-                async for _ in r.aiter_raw():
-                    if first:
-                        streaming.release()
-                        first = False
+            try:
+                async with client.stream(
+                    "POST", router.url + "/v1/chat/completions", json=body
+                ) as r:
+                    first = True
+                    async for _ in r.aiter_raw():
+                        if first:
+                            streaming.release()
+                            first = False
+            except Exception as exc:
+                # How the client library surfaces its own cancellation is its business; a
+                # stream that broke while its client was still reading is the router's.
+                if not leaving:
+                    cut_early.append(repr(exc))
+                raise
 
         limits = httpx.Limits(max_connections=32, max_keepalive_connections=0)
         async with httpx.AsyncClient(timeout=None, limits=limits) as client:
@@ -682,9 +687,12 @@ async def test_abandoned_streams_and_queued_requests_leave_real_vllm_idle(
                 task.cancel()  # they leave while queued...
             await asyncio.gather(*queued, return_exceptions=True)
             await until(lambda: state.admission.waiting == 0, "the queue emptied")
+            assert not cut_early, f"streams broke while their clients read: {cut_early}"
+            leaving = True
             for task in holders:
                 task.cancel()  # ...and the streams mid-stream
             results = await asyncio.gather(*holders, return_exceptions=True)
+        assert not cut_early, f"streams broke while their clients read: {cut_early}"
         for url in servers.urls:
             await asyncio.to_thread(wait_idle, url)
         await until(
@@ -700,5 +708,6 @@ async def test_abandoned_streams_and_queued_requests_leave_real_vllm_idle(
         assert stats.abandoned >= 1
         assert stats.admitted + stats.abandoned == 12
         assert sum(b.dispatched for b in state.pool.backends) == stats.admitted
-        left = 8 + sum(isinstance(r, asyncio.CancelledError) for r in results)
+        # A holder that had not ended by itself when it was cancelled left mid-stream.
+        left = 8 + sum(isinstance(r, BaseException) for r in results)
         assert state.metrics.client_disconnects == left
