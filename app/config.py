@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     # vLLM's uvicorn drops idle keep-alive connections after 5 s: retire ours sooner.
     pool_idle_timeout_s: float = Field(default=4.0, gt=0, lt=5.0)
     max_connections_per_backend: int = Field(default=1024, ge=1)
+    # The upstream HTTP client: httptools (lean, the default) or aiohttp (the reference).
+    upstream_client: Literal["httptools", "aiohttp"] = "httptools"
 
     # --- background probes ----------------------------------------------------------------
     health_interval_s: float = Field(default=2.0, gt=0)

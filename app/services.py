@@ -23,6 +23,7 @@ from app.backends import BackendPool
 from app.config import Settings
 from app.dashboard import SeriesRecorder, TenantTags
 from app.fleet import Fleet, FleetCollector, RedisMembership
+from app.http1 import HttpToolsTransport
 from app.logs import RequestLog
 from app.metrics import RequestRecord, RouterMetrics
 from app.ownership import MemoryStore, OwnershipStore, RedisStore
@@ -96,6 +97,16 @@ class Services:
         return {}
 
 
+def upstream_transport(s: Settings) -> Transport:
+    """The client the router reaches its backends with (`UPSTREAM_CLIENT`)."""
+    kind = HttpToolsTransport if s.upstream_client == "httptools" else AiohttpTransport
+    return kind(
+        connect_timeout_s=s.connect_timeout_s,
+        pool_idle_timeout_s=s.pool_idle_timeout_s,
+        max_per_host=s.max_connections_per_backend,
+    )
+
+
 def build_services(settings: Settings, *, transport: Transport | None = None) -> Services:
     s = settings
     redis = (
@@ -137,11 +148,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         store.local_in_flight = lambda: {b.name: b.in_flight for b in pool.backends}
         store.on_peer_load = pool.share_peer_load
     policy = make_policy(s.routing_policy, _weights(s))
-    transport = transport or AiohttpTransport(
-        connect_timeout_s=s.connect_timeout_s,
-        pool_idle_timeout_s=s.pool_idle_timeout_s,
-        max_per_host=s.max_connections_per_backend,
-    )
+    transport = transport or upstream_transport(s)
     request_log = RequestLog()
     tracing = tracing_from_settings(s)
     metrics = RouterMetrics(on_record=_observer(request_log))

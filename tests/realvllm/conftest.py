@@ -6,11 +6,13 @@ skipped: a missing torch +cpu wheel or a server that does not start fails the te
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import REDIS_URL, emptied_redis
 from tools.realvllm import RealVllmServers, serving_pair
 
 HERE = Path(__file__).resolve().parent
@@ -21,6 +23,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.path.is_relative_to(HERE):
             item.add_marker(pytest.mark.realvllm)
+
+
+# A database apart from the default suite's: every Redis test empties its database first, so a
+# default run beside this one (a second checkout, a helper) would wipe records mid-test.
+# Same server as the default suite's (KVROUTE_TEST_REDIS_URL), database 12.
+REALVLLM_REDIS_URL = os.environ.get(
+    "KVROUTE_TEST_REALVLLM_REDIS_URL", REDIS_URL.rsplit("/", 1)[0] + "/12"
+)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return emptied_redis(REALVLLM_REDIS_URL)
 
 
 @pytest.fixture(scope="session")
