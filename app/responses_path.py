@@ -28,7 +28,7 @@ from urllib.parse import quote
 import orjson
 
 from app.admission import Slot
-from app.backends import BackendView
+from app.candidates import Candidate
 from app.errors import (
     BadRequest,
     NoHealthyBackend,
@@ -85,7 +85,7 @@ class Pinned:
     url: str
 
     def choose(
-        self, request: RouteRequest, candidates: Sequence[BackendView], ownership: Ownership
+        self, request: RouteRequest, candidates: Sequence[Candidate], ownership: Ownership
     ) -> Decision:
         for backend in candidates:
             if backend.url == self.url:
