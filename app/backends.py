@@ -148,7 +148,7 @@ class Backend:
     url: str
     healthy: bool = False
     models: frozenset[str] = frozenset()
-    in_flight: int = 0
+    in_flight: int = 0  # changed by `BackendPool.lease` only (it keeps the rosters' totals)
     failures: int = 0
     last_error: str = ""
     metrics: VllmMetrics | None = None

@@ -84,10 +84,12 @@ class Roster:
     def ring_from(self, key: str) -> Iterator[Candidate]:
         """Every member once, in ring order from the key's point: a deterministic order per key
         that a new or removed backend changes only around its own points."""
-        return self._walk(self._start(key))
+        return self._walk(self._start(key)) if self.members else iter(())
 
     def ahead(self, key: str, count: int) -> tuple[Candidate, ...]:
         """The first `count` members of `ring_from(key)`, remembered per ring point."""
+        if not self.members:
+            return ()
         start = self._start(key)
         found = self._ahead.get((start, count))
         if found is None:
@@ -137,8 +139,6 @@ class Candidates(Sequence[Candidate]):
 
     def near(self, key: str, count: int) -> list[Candidate]:
         """The first `count` candidates on the ring from the key's point."""
-        if not self.roster.members:
-            return []
         ahead = self.roster.ahead(key, count)
         if not self.exclude and not self.max_in_flight:
             return list(ahead)

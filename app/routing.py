@@ -251,7 +251,9 @@ class LeastLoaded:
         self, request: RouteRequest, candidates: Sequence[Candidate], ownership: Ownership
     ) -> Decision:
         key = request.keys.conversation
-        chosen = min(candidates, key=lambda b: (b.in_flight, -rendezvous(key, b.name))).name
+        least = min(b.in_flight for b in candidates)
+        tied = [b for b in candidates if b.in_flight == least]  # (only the tied are hashed)
+        chosen = max(tied, key=lambda b: rendezvous(key, b.name)).name
         return _decision(request, ownership, chosen, as_candidates(candidates))
 
 
