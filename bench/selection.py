@@ -128,7 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{r['vs_smallest']:>8.2f}x"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    result = {"python": sys.version.split()[0], "seed": args.seed, "rows": rows}
+    result = {
+        "python": sys.version.split()[0],
+        "seed": args.seed,
+        "timed": "pool.candidates(model) + StickyBounded.choose, per decision",
+        "rows": rows,
+    }
     args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     print(f"\nresults: {args.json}")
     return 0
