@@ -9,6 +9,11 @@ replaced on each change, never mutated, so whoever iterates it holds a consisten
 lease keeps its `Backend` object, so one taken on a backend removed meanwhile is released on it.
 Each backend has a state: `probing` (added, not yet answering `/health` and `/v1/models`),
 `serving`, `draining` (no new requests; removed once its open ones end) and `down`.
+
+A decision does not look at every backend: `candidates(model, ...)` hands the policy the model's
+`Roster` (app/candidates.py), cached until an epoch changes. The epoch is bumped by whatever
+moves a backend in or out of a roster: membership, and a change of a backend's `healthy`,
+`draining` or `models` however it is made (`Backend.__setattr__`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Literal
 
 import orjson
 
+from app.candidates import Candidates, Roster
 from app.errors import UpstreamError
 from app.transport import Transport, UpstreamResponse, read_all
 
@@ -123,13 +129,26 @@ class BackendView:
         return model in self.models
 
 
+class Epoch:
+    """A pool's counter of changes to who may be routed to; its backends share it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+# A change of one of these may move a backend in or out of a model's roster.
+_ROSTER_FIELDS = frozenset({"healthy", "draining", "models"})
+
+
 @dataclass(slots=True)
 class Backend:
     name: str
     url: str
     healthy: bool = False
     models: frozenset[str] = frozenset()
-    in_flight: int = 0
+    in_flight: int = 0  # changed by `BackendPool.lease` only (it keeps the rosters' totals)
     failures: int = 0
     last_error: str = ""
     metrics: VllmMetrics | None = None
@@ -151,6 +170,18 @@ class Backend:
     # Upstream responses held on it now: cutting the backend closes them.
     responses: dict[int, UpstreamResponse] = field(default_factory=dict)  # by id()
     idle: asyncio.Event | None = None  # a drain waits on it: set when in_flight comes to 0
+    epoch: Epoch = field(default_factory=Epoch, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # (In __init__ the slot is still empty: getattr answers `value`, nothing is bumped.)
+        if name in _ROSTER_FIELDS and getattr(self, name, value) != value:
+            self.epoch.value += 1
+        object.__setattr__(self, name, value)
+
+    @property
+    def waiting(self) -> float:
+        """vLLM's waiting count at the last scrape."""
+        return (self.metrics or NO_METRICS).waiting
 
     @property
     def state(self) -> BackendState:
@@ -207,6 +238,9 @@ class BackendPool:
         self._on_restart = on_restart
         self._clock = clock
         self._probe_soon = asyncio.Event()  # a backend was added: probe it now, not later
+        self._epoch = Epoch()
+        self._rosters: dict[str, Roster] = {}  # by model, as of `_rosters_epoch`
+        self._rosters_epoch = -1
         for url in urls:
             self.add(url)
 
@@ -236,7 +270,9 @@ class BackendPool:
         name = name or self.next_name()
         if name in self._by_name:
             raise ValueError(f"a backend named {name!r} is already in the pool")
-        backend = Backend(name=name, url=url, models=self._default_models, api_key=api_key)
+        backend = Backend(
+            name=name, url=url, models=self._default_models, api_key=api_key, epoch=self._epoch
+        )
         self._replace((*self.backends, backend))
         self._probe_soon.set()
         if name[:1] == "b" and name[1:].isdigit():  # a given `bN`: never handed out again
@@ -263,6 +299,7 @@ class BackendPool:
     def _replace(self, backends: tuple[Backend, ...]) -> None:
         self.backends = backends
         self._by_name = {b.name: b for b in backends}
+        self._epoch.value += 1
 
     def share_peer_load(self, counts: Mapping[str, float], fresh_s: float) -> None:
         """The other router replicas' in-flight counts, just read from Redis: for `fresh_s` they
@@ -273,7 +310,27 @@ class BackendPool:
             backend.peers_until_s = until
 
     def snapshot(self) -> tuple[BackendView, ...]:
+        """Every backend as an immutable view (for status pages; a decision uses `candidates`)."""
         return tuple(b.view() for b in self.backends)
+
+    def roster(self, model: str) -> Roster:
+        """The routable backends serving `model`: rebuilt only after the epoch moved."""
+        if self._rosters_epoch != self._epoch.value:
+            self._rosters.clear()
+            self._rosters_epoch = self._epoch.value
+        roster = self._rosters.get(model)
+        if roster is None:
+            roster = Roster(b for b in self.backends if b.routable and model in b.models)
+            if roster.members:  # (an unknown model, one a client made up, is not kept)
+                self._rosters[model] = roster
+        return roster
+
+    def candidates(
+        self, model: str, exclude: frozenset[str] = frozenset(), max_in_flight: int = 0
+    ) -> Candidates:
+        """Where a request for `model` may go: its roster less `exclude` and the backends at
+        `max_in_flight` (0: no limit)."""
+        return Candidates(self.roster(model), exclude, max_in_flight)
 
     def models(self) -> dict[str, int | None]:
         """Models served by routable backends, with the smallest max_model_len reported."""
@@ -300,12 +357,21 @@ class BackendPool:
         backend = self._by_name[name]
         backend.in_flight += 1
         backend.dispatched += 1
+        self._count(backend, 1)
         try:
             yield backend
         finally:
             backend.in_flight -= 1
+            self._count(backend, -1)
             if backend.idle is not None and not backend.in_flight:
                 backend.idle.set()
+
+    def _count(self, backend: Backend, delta: int) -> None:
+        """Keep each roster's in-flight total in step with its members' (a stale roster, left
+        from an older epoch, is rebuilt from the members before it is used again)."""
+        for roster in self._rosters.values():
+            if roster.holds(backend):
+                roster.in_flight += delta
 
     def mark_failed(self, name: str, reason: str) -> None:
         """A live request could not reach the backend: suspect it at once, probe it soon."""

@@ -28,7 +28,7 @@ from urllib.parse import quote
 import orjson
 
 from app.admission import Slot
-from app.backends import BackendView
+from app.candidates import Candidate
 from app.errors import (
     BadRequest,
     NoHealthyBackend,
@@ -85,7 +85,7 @@ class Pinned:
     url: str
 
     def choose(
-        self, request: RouteRequest, candidates: Sequence[BackendView], ownership: Ownership
+        self, request: RouteRequest, candidates: Sequence[Candidate], ownership: Ownership
     ) -> Decision:
         for backend in candidates:
             if backend.url == self.url:
@@ -583,15 +583,14 @@ def _url(svc: Services, attempt: Attempt) -> str:
 
 
 def _is_healthy(svc: Services, url: str) -> bool:
-    return any(b.url == url and b.healthy for b in svc.pool.snapshot())
+    backend = svc.pool.by_url(url)
+    return backend is not None and backend.routable
 
 
 def _model_of(svc: Services, url: str) -> str | None:
     """A model the backend at `url` serves (what admission and dispatch filter on)."""
-    for backend in svc.pool.snapshot():
-        if backend.url == url and backend.models:
-            return min(backend.models)
-    return None
+    backend = svc.pool.by_url(url)
+    return min(backend.models) if backend is not None and backend.models else None
 
 
 def _json_object(data: bytes) -> dict[str, Any]:

@@ -11,6 +11,10 @@ where cached(b) is what b is believed to hold (the conversation's previous promp
 conversation, else the system prompt if b holds it). A backend whose load would pass
 max(load_cap_factor * mean in-flight, load_cap_floor) is not a candidate (bounded loads), and ties go to the
 highest rendezvous hash of the conversation key, so adding or removing a backend moves few keys.
+
+A decision costs the same at 4 backends and at 256: a fleet of up to SCORE_ALL_UP_TO candidates is
+scored whole; a larger one through a bounded shortlist (the owner and system homes by name, and
+the backends next to the key on a hash ring, app/candidates.py), under the whole fleet's mean.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from app.backends import BackendView
+from app.candidates import Candidate, Candidates, as_candidates
 from app.prefix import PrefixKeys
 
 CacheOutcome = Literal["hit", "miss", "spill", "reassigned"]
@@ -66,10 +71,11 @@ class CostWeights:
 
 
 class Policy(Protocol):
-    """Picks one backend among `candidates` (healthy, serving the model, not yet tried)."""
+    """Picks one backend among `candidates` (healthy, serving the model, not yet tried): the
+    router passes `Candidates`, indexed by name; tests may pass a plain list of views."""
 
     def choose(
-        self, request: RouteRequest, candidates: Sequence[BackendView], ownership: Ownership
+        self, request: RouteRequest, candidates: Sequence[Candidate], ownership: Ownership
     ) -> Decision: ...
 
 
@@ -95,14 +101,12 @@ def rendezvous(key: str, backend: str) -> int:
     return int.from_bytes(digest, "big")
 
 
-def outcome_for(
-    ownership: Ownership, chosen: str, candidates: Sequence[BackendView]
-) -> CacheOutcome:
+def outcome_for(ownership: Ownership, chosen: str, candidates: Candidates) -> CacheOutcome:
     if ownership.owner is None:
         return "miss"
     if ownership.owner == chosen:
         return "hit"
-    if any(b.name == ownership.owner for b in candidates):
+    if candidates.find(ownership.owner) is not None:
         return "spill"
     return "reassigned"
 
@@ -123,11 +127,57 @@ def _cached(request: RouteRequest, ownership: Ownership, backend: str) -> int:
     return 0
 
 
+def _decision(
+    request: RouteRequest, ownership: Ownership, chosen: str, candidates: Candidates
+) -> Decision:
+    return Decision(
+        backend=chosen,
+        outcome=outcome_for(ownership, chosen, candidates),
+        affinity=_affinity(ownership, chosen),
+        cached_tokens=_cached(request, ownership, chosen),
+    )
+
+
+# Up to this many candidates a decision scores them all; past it, a shortlist of the key's owner
+# and system homes plus NEAR_KEY backends next to the key on the hash ring.
+SCORE_ALL_UP_TO = 16
+NEAR_KEY = 8
+
+
+def shortlist(
+    request: RouteRequest, candidates: Candidates, ownership: Ownership
+) -> list[Candidate]:
+    """The candidates a decision over a large fleet scores: the owner and the system's homes
+    (found by name) and the first NEAR_KEY backends on the ring from the conversation key, whose
+    least loaded wins a new key or takes a spill (the power of k choices)."""
+    picked: dict[str, Candidate] = {}
+    for name in (ownership.owner, *ownership.system_holders):
+        backend = candidates.find(name) if name is not None else None
+        if backend is not None:
+            picked[backend.name] = backend
+    for backend in candidates.near(request.keys.conversation, NEAR_KEY):
+        picked.setdefault(backend.name, backend)
+    return list(picked.values())
+
+
+def scored_with_load(
+    request: RouteRequest, candidates: Candidates, ownership: Ownership
+) -> tuple[list[Candidate], int, int]:
+    """The candidates to score, with the in-flight total and the backend count whose mean the
+    bounded-load cap scales: every candidate of a fleet of up to SCORE_ALL_UP_TO; else the
+    shortlist, and the fleet's total kept by the pool."""
+    if len(candidates.roster) <= SCORE_ALL_UP_TO:
+        scored = list(candidates)
+        return scored, sum(b.in_flight for b in scored), len(scored)
+    total, size = candidates.load_total()
+    return shortlist(request, candidates, ownership), total, max(size, 1)
+
+
 class StickyBounded:
     def __init__(self, weights: CostWeights) -> None:
         self.weights = weights
 
-    def load(self, backend: BackendView) -> float:
+    def load(self, backend: Candidate) -> float:
         """In-flight requests plus a weight per request queued ahead of a newcomer.
 
         Once the backend's capacity is known, the queue is what is in flight there past it: this
@@ -140,36 +190,32 @@ class StickyBounded:
         return backend.in_flight + self.weights.w_waiting * queued
 
     def choose(
-        self, request: RouteRequest, candidates: Sequence[BackendView], ownership: Ownership
+        self, request: RouteRequest, candidates: Sequence[Candidate], ownership: Ownership
     ) -> Decision:
         w = self.weights
+        indexed = as_candidates(candidates)
+        scored, total, size = scored_with_load(request, indexed, ownership)
         # The cap bounds what this router dispatched (its traffic share); vLLM's waiting queue,
         # a sampled and lagging figure, only weighs in the cost.
-        total = sum(b.in_flight for b in candidates)
-        cap = max(w.cap_factor * (total + 1) / len(candidates), w.cap_floor)
-        eligible = [b for b in candidates if b.in_flight + 1 <= cap]
+        cap = max(w.cap_factor * (total + 1) / size, w.cap_floor)
+        eligible = [b for b in scored if b.in_flight + 1 <= cap]
         if not eligible:  # everyone is over the cap: the least loaded take it
-            least = min(b.in_flight for b in candidates)
-            eligible = [b for b in candidates if b.in_flight == least]
+            least = min(b.in_flight for b in scored)
+            eligible = [b for b in scored if b.in_flight == least]
         cheapest = self._cheapest(request, eligible, ownership)
-        # Ties go to the highest rendezvous hash; hashing only the tied keeps a decision over
-        # hundreds of backends a few arithmetic steps per backend.
+        # Ties go to the highest rendezvous hash; hashing only the tied keeps a decision a few
+        # arithmetic steps per scored backend.
         key = request.keys.conversation
         chosen = (
             cheapest[0].name
             if len(cheapest) == 1
             else max(cheapest, key=lambda b: rendezvous(key, b.name)).name
         )
-        return Decision(
-            backend=chosen,
-            outcome=outcome_for(ownership, chosen, candidates),
-            affinity=_affinity(ownership, chosen),
-            cached_tokens=_cached(request, ownership, chosen),
-        )
+        return _decision(request, ownership, chosen, indexed)
 
     def _cheapest(
-        self, request: RouteRequest, eligible: Sequence[BackendView], ownership: Ownership
-    ) -> list[BackendView]:
+        self, request: RouteRequest, eligible: Sequence[Candidate], ownership: Ownership
+    ) -> list[Candidate]:
         """The backends of least cost: only the owner and the system's homes hold anything, so
         every other backend's cost is the full prefill plus its load."""
         w = self.weights
@@ -179,7 +225,7 @@ class StickyBounded:
         full = w.w_prefill * request.prompt_tokens
         w_prefill, w_load, w_waiting = w.w_prefill, w.w_load, w.w_waiting
         best_cost = float("inf")
-        best: list[BackendView] = []
+        best: list[Candidate] = []
         for backend in eligible:
             # self.load(backend), inlined: this loop is the whole cost of a decision.
             if backend.capacity:
@@ -202,16 +248,13 @@ class LeastLoaded:
     """Fewest in-flight requests; ties by rendezvous hash of the key (baseline policy)."""
 
     def choose(
-        self, request: RouteRequest, candidates: Sequence[BackendView], ownership: Ownership
+        self, request: RouteRequest, candidates: Sequence[Candidate], ownership: Ownership
     ) -> Decision:
         key = request.keys.conversation
-        chosen = min(candidates, key=lambda b: (b.in_flight, -rendezvous(key, b.name))).name
-        return Decision(
-            backend=chosen,
-            outcome=outcome_for(ownership, chosen, candidates),
-            affinity=_affinity(ownership, chosen),
-            cached_tokens=_cached(request, ownership, chosen),
-        )
+        least = min(b.in_flight for b in candidates)
+        tied = [b for b in candidates if b.in_flight == least]  # (only the tied are hashed)
+        chosen = max(tied, key=lambda b: rendezvous(key, b.name)).name
+        return _decision(request, ownership, chosen, as_candidates(candidates))
 
 
 class RoundRobin:
@@ -221,15 +264,10 @@ class RoundRobin:
         self._counter = itertools.count()
 
     def choose(
-        self, request: RouteRequest, candidates: Sequence[BackendView], ownership: Ownership
+        self, request: RouteRequest, candidates: Sequence[Candidate], ownership: Ownership
     ) -> Decision:
         chosen = candidates[next(self._counter) % len(candidates)].name
-        return Decision(
-            backend=chosen,
-            outcome=outcome_for(ownership, chosen, candidates),
-            affinity=_affinity(ownership, chosen),
-            cached_tokens=_cached(request, ownership, chosen),
-        )
+        return _decision(request, ownership, chosen, as_candidates(candidates))
 
 
 def make_policy(name: str, weights: CostWeights) -> Policy:

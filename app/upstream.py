@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from app.backends import Backend, BackendPool
 from app.errors import KvrouteError, NoHealthyBackend, Overloaded, UpstreamUnavailable
 from app.ownership import OwnershipStore
-from app.routing import Decision, Ownership, Policy, RouteRequest, candidates_for
+from app.routing import Decision, Ownership, Policy, RouteRequest
 from app.tracing import NO_TRACE, RequestTrace
 from app.transport import Transport, UpstreamResponse
 
@@ -173,12 +173,11 @@ class Dispatcher:
     def _choose(
         self, route: RouteRequest, ownership: Ownership, policy: Policy, tried: list[str]
     ) -> Decision | None:
-        snapshot = self.pool.snapshot()
-        candidates = candidates_for(
-            snapshot, route.model, frozenset(tried), self.max_in_flight_per_backend
+        candidates = self.pool.candidates(
+            route.model, frozenset(tried), self.max_in_flight_per_backend
         )
-        if not candidates:
-            if not tried and candidates_for(snapshot, route.model):
+        if candidates.is_empty():
+            if not tried and not self.pool.candidates(route.model).is_empty():
                 raise Overloaded("every backend serving this model is at its in-flight limit")
             return None
         return policy.choose(route, candidates, ownership)

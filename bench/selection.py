@@ -1,5 +1,7 @@
 """Selection cost per decision as the pool grows: the sticky policy over 4, 64 and 256 simulated
-backends (`candidates_for` then `StickyBounded.choose`, pure, no I/O), median and p99 in µs.
+backends, as the router pays it per request (`pool.candidates(model)` then `StickyBounded.choose`,
+no I/O), median and p99 in µs, with the candidates scored per decision (bounded past
+SCORE_ALL_UP_TO) and the cost relative to the smallest pool (flat: near 1).
 
     uv run python -m bench.selection            # writes bench/results/selection.json
 """
@@ -17,32 +19,13 @@ from typing import Any
 
 import orjson
 
-from app.backends import BackendPool, BackendView
+from app.backends import BackendPool, VllmMetrics
 from app.percentile import nearest_rank
 from app.prefix import PrefixKeys
-from app.routing import CostWeights, Ownership, RouteRequest, StickyBounded, candidates_for
+from app.routing import CostWeights, Ownership, RouteRequest, StickyBounded, scored_with_load
 
 MODEL = "bench-model"
 RESULTS = Path(__file__).resolve().parent / "results" / "selection.json"
-
-
-def pool(n: int, rng: random.Random) -> tuple[BackendView, ...]:
-    """`n` healthy backends with a spread of load, as a busy deployment's snapshot looks."""
-    return tuple(
-        BackendView(
-            name=f"b{i}",
-            url=f"http://10.0.{i // 250}.{i % 250}:8000",
-            healthy=True,
-            models=frozenset({MODEL}),
-            in_flight=rng.randint(0, 24),
-            waiting=float(rng.randint(0, 3)),
-            running=float(rng.randint(0, 32)),
-            kv_usage=rng.random(),
-            capacity=32 if rng.random() < 0.8 else None,
-            others=float(rng.randint(0, 8)),
-        )
-        for i in range(n)
-    )
 
 
 def decisions(n: int, count: int, rng: random.Random) -> list[tuple[RouteRequest, Ownership]]:
@@ -70,12 +53,19 @@ def decisions(n: int, count: int, rng: random.Random) -> list[tuple[RouteRequest
 
 
 def live_pool(n: int, rng: random.Random) -> BackendPool:
-    """A `BackendPool` of `n` healthy backends, for the snapshot the router takes per request."""
+    """A `BackendPool` of `n` healthy backends with a spread of load, as a busy deployment's."""
     backends = BackendPool([f"http://10.0.{i // 250}.{i % 250}:8000" for i in range(n)])
     for backend in backends.backends:
         backend.healthy = True
         backend.models = frozenset({MODEL})
         backend.in_flight = rng.randint(0, 24)
+        backend.metrics = VllmMetrics(
+            waiting=float(rng.randint(0, 3)),
+            running=float(rng.randint(0, 32)),
+            kv_usage=rng.random(),
+        )
+        backend.capacity = 32 if rng.random() < 0.8 else None
+        backend.others = float(rng.randint(0, 8))
     return backends
 
 
@@ -91,28 +81,28 @@ def timed_us(calls: Sequence[Callable[[], object]]) -> list[float]:
 
 def measure(n: int, count: int, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
-    snapshot = pool(n, rng)
+    backends = live_pool(n, rng)
     policy = StickyBounded(CostWeights())
     work = decisions(n, count, rng)
-    for request, ownership in work[:200]:  # warm-up
-        policy.choose(request, candidates_for(snapshot, MODEL), ownership)
-    times_us: list[float] = []
-    clock = time.perf_counter_ns
-    for request, ownership in work:
-        start = clock()
-        policy.choose(request, candidates_for(snapshot, MODEL), ownership)
-        times_us.append((clock() - start) / 1000)
-    times_us.sort()
-    # What the router also pays per request before choosing: the pool's snapshot.
-    backends = live_pool(n, rng)
-    snapshots_us = timed_us([backends.snapshot] * min(count, 2000))
+
+    def decide(request: RouteRequest, ownership: Ownership) -> Callable[[], object]:
+        return lambda: policy.choose(request, backends.candidates(MODEL), ownership)
+
+    calls = [decide(request, ownership) for request, ownership in work]
+    timed_us(calls[:200])  # warm-up
+    times_us = timed_us(calls)
+    scored = [
+        len(scored_with_load(request, backends.candidates(MODEL), ownership)[0])
+        for request, ownership in work
+    ]
     return {
         "backends": n,
         "decisions": count,
         "median_us": round(statistics.median(times_us), 2),
         "p99_us": round(nearest_rank(times_us, 0.99) or 0.0, 2),
         "per_backend_ns": round(statistics.median(times_us) * 1000 / n, 1),
-        "snapshot_median_us": round(statistics.median(snapshots_us), 2),
+        "scored_mean": round(statistics.fmean(scored), 2),
+        "scored_max": max(scored),
     }
 
 
@@ -125,16 +115,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = [int(v) for v in args.backends.split(",") if v.strip()]
     rows = [measure(n, args.decisions, args.seed) for n in sizes]
+    for r in rows:
+        r["vs_smallest"] = round(r["median_us"] / rows[0]["median_us"], 2)
     print(
-        f"{'backends':>8} {'median µs':>10} {'p99 µs':>10} {'ns/backend':>11} {'snapshot µs':>12}"
+        f"{'backends':>8} {'median µs':>10} {'p99 µs':>10} {'ns/backend':>11} "
+        f"{'scored':>7} {'max':>4} {'vs first':>9}"
     )
     for r in rows:
         print(
             f"{r['backends']:>8} {r['median_us']:>10.2f} {r['p99_us']:>10.2f} "
-            f"{r['per_backend_ns']:>11.1f} {r['snapshot_median_us']:>12.2f}"
+            f"{r['per_backend_ns']:>11.1f} {r['scored_mean']:>7.1f} {r['scored_max']:>4} "
+            f"{r['vs_smallest']:>8.2f}x"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    result = {"python": sys.version.split()[0], "seed": args.seed, "rows": rows}
+    result = {
+        "python": sys.version.split()[0],
+        "seed": args.seed,
+        "timed": "pool.candidates(model) + StickyBounded.choose, per decision",
+        "rows": rows,
+    }
     args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     print(f"\nresults: {args.json}")
     return 0

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
-from app.backends import VllmMetrics, is_restart, parse_vllm_metrics
+from collections.abc import Callable
+
+import pytest
+
+from app.backends import BackendPool, VllmMetrics, is_restart, parse_vllm_metrics
 
 REAL = """# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
@@ -48,10 +52,80 @@ def test_restart_detection() -> None:
 
 
 def test_shared_peer_load_stands_for_others_while_fresh() -> None:
-    from app.backends import BackendPool
-
     now = [100.0]
     pool = BackendPool(["http://a:1", "http://b:1"], clock=lambda: now[0])
     pool.share_peer_load({"b1": 4.0}, fresh_s=1.0)
     assert [v.others for v in pool.snapshot()] == [0.0, 4.0]
     assert pool.get("b1").peers_until_s == 101.0
+
+
+def serving_pool(n: int) -> BackendPool:
+    pool = BackendPool([f"http://10.0.0.{i}:8000" for i in range(n)], default_model="m")
+    for backend in pool.backends:
+        backend.healthy = backend.admitted = True
+    return pool
+
+
+def roster_names(pool: BackendPool, model: str = "m") -> list[str]:
+    return [b.name for b in pool.roster(model).members]
+
+
+def test_the_roster_is_kept_until_who_may_be_routed_to_changes() -> None:
+    pool = serving_pool(3)
+    roster = pool.roster("m")
+    assert [b.name for b in roster.members] == ["b0", "b1", "b2"]
+    assert pool.roster("m") is roster
+    b1 = pool.get("b1")
+    b1.healthy = True  # no change: nothing rebuilt
+    b1.capacity, b1.others = 8, 1.0
+    with pool.lease("b1"):  # load is read live, not cached
+        assert pool.roster("m") is roster
+        assert (roster.members[1].in_flight, roster.members[1].capacity) == (1, 8)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda p: setattr(p.get("b1"), "healthy", False), id="health"),
+        pytest.param(lambda p: p.mark_failed("b1", "reset"), id="failed-request"),
+        pytest.param(lambda p: p.drain("b1"), id="drain"),
+        pytest.param(lambda p: setattr(p.get("b1"), "models", frozenset({"x"})), id="models"),
+        pytest.param(lambda p: p.remove("b1"), id="removed"),
+    ],
+)
+def test_the_roster_drops_a_backend_that_can_no_longer_take_the_model(
+    change: Callable[[BackendPool], object],
+) -> None:
+    pool = serving_pool(3)
+    assert roster_names(pool) == ["b0", "b1", "b2"]
+    change(pool)
+    assert roster_names(pool) == ["b0", "b2"]
+    assert pool.candidates("m").find("b1") is None
+
+
+def test_the_roster_takes_a_backend_once_it_serves() -> None:
+    pool = serving_pool(2)
+    assert roster_names(pool) == ["b0", "b1"]
+    added = pool.add("http://10.0.0.9:8000")
+    assert roster_names(pool) == ["b0", "b1"]  # probing: not yet
+    added.healthy = True
+    assert roster_names(pool) == ["b0", "b1", "b2"]
+    pool.get("b0").models = frozenset({"m", "other"})
+    assert roster_names(pool) == ["b0", "b1", "b2"]
+    assert roster_names(pool, "other") == ["b0"]
+    assert roster_names(pool, "unknown") == []
+
+
+def test_leases_keep_the_rosters_in_flight_total() -> None:
+    pool = serving_pool(3)
+    roster = pool.roster("m")
+    with pool.lease("b0"), pool.lease("b2"), pool.lease("b2"):
+        assert roster.in_flight == 3
+        pool.get("b2").healthy = False  # rebuilt from its members' counts
+        assert pool.roster("m").in_flight == 1
+        with pool.lease("b1"):
+            assert pool.roster("m").in_flight == 2
+        pool.get("b2").healthy = True
+        assert pool.roster("m").in_flight == 3
+    assert pool.roster("m").in_flight == 0
+    assert sum(b.in_flight for b in pool.backends) == 0

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import pytest
 
 from app.backends import BackendView
+from app.candidates import Candidates, Roster
 from app.prefix import PrefixKeys
 from app.routing import (
+    NEAR_KEY,
+    SCORE_ALL_UP_TO,
     CostWeights,
     LeastLoaded,
     Ownership,
@@ -15,6 +18,7 @@ from app.routing import (
     RouteRequest,
     StickyBounded,
     candidates_for,
+    scored_with_load,
 )
 
 
@@ -172,3 +176,102 @@ def test_other_clients_load_counts_once_capacity_is_known() -> None:
     assert POLICY.load(busy) == 2 * 36
     d = POLICY.choose(request(key="new"), [view("b0", 2), busy], Ownership())
     assert d.backend == "b0"
+
+
+@dataclass
+class Counted:
+    """A backend that notes when a decision reads its load."""
+
+    name: str
+    load: int = 0
+    reads: set[str] = field(default_factory=set)
+    url: str = ""
+    waiting: float = 0.0
+    capacity: int | None = None
+    others: float = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        self.reads.add(self.name)
+        return self.load
+
+
+def counted_fleet(n: int, reads: set[str]) -> Roster:
+    return Roster(Counted(f"b{i}", load=i % 7, reads=reads) for i in range(n))
+
+
+@pytest.mark.parametrize("n", [64, 256, 1024])
+def test_a_decision_over_a_large_fleet_reads_a_bounded_number_of_backends(n: int) -> None:
+    reads: set[str] = set()
+    roster = counted_fleet(n, reads)
+    homes = Ownership(owner="b5", owner_tokens=900, system_holders=("b9", "b11"))
+    for i, ownership in enumerate([Ownership(), homes, Ownership(system_holders=("b3",))]):
+        reads.clear()
+        d = POLICY.choose(request(key=f"k{i}", system=400), Candidates(roster), ownership)
+        assert d.backend in {b.name for b in roster.members}
+        assert len(reads) <= NEAR_KEY + 3  # the ring's neighbours, the owner, two homes
+    scored, total, size = scored_with_load(request(), Candidates(roster), homes)
+    assert len(scored) <= NEAR_KEY + 3
+    assert (total, size) == (roster.in_flight, n)  # the mean is still the whole fleet's
+
+
+def test_a_small_fleet_is_scored_whole() -> None:
+    reads: set[str] = set()
+    roster = counted_fleet(SCORE_ALL_UP_TO, reads)
+    scored, total, size = scored_with_load(request(), Candidates(roster), Ownership())
+    assert len(scored) == size == SCORE_ALL_UP_TO
+    assert total == sum(i % 7 for i in range(SCORE_ALL_UP_TO))
+
+
+def test_large_fleet_outcomes() -> None:
+    fleet = [view(f"b{i}", 2) for i in range(256)]
+    cands = Candidates(Roster(fleet))
+    hit = POLICY.choose(request(), cands, Ownership(owner="b200", owner_tokens=900))
+    assert (hit.backend, hit.outcome, hit.cached_tokens) == ("b200", "hit", 900)
+    home = POLICY.choose(request(system=800), cands, Ownership(system_holders=("b17",)))
+    assert (home.backend, home.outcome, home.affinity) == ("b17", "miss", "system")
+    gone = POLICY.choose(request(), cands, Ownership(owner="b999", owner_tokens=900))
+    assert gone.outcome == "reassigned"
+    # The owner over the cap (mean 2, floor 4 at 1.25x): it spills to the least loaded nearby.
+    fleet[200] = view("b200", 40)
+    spilled = POLICY.choose(
+        request(), Candidates(Roster(fleet)), Ownership(owner="b200", owner_tokens=900)
+    )
+    assert spilled.outcome == "spill"
+    assert spilled.backend != "b200"
+
+
+def test_large_fleet_new_keys_are_deterministic_and_spread() -> None:
+    fleet = [view(f"b{i}") for i in range(64)]
+    cands = Candidates(Roster(fleet))
+    picks = [POLICY.choose(request(key=f"k{i}"), cands, Ownership()).backend for i in range(2000)]
+    again = Candidates(Roster(list(fleet)))
+    assert picks == [
+        POLICY.choose(request(key=f"k{i}"), again, Ownership()).backend for i in range(2000)
+    ]
+    counts = Counter(picks)
+    assert len(counts) == 64
+    assert max(counts.values()) < 3 * 2000 / 64
+
+
+def test_large_fleet_spreads_new_keys_to_the_least_loaded_nearby() -> None:
+    # Every backend busy but b7: the keys whose neighbours include b7 all go there.
+    fleet = [view(f"b{i}", 0 if i == 7 else 3) for i in range(64)]
+    cands = Candidates(Roster(fleet))
+    for i in range(200):
+        key = f"k{i}"
+        near = {b.name for b in cands.near(key, NEAR_KEY)}
+        d = POLICY.choose(request(key=key), cands, Ownership())
+        assert d.backend in near
+        assert (d.backend == "b7") == ("b7" in near)
+
+
+def test_large_fleet_never_picks_an_excluded_backend() -> None:
+    fleet = [view(f"b{i}") for i in range(64)]
+    roster = Roster(fleet)
+    first = POLICY.choose(request(), Candidates(roster), Ownership()).backend
+    retry = POLICY.choose(request(), Candidates(roster, frozenset({first})), Ownership())
+    assert retry.backend != first
+    owned = Ownership(owner=first, owner_tokens=900)
+    moved = POLICY.choose(request(), Candidates(roster, frozenset({first})), owned)
+    assert moved.outcome == "reassigned"
