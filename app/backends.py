@@ -1,8 +1,8 @@
 """The fleet: each vLLM backend's health, models, load, and what its `/metrics` says.
 
-`parse_vllm_metrics(text)` is pure. `BackendPool` owns the mutable per-backend state; the router
-reads it through `snapshot()`, an immutable view per request. Load is counted by the proxy when it
-dispatches (`lease`), never by a probe.
+`parse_vllm_metrics(text)` is pure. `BackendPool` owns the mutable per-backend state; a decision
+reads it through `candidates(model, ...)` (below), status pages through `snapshot()`, immutable
+views. Load is counted by the dispatcher when it sends (`lease`), never by a probe.
 
 The membership changes while the router runs (`add`, `drain`, `remove`): `backends` is a tuple
 replaced on each change, never mutated, so whoever iterates it holds a consistent snapshot, and a

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from app.errors import UpstreamBroken, UpstreamUnavailable
-from app.transport import Decoder, UpstreamResponse, decoder_for
+from app.transport import Decoder, UpstreamResponse, decoder_for, describe, read_decoded
 
 # Body bytes buffered before the socket stops being read (the reader drains all of it at once).
 HIGH_WATER = 256 << 10
@@ -92,6 +92,7 @@ class Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.until_close = False  # no length and not chunked: the body ends with the connection
+        self.encoding: str | None = None  # Content-Encoding
         self.error: UpstreamBroken | None = None
         self.chunks: list[bytes] = []
         self.buffered = 0
@@ -139,12 +140,6 @@ class Connection(asyncio.Protocol):
         else:
             self.fail("the backend closed the connection before answering")
 
-    def pause_writing(self) -> None:  # a large request body: asyncio buffers it
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # --- httptools callbacks -------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
         self.raw_headers.append((name, value))
@@ -153,12 +148,14 @@ class Connection(asyncio.Protocol):
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
         framed = False
-        for name, value in self.raw_headers:
+        for name, value in self.raw_headers:  # one pass for what the client itself needs
             lower = name.lower()
             if lower == b"content-length" or (
                 lower == b"transfer-encoding" and b"chunked" in value.lower()
             ):
                 framed = True
+            elif lower == b"content-encoding":
+                self.encoding = value.decode("latin-1")
         self.until_close = not framed and self.status not in (204, 304)
         self.head_done = True
         self._wake()
@@ -191,24 +188,31 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    async def wait(self, timeout_s: float, deadline: float | None, what: str) -> None:
+    async def wait(self, timeout_s: float, deadline: float | None) -> None:
         """Until the parser has news (headers, bytes, the end, an error) or the time is up."""
         waiter = self.loop.create_future()
         self.waiter = waiter
         when = self.loop.time() + timeout_s
-        if deadline is not None and deadline < when:
-            when, what = deadline, "the request's total time ran out"
-        timer = self.loop.call_at(when, self._time_up, waiter, what)
+        total = deadline is not None and deadline < when
+        if deadline is not None and total:
+            when = deadline
+        timer = self.loop.call_at(when, self._time_up, waiter, timeout_s, total)
         try:
             await waiter
         finally:
             timer.cancel()
             self.waiter = None
 
-    def _time_up(self, waiter: asyncio.Future[None], what: str) -> None:
-        if not waiter.done():
-            self.fail(what)
-            self.abort()
+    def _time_up(self, waiter: asyncio.Future[None], timeout_s: float, total: bool) -> None:
+        if waiter.done():  # news came in the same loop turn
+            return
+        if total:
+            self.fail("the request's total time ran out")
+        elif self.head_done:
+            self.fail(f"the backend sent nothing for {timeout_s:g} s")
+        else:
+            self.fail(f"the backend did not answer within {timeout_s:g} s")
+        self.abort()
 
 
 class Response:
@@ -241,7 +245,7 @@ class Response:
         self.status = conn.status
         self.read_errors = _READ_ERRORS
         self.read_chunk = (
-            self._read if decoder is None else functools.partial(self._decoded, decoder)
+            self._read if decoder is None else functools.partial(read_decoded, self._read, decoder)
         )
 
     def header(self, name: str) -> str | None:
@@ -272,39 +276,14 @@ class Response:
                 raise conn.error
             if conn.complete:
                 return b""
-            await conn.wait(
-                self._read_timeout_s,
-                self._deadline,
-                f"the backend sent nothing for {self._read_timeout_s:g} s",
-            )
-
-    async def _decoded(self, decoder: Decoder) -> bytes:
-        # A compressed chunk may decode to nothing yet (a header): read on until there is output.
-        try:
-            while True:
-                if decoder.pending:
-                    out = decoder.feed(b"")
-                else:
-                    data = await self._read()
-                    if not data:
-                        return decoder.flush()
-                    out = decoder.feed(data)
-                if out:
-                    return out
-        except Exception as exc:  # zlib.error and friends: the body cannot be decoded
-            if isinstance(exc, UpstreamBroken):
-                raise
-            raise UpstreamBroken(f"the backend's body cannot be decoded ({exc})") from exc
+            await conn.wait(self._read_timeout_s, self._deadline)
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        conn.active = False
         reusable = conn.complete and conn.keep_alive and conn.error is None and not conn.closed
-        if not reusable:
-            conn.abort()
-            # A reader still waiting (a backend cut while it relays) learns at once.
+        if not reusable:  # a reader still waiting (a backend cut while it relays) learns at once
             conn.fail("the response was closed")
         self._pool.release(conn, reusable)
 
@@ -370,17 +349,18 @@ class HostPool:
                     lambda: Connection(self.loop), self.host, self.port, ssl=self.tls
                 )
         except (OSError, TimeoutError) as exc:
-            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             raise UpstreamUnavailable(
-                f"cannot connect to {self.host}:{self.port} ({reason})"
+                f"cannot connect to {self.host}:{self.port} ({describe(exc)})"
             ) from exc
         return conn
 
     def release(self, conn: Connection, reusable: bool) -> None:
+        """The exchange on `conn` is over: kept for the next one, or closed."""
+        conn.active = False
         if reusable and len(self.idle) < MAX_IDLE_PER_HOST:
             conn.idle_since = self.loop.time()
             self.idle.append(conn)
-        elif reusable:
+        else:
             conn.abort()
         self._give_back()
 
@@ -462,10 +442,8 @@ class HttpToolsTransport:
         except UpstreamBroken as exc:  # no answer: the backend is unavailable, not broken
             raise UpstreamUnavailable(exc.message) from exc
         try:
-            decoder = decoder_for(self._encoding(conn))
+            decoder = decoder_for(conn.encoding)
         except UpstreamBroken:
-            conn.active = False
-            conn.abort()
             pool.release(conn, False)
             raise
         return Response(conn, pool, read_timeout_s, deadline, decoder)
@@ -474,51 +452,32 @@ class HttpToolsTransport:
         self, pool: HostPool, message: bytes, read_timeout_s: float, deadline: float | None
     ) -> Connection:
         """A connection whose answer's headers have arrived (one resend on a stale one)."""
-        conn = await pool.acquire()
-        try:
-            return await self._exchange(conn, message, read_timeout_s, deadline)
-        except _Stale:
-            pool.release(conn, False)
-        except BaseException:
-            pool.release(conn, False)
-            raise
-        conn = await pool.acquire(fresh=True)
-        try:
-            return await self._exchange(conn, message, read_timeout_s, deadline)
-        except BaseException as exc:
-            pool.release(conn, False)
-            if isinstance(exc, _Stale):  # not on a new connection, but stay total
-                raise UpstreamBroken("the backend closed the connection before answering") from exc
-            raise
+        for fresh in (False, True):
+            conn = await pool.acquire(fresh=fresh)
+            try:
+                return await self._exchange(conn, message, read_timeout_s, deadline)
+            except _Stale:
+                pool.release(conn, False)
+            except BaseException:
+                pool.release(conn, False)
+                raise
+        # (A new connection is never stale: this stays total.)
+        raise UpstreamBroken("the backend closed the connection before answering")
 
     @staticmethod
     async def _exchange(
         conn: Connection, message: bytes, read_timeout_s: float, deadline: float | None
     ) -> Connection:
+        """Send `message` and wait for the answer's headers; the caller releases `conn` when
+        this raises."""
         reused = conn.exchanges > 0
         conn.begin()
-        try:
-            assert conn.transport is not None
-            conn.transport.write(message)
-            while not conn.head_done:
-                if conn.error is not None:
-                    if reused and not conn.got_bytes and conn.closed:
-                        raise _Stale()
-                    raise conn.error
-                await conn.wait(
-                    read_timeout_s,
-                    deadline,
-                    f"the backend did not answer within {read_timeout_s:g} s",
-                )
-        except BaseException:
-            conn.active = False
-            conn.abort()
-            raise
+        assert conn.transport is not None
+        conn.transport.write(message)
+        while not conn.head_done:
+            if conn.error is not None:
+                if reused and not conn.got_bytes and conn.closed:
+                    raise _Stale()
+                raise conn.error
+            await conn.wait(read_timeout_s, deadline)
         return conn
-
-    @staticmethod
-    def _encoding(conn: Connection) -> str | None:
-        for name, value in conn.raw_headers:
-            if name.lower() == b"content-encoding":
-                return value.decode("latin-1")
-        return None

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from app.backends import BackendView
 from app.candidates import Candidate, Candidates, as_candidates
 from app.prefix import PrefixKeys
 
@@ -77,23 +76,6 @@ class Policy(Protocol):
     def choose(
         self, request: RouteRequest, candidates: Sequence[Candidate], ownership: Ownership
     ) -> Decision: ...
-
-
-def candidates_for(
-    snapshot: Sequence[BackendView],
-    model: str,
-    exclude: frozenset[str] = frozenset(),
-    max_in_flight: int = 0,
-) -> list[BackendView]:
-    """Healthy backends serving `model`, not yet tried, under their in-flight limit (0: none)."""
-    return [
-        b
-        for b in snapshot
-        if b.healthy
-        and b.serves(model)
-        and b.name not in exclude
-        and not (max_in_flight and b.in_flight >= max_in_flight)
-    ]
 
 
 def rendezvous(key: str, backend: str) -> int:

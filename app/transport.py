@@ -84,19 +84,43 @@ class Decoder:
         return bool(self._z.unconsumed_tail)
 
     def feed(self, data: bytes) -> bytes:
+        """Decoded output (at most DECODE_STEP_BYTES); UpstreamBroken when it cannot decode."""
         try:
             out = self._z.decompress(self._z.unconsumed_tail + data, DECODE_STEP_BYTES)
-        except zlib.error:
+        except zlib.error as exc:
             if self._coding == "deflate" and not self._started:
                 self._z = zlib.decompressobj(-zlib.MAX_WBITS)
                 self._started = True
                 return self.feed(data)
-            raise
+            raise UpstreamBroken(f"the backend's body cannot be decoded ({exc})") from exc
         self._started = True
         return out
 
     def flush(self) -> bytes:
-        return self._z.flush()
+        try:
+            return self._z.flush()
+        except zlib.error as exc:
+            raise UpstreamBroken(f"the backend's body cannot be decoded ({exc})") from exc
+
+
+async def read_decoded(read: Callable[[], Awaitable[bytes]], decoder: Decoder) -> bytes:
+    """The next decoded bytes of a body whose raw chunks come from `read` (b"" at the end).
+    A compressed chunk may decode to nothing yet (a header): it reads on until there is output."""
+    while True:
+        if decoder.pending:
+            out = decoder.feed(b"")
+        else:
+            data = await read()
+            if not data:
+                return decoder.flush()
+            out = decoder.feed(data)
+        if out:
+            return out
+
+
+def describe(exc: BaseException) -> str:
+    """A foreign exception in one line: its type, and its message when it has one."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def decoder_for(coding: str | None) -> Decoder | None:
@@ -138,22 +162,9 @@ class AiohttpResponse:
     async def _read_mapped(self) -> bytes:
         assert self._decoder is not None
         try:
-            return await self._read_decoded(self._decoder)
-        except (*_UPSTREAM_ERRORS, zlib.error) as exc:
-            raise UpstreamBroken(f"{type(exc).__name__}: {exc}") from exc
-
-    async def _read_decoded(self, decoder: Decoder) -> bytes:
-        # A compressed chunk may decode to nothing yet (a header): read on until there is output.
-        while True:
-            if decoder.pending:
-                out = decoder.feed(b"")
-            else:
-                data = await self._response.content.readany()
-                if not data:
-                    return decoder.flush()
-                out = decoder.feed(data)
-            if out:
-                return out
+            return await read_decoded(self._response.content.readany, self._decoder)
+        except _UPSTREAM_ERRORS as exc:
+            raise UpstreamBroken(describe(exc)) from exc
 
     def close(self) -> None:
         if self._response.content.is_eof():
@@ -223,8 +234,7 @@ class AiohttpTransport:
                 method, url, data=body, headers=headers, timeout=timeout
             )
         except _UPSTREAM_ERRORS as exc:
-            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            raise UpstreamUnavailable(reason) from exc
+            raise UpstreamUnavailable(describe(exc)) from exc
         try:
             decoder = decoder_for(response.headers.get("content-encoding"))
         except UpstreamBroken:
@@ -329,4 +339,4 @@ def broken(exc: BaseException) -> UpstreamBroken:
     """`exc` (one of a response's `read_errors`) as UpstreamBroken."""
     if isinstance(exc, UpstreamBroken):
         return exc
-    return UpstreamBroken(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+    return UpstreamBroken(describe(exc))

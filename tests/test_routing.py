@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from app.backends import BackendView
+from app.backends import BackendPool, BackendView
 from app.candidates import Candidates, Roster
 from app.prefix import PrefixKeys
 from app.routing import (
@@ -17,7 +17,6 @@ from app.routing import (
     RoundRobin,
     RouteRequest,
     StickyBounded,
-    candidates_for,
     scored_with_load,
 )
 
@@ -129,13 +128,12 @@ def test_bounded_load_under_one_hot_key() -> None:
 
 
 def test_candidates_filter_health_model_and_tried() -> None:
-    snap = [
-        view("b0"),
-        view("b1", healthy=False),
-        view("b2", models=frozenset({"other"})),
-        view("b3"),
-    ]
-    assert [b.name for b in candidates_for(snap, "m", frozenset({"b3"}))] == ["b0"]
+    pool = BackendPool([f"http://10.0.0.{i}:8000" for i in range(4)], default_model="m")
+    for backend in pool.backends:
+        backend.healthy = backend.admitted = True
+    pool.get("b1").healthy = False
+    pool.get("b2").models = frozenset({"other"})
+    assert [b.name for b in pool.candidates("m", frozenset({"b3"}))] == ["b0"]
 
 
 @pytest.mark.parametrize("policy", [LeastLoaded(), RoundRobin()])
