@@ -9,6 +9,10 @@ accepts. `GuardedHttpToolsProtocol` adds, per connection:
   the first bytes of a later request on it: a slow or silent client is cut (408 when it had
   begun a request; an idle kept-alive connection is closed by uvicorn's keep-alive timeout);
 - open connections at once (`MAX_CONNECTIONS`): past it, 503 and close.
+A refused connection is closed gracefully: the refusal, then our side's FIN, then what the
+client still sends is read and dropped (up to LINGER_BYTES, for LINGER_S at most). Closing at
+once with its bytes unread makes the kernel answer with a reset, which can destroy the
+refusal before the client reads it (seen as "connection reset" instead of a 431).
 Limits travel as a frozen value in a `functools.partial`, so worker processes get them too.
 """
 
@@ -23,6 +27,9 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.config import Settings
+
+LINGER_S = 2.0
+LINGER_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +80,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0  # raw bytes received while the headers are incomplete
         self._refused = False
         self._deadline: asyncio.TimerHandle | None = None
+        self._dropped = 0  # bytes read and dropped after a refusal
 
     # --- connection ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -88,6 +96,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
+            self._dropped += len(data)
+            if self._dropped > LINGER_BYTES:
+                self.transport.close()
             return
         if self._in_headers:
             self._header_bytes += len(data)
@@ -173,9 +184,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, reason: str, message: str) -> None:
         self._refused = True
         self._disarm_deadline()
-        if not self.transport.is_closing():
-            self.transport.write(_refusal(status, reason, message))
-            self.transport.close()
+        transport = self.transport
+        if transport.is_closing():
+            return
+        transport.write(_refusal(status, reason, message))
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        # Linger (see the module's docstring): the client's EOF closes it (uvicorn's
+        # `eof_received`), else the timer; the deadline handle is reused, so it is cancelled
+        # with the connection.
+        transport.write_eof()
+        transport.resume_reading()
+        self._deadline = self.loop.call_later(LINGER_S, transport.close)
 
 
 def protocol_for(settings: Settings) -> functools.partial[GuardedHttpToolsProtocol]:
