@@ -322,9 +322,24 @@ class RedisStore:
         self._succeeded()
         if load:
             self._read_peer_load(load[0])
-        ownership = self._ownership(owner_value, homes)
+        ownership = self._with_local(keys, self._ownership(owner_value, homes))
         self._remember(keys.conversation, ownership, now)
         return ownership
+
+    def _with_local(self, keys: PrefixKeys, shared: Ownership) -> Ownership:
+        """Redis's records plus what this replica recorded itself (memory holds every record it
+        made): a home chosen a moment ago whose write is still queued, or one Redis lost. Redis
+        decides the owner when it has one, since another replica may have moved it since."""
+        local = self.memory.lookup_now(keys)
+        holders = shared.system_holders
+        extra = tuple(b for b in local.system_holders if b not in holders)
+        if extra:
+            holders = (holders + extra)[:MAX_SYSTEM_HOMES]
+        if shared.owner is None and local.owner is not None:
+            return Ownership(local.owner, local.owner_tokens, holders)
+        if extra:
+            return Ownership(shared.owner, shared.owner_tokens, holders)
+        return shared
 
     def _read_peer_load(self, fields: object) -> None:
         """Sum the other live replicas' in-flight counts per backend (`expires_ms|b0:3,b1:1`)."""

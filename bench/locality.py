@@ -155,6 +155,7 @@ class RunResult:
     wall_s: float
     outcomes: dict[str, int] = field(default_factory=dict)
     lost_tokens: dict[str, int] = field(default_factory=dict)  # vs ideal, by outcome/affinity
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # each round's row, with --rounds
 
 
 def ideal_cached(sent: Sequence[Sent], block_size: int = 16) -> list[tuple[int, int]]:
@@ -306,10 +307,12 @@ async def restart_sims(urls: list[str]) -> None:
 
 
 ONE_BACKEND = "one backend"
+ONE_PROCESS = "kvroute (both levels)"
+ONE_REDIS = "kvroute x1 + Redis"
 REPLICAS = "kvroute x2 + Redis"
 REPLICAS_4 = "kvroute x4 + Redis"
 REPLICAS_SHARED = "kvroute x2 + Redis + shared load"
-SHARED = (REPLICAS, REPLICAS_4, REPLICAS_SHARED)  # the rows that need Redis
+SHARED = (ONE_REDIS, REPLICAS, REPLICAS_4, REPLICAS_SHARED)  # the rows that need Redis
 # The router's own probes, fast enough for a short run.
 ROUTER_ENV = {"METRICS_INTERVAL_S": "0.25", "HEALTH_INTERVAL_S": "1", "REDIS_URL": ""}
 POLICIES: dict[str, dict[str, str]] = {
@@ -319,7 +322,9 @@ POLICIES: dict[str, dict[str, str]] = {
     "round_robin": {"ROUTING_POLICY": "round_robin"},
     "least_loaded": {"ROUTING_POLICY": "least_loaded"},
     "conversation_key_only": {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "false"},
-    "kvroute (both levels)": {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true"},
+    ONE_PROCESS: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true"},
+    # One process with its ownership in Redis: what Redis itself costs, apart from replicas.
+    ONE_REDIS: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true", "WORKERS": "1"},
     # Two router processes (uvicorn workers on one port, the kernel spreads the connections)
     # agreeing on owners through Redis: what several replicas keep of the locality.
     REPLICAS: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true", "WORKERS": "2"},
@@ -413,6 +418,22 @@ def print_table(
         if r.lost_tokens:
             worst = sorted(r.lost_tokens.items(), key=lambda kv: -kv[1])
             print(f"  {r.policy}: tokens lost vs ideal by outcome/affinity: {dict(worst)}")
+    for line in against_one_process(results):
+        print(line)
+
+
+def against_one_process(results: Sequence[RunResult]) -> list[str]:
+    """What each Redis row keeps of one process's locality: share of ideal in points, TTFT p99
+    in percent (the replicas' targets: within 0.5 points and 10 %)."""
+    one = next((r for r in results if r.policy == ONE_PROCESS), None)
+    if one is None or not one.ttft_p99_ms:
+        return []
+    return [
+        f"  {r.policy} vs one process: share {100 * (r.share_of_ideal - one.share_of_ideal):+.2f} "
+        f"points, ttft p99 {100 * (r.ttft_p99_ms / one.ttft_p99_ms - 1):+.1f} %"
+        for r in results
+        if r.policy in SHARED
+    ]
 
 
 async def run_capacity(
@@ -430,7 +451,6 @@ async def run_capacity(
         decode_tokens_per_s=args.decode_tokens_per_s,
     )
     sims = [SimulatorChild(config) for _ in range(args.backends)]
-    results: list[RunResult] = []
     with contextlib.ExitStack() as stack:
         for sim in sims:
             stack.callback(sim.stop)
@@ -470,13 +490,50 @@ async def run_capacity(
             ]
             for missing in missing_peers(only=("sglang-router", "vllm-router")):
                 print(f"  {missing}: not installed ({INSTALL_HINT})", file=sys.stderr)
-        for name, server, headers in servers:
-            results.append(await run_policy(name, server, headers, urls, conversations, args))
-            print(
-                f"  done: {name}, {capacity_blocks} blocks ({results[-1].wall_s} s)",
-                file=sys.stderr,
-            )
-    return results
+        runs: dict[str, list[RunResult]] = {name: [] for name, _, _ in servers}
+        for round_ in range(args.rounds):
+            # Odd rounds reverse the order, so no row always runs on a warmer or cooler machine.
+            for name, server, headers in servers if round_ % 2 == 0 else servers[::-1]:
+                result = await run_policy(name, server, headers, urls, conversations, args)
+                runs[name].append(result)
+                print(
+                    f"  done: {name}, {capacity_blocks} blocks, round {round_ + 1} "
+                    f"({result.wall_s} s)",
+                    file=sys.stderr,
+                )
+    return [median_row(rows) for rows in runs.values()]
+
+
+def median_row(rows: list[RunResult]) -> RunResult:
+    """One row for a policy's rounds: the median of each figure (a round's own figures are kept
+    in `rounds`), requests and failures summed. One round is its own row."""
+    if len(rows) == 1:
+        return rows[0]
+
+    def med(values: list[float]) -> float:
+        return round(statistics.median(values), 4)
+
+    outcomes: Counter[str] = Counter()
+    lost: Counter[str] = Counter()
+    for r in rows:
+        outcomes.update(r.outcomes)
+        lost.update(r.lost_tokens)
+    return RunResult(
+        policy=rows[0].policy,
+        requests=sum(r.requests for r in rows),
+        failed=sum(r.failed for r in rows),
+        cached_ratio=med([r.cached_ratio for r in rows]),
+        ideal_ratio=med([r.ideal_ratio for r in rows]),
+        share_of_ideal=med([r.share_of_ideal for r in rows]),
+        ttft_p50_ms=round(statistics.median(r.ttft_p50_ms for r in rows), 1),
+        ttft_p99_ms=round(statistics.median(r.ttft_p99_ms for r in rows), 1),
+        max_over_mean=med([r.max_over_mean for r in rows]),
+        per_backend=[sum(col) for col in zip(*(r.per_backend for r in rows), strict=True)],
+        wall_s=round(sum(r.wall_s for r in rows), 1),
+        outcomes=dict(outcomes),
+        lost_tokens=dict(lost),
+        rounds=[asdict(r) for r in rows],
+    )
 
 
 async def main_async(args: argparse.Namespace) -> dict[int, list[RunResult]]:
@@ -550,6 +607,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--redis-url",
         default=DEFAULT_REDIS_URL,
         help=f"for '{REPLICAS}'; a private redis-server is started when none answers",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every row this many times (odd rounds in reverse order) and print medians",
     )
     p.add_argument("--timeout-s", type=float, default=300.0, help="bound on each policy's run")
     p.add_argument("--json", default="bench/results/locality.json")

@@ -76,6 +76,35 @@ async def test_first_claim_is_atomic(replicas: tuple[RedisStore, RedisStore]) ->
     )
 
 
+async def test_a_lookup_sees_this_replicas_records_before_they_are_written(
+    redis_url: str,
+) -> None:
+    """A home chosen a moment ago (its write still queued) counts for the next conversation on
+    that system prompt, as in memory; a record Redis holds decides the owner."""
+    store = RedisStore(
+        redis_client(redis_url, 0.5), redis_url, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=0.0
+    )
+    other = RedisStore(
+        redis_client(redis_url, 0.5), redis_url, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=0.0
+    )
+    # No writer runs yet: the records wait in the queue.
+    await store.record(keys("first", system="s1"), "b2", 300, claim=True)
+    assert not store._queue.empty()
+    seen = await store.lookup(keys("second", system="s1"))
+    assert (seen.owner, seen.system_holders) == (None, ("b2",))
+    again = await store.lookup(keys("first", system="s1"))
+    assert (again.owner, again.owner_tokens) == ("b2", 300)
+    assert (await other.lookup(keys("second", system="s1"))).system_holders == ()
+    async with writing(store, other):
+        await settle(store)
+        # Another replica moves the conversation: Redis's owner wins over this one's memory.
+        await other.record(keys("first", system="s1"), "b0", 400, claim=False)
+        await settle(other)
+        moved = await store.lookup(keys("first", system="s1"))
+        assert (moved.owner, moved.owner_tokens) == ("b0", 400)
+        assert set(moved.system_holders) == {"b0", "b2"}
+
+
 async def test_takeover_and_ttl(redis_url: str) -> None:
     store = RedisStore(
         redis_client(redis_url, 0.5), redis_url, ttl_s=0.3, timeout_s=0.5, retry_s=0.2, cache_s=0.0
