@@ -67,6 +67,26 @@ def redis_client(url: str, timeout_s: float, *, cluster: bool = False) -> Redis 
     return redis_asyncio.Redis.from_pool(pool)
 
 
+# Connections opened at start-up: a burst of requests right after a (re)start would otherwise
+# open them itself, each with its own connect and handshake, all behind one another on the loop
+# (32 look-ups at once: 38 ms cold against 5-7 ms warm, here).
+WARM_CONNECTIONS = 32
+
+
+async def warm(redis: Redis | RedisCluster, connections: int, timeout_s: float) -> int:
+    """Open up to `connections` pooled connections at once (a PING each, concurrent, so each
+    takes its own); how many answered. A Redis that does not answer is left to the first
+    requests' fallback: start-up neither fails nor waits past `timeout_s` for it."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            answers = await asyncio.gather(
+                *(redis.ping() for _ in range(connections)), return_exceptions=True
+            )
+    except TimeoutError:
+        return 0
+    return sum(1 for answer in answers if not isinstance(answer, BaseException))
+
+
 def is_cluster(url: str, mode: str, *, timeout_s: float = 1.0) -> bool:
     """Whether `url` is a Redis Cluster: `mode` true/false decides, `auto` asks the server once
     (`INFO cluster`). A server that does not answer at start-up is taken for a single node."""

@@ -10,7 +10,10 @@
 where cached(b) is what b is believed to hold (the conversation's previous prompt if b owns the
 conversation, else the system prompt if b holds it). A backend whose load would pass
 max(load_cap_factor * mean in-flight, load_cap_floor) is not a candidate (bounded loads), and ties go to the
-highest rendezvous hash of the conversation key, so adding or removing a backend moves few keys.
+highest rendezvous hash of the placement key, so adding or removing a backend moves few keys. The
+placement key is the conversation key, except for the first conversations on a system prompt
+nobody holds yet: there it is the system key, so that conversations opened at the same moment
+(on this router, or on replicas that cannot see each other's choice yet) pick the same first home.
 
 A decision costs the same at 4 backends and at 256: a fleet of up to SCORE_ALL_UP_TO candidates is
 scored whole; a larger one through a bounded shortlist (the owner and system homes by name, and
@@ -126,18 +129,25 @@ SCORE_ALL_UP_TO = 16
 NEAR_KEY = 8
 
 
+def placement_key(request: RouteRequest, ownership: Ownership) -> str:
+    """The key that breaks ties and finds ring neighbours (see the module's docstring)."""
+    if ownership.owner is None and not ownership.system_holders and request.system_tokens > 0:
+        return request.keys.system
+    return request.keys.conversation
+
+
 def shortlist(
     request: RouteRequest, candidates: Candidates, ownership: Ownership
 ) -> list[Candidate]:
     """The candidates a decision over a large fleet scores: the owner and the system's homes
-    (found by name) and the first NEAR_KEY backends on the ring from the conversation key, whose
+    (found by name) and the first NEAR_KEY backends on the ring from the placement key, whose
     least loaded wins a new key or takes a spill (the power of k choices)."""
     picked: dict[str, Candidate] = {}
     for name in (ownership.owner, *ownership.system_holders):
         backend = candidates.find(name) if name is not None else None
         if backend is not None:
             picked[backend.name] = backend
-    for backend in candidates.near(request.keys.conversation, NEAR_KEY):
+    for backend in candidates.near(placement_key(request, ownership), NEAR_KEY):
         picked.setdefault(backend.name, backend)
     return list(picked.values())
 
@@ -187,7 +197,7 @@ class StickyBounded:
         cheapest = self._cheapest(request, eligible, ownership)
         # Ties go to the highest rendezvous hash; hashing only the tied keeps a decision a few
         # arithmetic steps per scored backend.
-        key = request.keys.conversation
+        key = placement_key(request, ownership)
         chosen = (
             cheapest[0].name
             if len(cheapest) == 1

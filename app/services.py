@@ -29,7 +29,7 @@ from app.metrics import RequestRecord, RouterMetrics
 from app.ownership import MemoryStore, OwnershipStore, RedisStore
 from app.presentation import prom_gauges
 from app.rates import RateLimits, RedisRateLimits
-from app.redislink import LoopLag, is_cluster, redis_client
+from app.redislink import WARM_CONNECTIONS, LoopLag, is_cluster, redis_client, warm
 from app.responses import MemoryResponses, RedisResponses, ResponseStore
 from app.routing import CostWeights, LeastLoaded, Policy, make_policy
 from app.security import KeyRing
@@ -255,6 +255,8 @@ async def running(services: Services) -> AsyncIterator[None]:
     s = services.settings
     async with services.transport as transport:
         pool = services.pool
+        if services.redis is not None:
+            await warm(services.redis, WARM_CONNECTIONS, max(s.redis_timeout_s * 20, 1.0))
         await services.fleet.start()
         await pool.probe_health(transport, s.probe_timeout_s)
         await pool.probe_metrics(transport, s.probe_timeout_s)

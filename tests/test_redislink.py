@@ -1,15 +1,18 @@
-"""The Redis edge without a server: failure causes, and a deadline that measures Redis, not our loop."""
+"""The Redis edge: failure causes, a deadline that measures Redis, not our loop, and the pool
+warmed at start-up (the one test here with a server is marked `redis`)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis import exceptions as rex
+from redis.asyncio import Redis
 
-from app.redislink import LoopLag, fallback_cause, is_cluster, redis_deadline
+from app.redislink import LoopLag, fallback_cause, is_cluster, redis_client, redis_deadline, warm
 from app.services import background
 from harness.ports import free_port
 
@@ -119,3 +122,36 @@ async def test_the_cap_bounds_a_silent_redis_behind_a_saturated_loop(lag: LoopLa
     finally:
         done.set()
         await hogs
+
+
+@pytest.mark.redis
+async def test_warm_opens_the_pool_once_and_reuses_it(redis_url: str) -> None:
+    client = redis_client(redis_url, 0.5)
+    try:
+        assert await warm(client, 16, 2.0) == 16
+        assert isinstance(client, Redis)  # a single node: one pool
+        pool: Any = client.connection_pool
+        assert len(pool._available_connections) == 16
+        assert await warm(client, 16, 2.0) == 16  # warm again: the same 16
+        assert len(pool._available_connections) == 16
+    finally:
+        await client.aclose()
+
+
+async def test_warm_never_holds_up_a_start_without_redis() -> None:
+    refused = redis_client(f"redis://127.0.0.1:{free_port()}/0", 0.5)
+    started = time.monotonic()
+    assert await warm(refused, 8, 2.0) == 0
+    assert time.monotonic() - started < 1.0
+    await refused.aclose()
+    # A server that accepts and never answers: the start-up waits its bound, no longer.
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    mute = redis_client(f"redis://127.0.0.1:{port}/0", 5.0)
+    try:
+        started = time.monotonic()
+        assert await warm(mute, 8, 0.3) == 0
+        assert time.monotonic() - started < 1.0
+    finally:
+        await mute.aclose()
+        silent.close()

@@ -98,6 +98,39 @@ def test_new_keys_spread_and_are_deterministic() -> None:
     assert picks == again
 
 
+def test_new_conversations_on_a_new_system_prompt_agree_on_its_first_home() -> None:
+    """Conversations opened at once on a system prompt nobody holds (on replicas that cannot see
+    each other's choice yet) go to one backend when loads tie; without a system prompt, or once
+    the prompt has a home, the conversation key decides as before."""
+    backends = [view("b0"), view("b1"), view("b2")]
+
+    def on_system(key: str, system: str, tokens: int) -> RouteRequest:
+        r = request(key=key, system=tokens)
+        return replace(r, keys=replace(r.keys, system=system))
+
+    for system in ("s1", "s2", "s3", "s4"):
+        homes = {
+            POLICY.choose(on_system(f"{system}-k{i}", system, 600), backends, Ownership()).backend
+            for i in range(40)
+        }
+        assert len(homes) == 1, (system, homes)
+    firsts = {
+        POLICY.choose(on_system("k", f"s{i}", 600), backends, Ownership()).backend
+        for i in range(40)
+    }
+    assert firsts == {"b0", "b1", "b2"}  # system prompts still spread over the fleet
+    without = Counter(
+        POLICY.choose(on_system(f"k{i}", "same", 0), backends, Ownership()).backend
+        for i in range(300)
+    )
+    assert min(without.values()) > 60
+    held = Ownership(system_holders=("b1",))
+    assert {
+        POLICY.choose(on_system(f"k{i}", "s1", 600), [view("b0"), view("b2")], held).backend
+        for i in range(60)
+    } == {"b0", "b2"}  # its home gone from the candidates: conversations spread again
+
+
 def test_removing_a_backend_moves_only_its_keys() -> None:
     three = [view("b0"), view("b1"), view("b2")]
     two = [view("b0"), view("b2")]
