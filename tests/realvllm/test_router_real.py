@@ -669,10 +669,16 @@ async def test_abandoned_streams_and_queued_requests_leave_real_vllm_idle(
                     "POST", router.url + "/v1/chat/completions", json=body
                 ) as r:
                     first = True
-                    async for _ in r.aiter_raw():
+                    tail = b""
+                    async for chunk in r.aiter_raw():
                         if first:
                             streaming.release()
                             first = False
+                        tail = (tail + chunk)[-4096:]
+                # Only a whole answer counts as ending by itself: one the router cut short
+                # (an error event, then [DONE]) is the router's fault.
+                if b'"finish_reason":"length"' not in tail or b'"error"' in tail:
+                    cut_early.append(f"ended early: {tail[-600:]!r}")
                 ended.append(1)
             except Exception as exc:
                 # How the client library surfaces its own cancellation is its business; a
