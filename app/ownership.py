@@ -331,15 +331,12 @@ class RedisStore:
         made): a home chosen a moment ago whose write is still queued, or one Redis lost. Redis
         decides the owner when it has one, since another replica may have moved it since."""
         local = self.memory.lookup_now(keys)
-        holders = shared.system_holders
-        extra = tuple(b for b in local.system_holders if b not in holders)
-        if extra:
-            holders = (holders + extra)[:MAX_SYSTEM_HOMES]
-        if shared.owner is None and local.owner is not None:
-            return Ownership(local.owner, local.owner_tokens, holders)
-        if extra:
-            return Ownership(shared.owner, shared.owner_tokens, holders)
-        return shared
+        extra = tuple(b for b in local.system_holders if b not in shared.system_holders)
+        if not extra and (shared.owner is not None or local.owner is None):
+            return shared  # nothing to add: the common case once the writer has caught up
+        owner = shared if shared.owner is not None else local
+        holders = (shared.system_holders + extra)[:MAX_SYSTEM_HOMES]
+        return Ownership(owner.owner, owner.owner_tokens, holders)
 
     def _read_peer_load(self, fields: object) -> None:
         """Sum the other live replicas' in-flight counts per backend (`expires_ms|b0:3,b1:1`)."""

@@ -197,12 +197,11 @@ class StickyBounded:
         cheapest = self._cheapest(request, eligible, ownership)
         # Ties go to the highest rendezvous hash; hashing only the tied keeps a decision a few
         # arithmetic steps per scored backend.
-        key = placement_key(request, ownership)
-        chosen = (
-            cheapest[0].name
-            if len(cheapest) == 1
-            else max(cheapest, key=lambda b: rendezvous(key, b.name)).name
-        )
+        if len(cheapest) == 1:
+            chosen = cheapest[0].name
+        else:
+            key = placement_key(request, ownership)
+            chosen = max(cheapest, key=lambda b: rendezvous(key, b.name)).name
         return _decision(request, ownership, chosen, indexed)
 
     def _cheapest(

@@ -510,8 +510,8 @@ def median_row(rows: list[RunResult]) -> RunResult:
     if len(rows) == 1:
         return rows[0]
 
-    def med(values: list[float]) -> float:
-        return round(statistics.median(values), 4)
+    def med(values: list[float], digits: int = 4) -> float:
+        return round(statistics.median(values), digits)
 
     outcomes: Counter[str] = Counter()
     lost: Counter[str] = Counter()
@@ -525,8 +525,8 @@ def median_row(rows: list[RunResult]) -> RunResult:
         cached_ratio=med([r.cached_ratio for r in rows]),
         ideal_ratio=med([r.ideal_ratio for r in rows]),
         share_of_ideal=med([r.share_of_ideal for r in rows]),
-        ttft_p50_ms=round(statistics.median(r.ttft_p50_ms for r in rows), 1),
-        ttft_p99_ms=round(statistics.median(r.ttft_p99_ms for r in rows), 1),
+        ttft_p50_ms=med([r.ttft_p50_ms for r in rows], 1),
+        ttft_p99_ms=med([r.ttft_p99_ms for r in rows], 1),
         max_over_mean=med([r.max_over_mean for r in rows]),
         per_backend=[sum(col) for col in zip(*(r.per_backend for r in rows), strict=True)],
         wall_s=round(sum(r.wall_s for r in rows), 1),
@@ -606,7 +606,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--redis-url",
         default=DEFAULT_REDIS_URL,
-        help=f"for '{REPLICAS}'; a private redis-server is started when none answers",
+        help="for the rows on Redis; a private redis-server is started when none answers",
     )
     p.add_argument(
         "--rounds",
