@@ -514,8 +514,11 @@ class BackendPool:
                 await self.probe_metrics(transport, timeout_s)
             except Exception:  # the loop's outer boundary: a bug here must not stop the probes
                 log.exception("backend probes failed; retrying")
+            # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancellation that
+            # comes as the event is set, and this loop would then never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._probe_soon.wait(), metrics_interval_s)
+                async with asyncio.timeout(metrics_interval_s):
+                    await self._probe_soon.wait()
 
 
 # A probe answer larger than this is not vLLM's (its /metrics is tens of KB).

@@ -31,7 +31,10 @@ from prometheus_client.registry import Collector
 from app.backends import Backend, BackendPool
 from app.config import backend_url
 from app.errors import BadRequest, Conflict, KvrouteError, NoHealthyBackend, NotFound
-from app.redislink import redis_trouble  # (a function: importing redis pulls in OpenTelemetry)
+from app.redislink import (
+    cancellation_kept,
+    redis_trouble,
+)  # (a function: importing redis pulls in OpenTelemetry)
 
 log = logging.getLogger("kvroute.fleet")
 
@@ -175,8 +178,10 @@ class Fleet:
         if timeout_s:
             backend.idle = asyncio.Event()  # set by the lease that brings in_flight to 0
             if backend.in_flight:
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(backend.idle.wait(), timeout_s)
+                    async with asyncio.timeout(timeout_s):
+                        await backend.idle.wait()
         if backend.in_flight:
             log.warning("backend %s: %d requests cut", backend.name, backend.in_flight)
         if self.pool.remove(backend.name) is backend:
@@ -294,11 +299,13 @@ class RedisMembership:
         self.version_key = f"{prefix}:version"
 
     async def version(self) -> int | None:
-        raw = await self.redis.get(self.version_key)
+        with cancellation_kept():
+            raw = await self.redis.get(self.version_key)
         return None if raw is None else int(raw)
 
     async def entries(self) -> dict[str, Entry]:
-        raw = await self.redis.hgetall(self.members)
+        with cancellation_kept():
+            raw = await self.redis.hgetall(self.members)
         out = {}
         for name, value in raw.items():
             key = name.decode() if isinstance(name, bytes) else name
@@ -308,30 +315,34 @@ class RedisMembership:
 
     async def put_new(self, name: str, url: str, api_key: str) -> str:
         entry = Entry(url, api_key=api_key).dump()
-        answer = await self.redis.eval(
-            self._PUT_NEW, 2, self.members, self.version_key, name, url, entry, time.time()
-        )
+        with cancellation_kept():
+            answer = await self.redis.eval(
+                self._PUT_NEW, 2, self.members, self.version_key, name, url, entry, time.time()
+            )
         return answer.decode() if isinstance(answer, bytes) else str(answer)
 
     async def put(self, name: str, entry: Entry) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.members, name, entry.dump())
-            pipe.incr(self.version_key)
-            await pipe.execute()
+        with cancellation_kept():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self.members, name, entry.dump())
+                pipe.incr(self.version_key)
+                await pipe.execute()
 
     async def delete(self, name: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(self.members, name)
-            pipe.incr(self.version_key)
-            await pipe.execute()
+        with cancellation_kept():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hdel(self.members, name)
+                pipe.incr(self.version_key)
+                await pipe.execute()
 
     async def seed(self, entries: dict[str, Entry]) -> None:
         """The first replica's fleet becomes the shared one (a later one reads it instead)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for name, entry in entries.items():
-                pipe.hsetnx(self.members, name, entry.dump())
-            pipe.incr(self.version_key)
-            await pipe.execute()
+        with cancellation_kept():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for name, entry in entries.items():
+                    pipe.hsetnx(self.members, name, entry.dump())
+                pipe.incr(self.version_key)
+                await pipe.execute()
 
 
 # --- the backends file -----------------------------------------------------------------------

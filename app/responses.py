@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import orjson
 
 from app.config import redact_url
-from app.redislink import redis_trouble
+from app.redislink import cancellation_kept, redis_trouble
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -237,8 +237,9 @@ class RedisResponses:
 
     async def _get(self, key: str) -> object:
         try:
-            async with asyncio.timeout(self.timeout_s):
-                value = await self._redis.get(self.prefix + key)
+            with cancellation_kept():
+                async with asyncio.timeout(self.timeout_s):
+                    value = await self._redis.get(self.prefix + key)
         except self._trouble as exc:
             self._failed(exc)
             return None
@@ -247,8 +248,9 @@ class RedisResponses:
 
     async def _set(self, key: str, value: bytes, ttl_ms: int) -> None:
         try:
-            async with asyncio.timeout(self.timeout_s):
-                await self._redis.set(self.prefix + key, value, px=ttl_ms)
+            with cancellation_kept():
+                async with asyncio.timeout(self.timeout_s):
+                    await self._redis.set(self.prefix + key, value, px=ttl_ms)
         except self._trouble as exc:
             self._failed(exc)
             return

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -96,6 +98,40 @@ def router(sims: list[SimulatorThread]) -> Iterator[RouterServer]:
 
 
 REDIS_URL = os.environ.get("KVROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+async def cancel_midway(
+    start: Callable[[], Awaitable[object]],
+    times: int,
+    *,
+    within_s: float | None = None,
+    seed: int = 5,
+) -> None:
+    """Cancel `start()` `times` times while it runs, each at a random moment (within `within_s`,
+    or by default within twice its median duration, measured first, so that the moments fall
+    inside the call on a slow machine and on a fast one), and assert that every one ended
+    cancelled: none ran on, none hung."""
+    rng = random.Random(seed)
+    if within_s is None:
+        durations = []
+        for _ in range(21):
+            began = time.perf_counter()
+            await start()
+            durations.append(time.perf_counter() - began)
+        within_s = 2 * sorted(durations)[10]
+    cancelled = 0
+    for _ in range(times * 20):
+        task = asyncio.ensure_future(start())
+        await asyncio.sleep(rng.random() * within_s)
+        if not task.cancel():
+            continue  # it had finished
+        done, _ = await asyncio.wait([task], timeout=2.0)
+        assert done, "a cancelled task did not stop within 2 s"
+        assert task.cancelled(), f"a cancelled task ran on and returned {task.result()!r}"
+        cancelled += 1
+        if cancelled == times:
+            return
+    raise AssertionError(f"only {cancelled} of {times} cancellations came while it ran")
 
 
 def emptied_redis(url: str) -> str:

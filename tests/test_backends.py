@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import pytest
 
 from app.backends import BackendPool, VllmMetrics, is_restart, parse_vllm_metrics
+from app.transport import MockRequest, MockResponse, MockTransport
 
 REAL = """# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
@@ -129,3 +131,25 @@ def test_leases_keep_the_rosters_in_flight_total() -> None:
         assert pool.roster("m").in_flight == 3
     assert pool.roster("m").in_flight == 0
     assert sum(b.in_flight for b in pool.backends) == 0
+
+
+async def test_the_probes_stop_when_cancelled_as_a_backend_arrives() -> None:
+    """Cancelled (the app stopping) in the same loop turn as a new backend wakes the probes: on
+    Python 3.11 `asyncio.wait_for` returned instead of raising there, and the probes never
+    stopped."""
+
+    async def down(request: MockRequest) -> MockResponse:
+        return MockResponse(status=503)
+
+    pool = BackendPool([], default_model="m")
+    probes = asyncio.create_task(
+        pool.run_probes(
+            MockTransport(down), health_interval_s=60, metrics_interval_s=60, timeout_s=1
+        )
+    )
+    await asyncio.sleep(0.05)  # the probes wait for their next turn
+    pool.add("http://10.0.0.1:8000")
+    probes.cancel()
+    done, _ = await asyncio.wait([probes], timeout=2.0)
+    assert done, "the probes did not stop"
+    assert probes.cancelled()

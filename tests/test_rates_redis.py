@@ -9,7 +9,7 @@ from app.errors import Overloaded
 from app.ownership import redis_client
 from app.rates import RedisRateLimits
 from harness.ports import free_port
-from tests.conftest import running_router, running_simulators
+from tests.conftest import cancel_midway, running_router, running_simulators
 
 
 async def test_replicas_share_one_budget(redis_url: str) -> None:
@@ -23,6 +23,14 @@ async def test_replicas_share_one_budget(redis_url: str) -> None:
     assert 1 <= int(info.value.headers()["Retry-After"]) <= 20
     await b.check("other", 1)  # budgets are per tenant
     assert a.fallbacks == b.fallbacks == 0
+
+
+async def test_a_cancelled_check_ends_cancelled(redis_url: str) -> None:
+    """A client that leaves during its rate check is not let through (redis-py on Python 3.11
+    swallows most cancellations that reach a command: see `cancellation_kept`)."""
+    limits = RedisRateLimits(redis_client(redis_url, 0.5), rpm=10**9, tpm=0, timeout_s=0.5)
+    await cancel_midway(lambda: limits.check("t", 1), 100)
+    assert limits.fallbacks == 0
 
 
 async def test_token_budget(redis_url: str) -> None:

@@ -12,7 +12,15 @@ import pytest
 from redis import exceptions as rex
 from redis.asyncio import Redis
 
-from app.redislink import LoopLag, fallback_cause, is_cluster, redis_client, redis_deadline, warm
+from app.redislink import (
+    LoopLag,
+    cancellation_kept,
+    fallback_cause,
+    is_cluster,
+    redis_client,
+    redis_deadline,
+    warm,
+)
 from app.services import background
 from harness.ports import free_port
 
@@ -122,6 +130,75 @@ async def test_the_cap_bounds_a_silent_redis_behind_a_saturated_loop(lag: LoopLa
     finally:
         done.set()
         await hogs
+
+
+async def swallowing(work: asyncio.Future[str]) -> str:
+    """Python 3.11's `asyncio.wait_for` (around each redis-py send) when its task is cancelled as
+    the awaited work completes: the result comes back and the cancellation is lost."""
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        return work.result()
+
+
+async def cancel_as_work_completes(call: Any) -> tuple[asyncio.Task[Any], list[str]]:
+    ran_on: list[str] = []
+    work: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(call(work, ran_on))
+    await asyncio.sleep(0)
+    work.set_result("sent")
+    task.cancel()
+    await asyncio.wait([task])
+    return task, ran_on
+
+
+async def test_a_swallowed_cancellation_is_raised_on_the_way_out(lag: LoopLag) -> None:
+    async def bare(work: asyncio.Future[str], ran_on: list[str]) -> None:
+        ran_on.append(await swallowing(work))
+
+    async def kept(work: asyncio.Future[str], ran_on: list[str]) -> None:
+        with cancellation_kept():
+            result = await swallowing(work)
+        ran_on.append(result)
+
+    async def under_deadline(work: asyncio.Future[str], ran_on: list[str]) -> None:
+        async with redis_deadline(5.0, lag, cap_s=5.0):
+            result = await swallowing(work)
+        ran_on.append(result)
+
+    task, ran_on = await cancel_as_work_completes(bare)
+    assert ran_on == ["sent"]
+    assert not task.cancelled()
+    for call in (kept, under_deadline):
+        task, ran_on = await cancel_as_work_completes(call)
+        assert ran_on == []
+        assert task.cancelled()
+    assert lag.open == 0
+
+
+async def test_a_redis_error_after_a_swallowed_cancellation_is_the_cancellation() -> None:
+    async def call(work: asyncio.Future[str], ran_on: list[str]) -> None:
+        try:
+            with cancellation_kept():
+                await swallowing(work)
+                raise rex.ConnectionError("reset")
+        except rex.RedisError:
+            ran_on.append("served from memory")  # what the store does with a Redis error
+
+    task, ran_on = await cancel_as_work_completes(call)
+    assert ran_on == []
+    assert task.cancelled()
+
+
+async def test_its_own_deadline_and_plain_calls_pass_through(lag: LoopLag) -> None:
+    with cancellation_kept():
+        assert await reply_after_turns(3) == "reply"
+    with pytest.raises(TimeoutError), cancellation_kept():  # a timeout is not a cancellation
+        async with asyncio.timeout(0.01):
+            await asyncio.Event().wait()
+    current = asyncio.current_task()
+    assert current is not None
+    assert current.cancelling() == 0
 
 
 @pytest.mark.redis

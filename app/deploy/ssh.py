@@ -171,9 +171,9 @@ class RemoteHost:
     ) -> tuple[int, bytes]:
         """GET ``http://host:port/path`` as seen from the remote host; status 0 if it refuses."""
         try:
-            reader, writer = await asyncio.wait_for(
-                self._conn.open_connection(host, port), timeout_s
-            )
+            # asyncio.timeout throughout, not wait_for: 3.11's wait_for can swallow a Ctrl-C.
+            async with asyncio.timeout(timeout_s):
+                reader, writer = await self._conn.open_connection(host, port)
         except asyncssh.ChannelOpenError as exc:
             if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
                 raise SshError(
@@ -185,7 +185,8 @@ class RemoteHost:
             return 0, b""
         try:
             writer.write(http_get_request(path, host, port, api_key))
-            data = await asyncio.wait_for(reader.read(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                data = await reader.read()
         except (TimeoutError, OSError, asyncssh.Error):
             return 0, b""
         finally:
@@ -210,7 +211,8 @@ class RemoteHost:
             listener.close()
         self._conn.close()
         with contextlib.suppress(TimeoutError, OSError, asyncssh.Error):
-            await asyncio.wait_for(self._conn.wait_closed(), 5)
+            async with asyncio.timeout(5):
+                await self._conn.wait_closed()
 
     async def __aenter__(self) -> RemoteHost:
         return self

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import httpx
 import orjson
+import pytest
 
 from tests.conftest import running_router, running_simulators, wait_for
 from tests.integration.hostile_backend import HostileBackend
@@ -181,8 +182,20 @@ def at_rest(url: str, sim_urls: list[str]) -> None:
         raise AssertionError(f"held at rest: {held(url, sim_urls)}") from None
 
 
-def test_storm_leaves_nothing_held_and_the_router_serving() -> None:
+@pytest.mark.parametrize("shared", ["memory", "redis"])
+def test_storm_leaves_nothing_held_and_the_router_serving(
+    shared: str, request: pytest.FixtureRequest
+) -> None:
+    """`redis`: ownership and tenant rate limits in a real Redis as well, so that clients leave
+    during those calls too (and one tenant runs past its RPM)."""
     fast = {"base_ttft_s": 0.005, "prefill_s_per_token": 0.0, "decode_tokens_per_s": 400.0}
+    in_redis: dict[str, Any] = {}
+    if shared == "redis":
+        in_redis = {
+            "redis_url": request.getfixturevalue("redis_url"),
+            "tenant_rpm": 400,
+            "trust_tenant_headers": True,
+        }
     with (
         running_simulators(2, **fast) as sims,
         HostileBackend("broken_503") as broken,
@@ -195,6 +208,7 @@ def test_storm_leaves_nothing_held_and_the_router_serving() -> None:
             retries=1,
             breaker_failures=3,
             breaker_cooldown_s=0.5,
+            **in_redis,
         ) as router,
     ):
         storm = Storm(router.url, seed=19)
@@ -217,6 +231,10 @@ def test_storm_leaves_nothing_held_and_the_router_serving() -> None:
         assert metrics["admission"]["rejected"].get("queue_timeout", 0) > 0
         assert metrics["admission"]["abandoned"] > 0  # clients that left while queued
         assert not metrics["errors"].get("InternalError"), metrics["errors"]
+        if shared == "redis":  # both Redis paths were met, and a healthy Redis never failed
+            assert metrics["admission"]["rejected"].get("rate_rpm", 0) > 0
+            assert metrics["ownership"]["state"] == "up"
+            assert metrics["ownership"]["fallbacks"] == 0, metrics["ownership"]
 
         # Still serving: plain requests all succeed, and leave nothing behind either.
         with httpx.Client(timeout=10) as client:
