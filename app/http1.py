@@ -30,10 +30,13 @@ from urllib.parse import urlsplit
 import httptools
 
 from app.errors import UpstreamBroken, UpstreamUnavailable
+from app.looplag import LoopLag, lag_deadline
 from app.transport import Decoder, UpstreamResponse, decoder_for, describe, read_decoded
 
 # Body bytes buffered before the socket stops being read (the reader drains all of it at once).
 HIGH_WATER = 256 << 10
+# A connect gives up after this many times its timeout of wall time, however busy the loop.
+CONNECT_CAP_FACTOR = 4
 # Idle connections kept per backend, at most: more than this were never needed at once lately.
 MAX_IDLE_PER_HOST = 256
 _READ_ERRORS: tuple[type[BaseException], ...] = (UpstreamBroken,)
@@ -300,11 +303,13 @@ class HostPool:
         connect_timeout_s: float,
         idle_timeout_s: float,
         tls: ssl.SSLContext | None,
+        lag: LoopLag,
     ) -> None:
         self.loop = loop
         self.host, self.port, _ = address
         self.limit = limit
         self.connect_timeout_s = connect_timeout_s
+        self.lag = lag
         self.idle_timeout_s = idle_timeout_s
         self.tls = tls
         self.idle: list[Connection] = []
@@ -343,8 +348,13 @@ class HostPool:
                 raise
 
     async def _connect(self) -> Connection:
+        # The backend has `connect_timeout_s` of a responsive loop to accept: a loop (or process)
+        # too busy to run the connect's callback in time is not the backend's failure, and must
+        # not send its requests elsewhere or trip its breaker. The cap bounds the wait anyway.
         try:
-            async with asyncio.timeout(self.connect_timeout_s):
+            async with lag_deadline(
+                self.connect_timeout_s, self.lag, CONNECT_CAP_FACTOR * self.connect_timeout_s
+            ):
                 _, conn = await self.loop.create_connection(
                     lambda: Connection(self.loop), self.host, self.port, ssl=self.tls
                 )
@@ -385,9 +395,15 @@ class HttpToolsTransport:
     """The hot-path `Transport`: one pool per backend address for the app's lifetime."""
 
     def __init__(
-        self, *, connect_timeout_s: float, pool_idle_timeout_s: float, max_per_host: int
+        self,
+        *,
+        connect_timeout_s: float,
+        pool_idle_timeout_s: float,
+        max_per_host: int,
+        lag: LoopLag | None = None,
     ) -> None:
         self._connect_timeout_s = connect_timeout_s
+        self._lag = lag or LoopLag()  # one nobody runs: the connect timeout is wall time
         self._idle_timeout_s = pool_idle_timeout_s
         self._max_per_host = max_per_host
         self._pools: dict[tuple[str, int, bool], HostPool] = {}
@@ -418,6 +434,7 @@ class HttpToolsTransport:
                 connect_timeout_s=self._connect_timeout_s,
                 idle_timeout_s=self._idle_timeout_s,
                 tls=self._tls if address[2] else None,
+                lag=self._lag,
             )
             self._pools[address] = pool
         return pool

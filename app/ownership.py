@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from app.config import redact_url
+from app.looplag import LoopLag
 from app.prefix import PrefixKeys
 from app.redislink import (
     FALLBACK_CAUSES,
     FallbackCause,
-    LoopLag,
     fallback_cause,
     redis_deadline,
     redis_trouble,
@@ -402,10 +402,9 @@ class RedisStore:
         return owner
 
     async def run(self) -> None:
-        """The loop-lag meter, the writer, the load publisher and the cluster map's healer, for
-        the app's lifetime."""
+        """The writer, the load publisher and the cluster map's healer, for the app's lifetime
+        (the loop-lag meter is the app's: `services.running`)."""
         async with asyncio.TaskGroup() as group:
-            group.create_task(self.lag.run())
             group.create_task(self.write())
             group.create_task(self.share_load())
             group.create_task(self.heal())

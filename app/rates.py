@@ -10,7 +10,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from app.errors import Overloaded
-from app.redislink import LoopLag, redis_deadline, redis_trouble
+from app.looplag import LoopLag
+from app.redislink import redis_deadline, redis_trouble
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -136,7 +137,7 @@ class RedisRateLimits:
         self.rpm, self.tpm = rpm, tpm
         self.timeout_s = timeout_s
         self.cap_s = max(timeout_s * 40, 2.0)
-        self.lag = lag or LoopLag()  # the ownership store's, which runs it
+        self.lag = lag or LoopLag()  # the app's, which runs it
         self.prefix = prefix
         self._wall_ms = wall_ms
         self.local = RateLimits(rpm, tpm)

@@ -25,11 +25,12 @@ from app.dashboard import SeriesRecorder, TenantTags
 from app.fleet import Fleet, FleetCollector, RedisMembership
 from app.http1 import HttpToolsTransport
 from app.logs import RequestLog
+from app.looplag import LoopLag
 from app.metrics import RequestRecord, RouterMetrics
 from app.ownership import MemoryStore, OwnershipStore, RedisStore
 from app.presentation import prom_gauges
 from app.rates import RateLimits, RedisRateLimits
-from app.redislink import WARM_CONNECTIONS, LoopLag, is_cluster, redis_client, warm
+from app.redislink import WARM_CONNECTIONS, is_cluster, redis_client, warm
 from app.responses import MemoryResponses, RedisResponses, ResponseStore
 from app.routing import CostWeights, LeastLoaded, Policy, make_policy
 from app.security import KeyRing
@@ -55,6 +56,7 @@ class Services:
     admission: Admission
     rates: RateLimits | RedisRateLimits
     transport: Transport
+    lag: LoopLag  # this loop's backlog, run by `running`
     dispatcher: Dispatcher
     registry: CollectorRegistry
     series: SeriesRecorder
@@ -97,10 +99,17 @@ class Services:
         return {}
 
 
-def upstream_transport(s: Settings) -> Transport:
-    """The client the router reaches its backends with (`UPSTREAM_CLIENT`)."""
-    kind = HttpToolsTransport if s.upstream_client == "httptools" else AiohttpTransport
-    return kind(
+def upstream_transport(s: Settings, lag: LoopLag | None = None) -> Transport:
+    """The client the router reaches its backends with (`UPSTREAM_CLIENT`); the httptools one
+    does not count `lag` (this loop's own backlog) against a backend's connect timeout."""
+    if s.upstream_client == "httptools":
+        return HttpToolsTransport(
+            connect_timeout_s=s.connect_timeout_s,
+            pool_idle_timeout_s=s.pool_idle_timeout_s,
+            max_per_host=s.max_connections_per_backend,
+            lag=lag,
+        )
+    return AiohttpTransport(
         connect_timeout_s=s.connect_timeout_s,
         pool_idle_timeout_s=s.pool_idle_timeout_s,
         max_per_host=s.max_connections_per_backend,
@@ -116,7 +125,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         if s.redis_url
         else None
     )
-    lag = LoopLag()  # run by the Redis store, read by both Redis users
+    lag = LoopLag()  # run for the app's lifetime; read by the deadlines of Redis and connects
     store: OwnershipStore = (
         RedisStore(
             redis,
@@ -148,7 +157,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         store.local_in_flight = lambda: {b.name: b.in_flight for b in pool.backends}
         store.on_peer_load = pool.share_peer_load
     policy = make_policy(s.routing_policy, _weights(s))
-    transport = transport or upstream_transport(s)
+    transport = transport or upstream_transport(s, lag)
     request_log = RequestLog()
     tracing = tracing_from_settings(s)
     metrics = RouterMetrics(on_record=_observer(request_log))
@@ -165,6 +174,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         admission=Admission(_limits(s)),
         rates=_rates(s, redis, lag),
         transport=transport,
+        lag=lag,
         dispatcher=Dispatcher(
             pool=pool,
             policy=policy,
@@ -269,6 +279,7 @@ async def running(services: Services) -> AsyncIterator[None]:
                 metrics_interval_s=s.metrics_interval_s,
                 timeout_s=s.probe_timeout_s,
             ),
+            services.lag.run(),
             services.admission.run(),
             services.store.run(),
             services.series.run(),

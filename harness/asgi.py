@@ -66,7 +66,11 @@ class ThreadedServer:
         return self
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        """Shut down (lifespan shutdown runs) and join the thread; force after ``timeout_s``."""
+        """Shut down (lifespan shutdown runs) and join the thread; force after ``timeout_s``.
+
+        A server still running after that fails the caller: a shutdown that hangs (a background
+        task that ignores its cancellation) would otherwise leave a live server behind, still
+        probing its backends, for every later test in the process to share a CPU with."""
         thread, loop = self._thread, self._loop
         if thread is not None:
             if loop is not None and thread.is_alive():
@@ -79,6 +83,11 @@ class ThreadedServer:
                 thread.join(timeout_s)
             self._thread = None
         self._socket.close()
+        if thread is not None and thread.is_alive():
+            raise RuntimeError(
+                f"server on port {self.port} still running {2 * timeout_s:g} s after it was "
+                "asked to stop: its shutdown hangs"
+            )
 
     def _run(self) -> None:
         loop = event_loop_factory()()  # uvloop, as in production (it sets TCP_NODELAY)

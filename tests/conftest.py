@@ -7,7 +7,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,6 +16,8 @@ import pytest
 from app.api import create_app
 from app.config import Settings
 from app.listener import protocol_for
+from app.looplag import LoopLag
+from app.services import background
 from app.simulator.config import SimConfig
 from harness.asgi import ThreadedServer, uvicorn_server
 from harness.redis import PrivateRedisCluster
@@ -163,3 +165,23 @@ def redis_cluster_url() -> Iterator[str]:
         missing_service("no Redis Cluster: set KVROUTE_TEST_REDIS_CLUSTER_URL or install redis")
     with PrivateRedisCluster() as cluster:
         yield cluster.url
+
+
+@pytest.fixture
+async def lag() -> AsyncIterator[LoopLag]:
+    """This loop's lag meter, running (as the app runs it)."""
+    meter = LoopLag()
+    async with background([meter.run()]):
+        yield meter
+
+
+async def saturate(until: asyncio.Event, hold_s: float, tasks: int) -> None:
+    """`tasks` callbacks each holding the loop for `hold_s`, over and over: a router whose
+    event loop is busier than it can serve."""
+
+    async def hog() -> None:
+        while not until.is_set():
+            time.sleep(hold_s)  # noqa: ASYNC251 - blocking the loop is the point
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(hog() for _ in range(tasks)))

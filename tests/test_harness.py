@@ -3,6 +3,7 @@ and the in-thread ASGI server serves and stops."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from pathlib import Path
@@ -76,3 +77,22 @@ def test_threaded_server_serves_then_frees_its_port() -> None:
         assert httpx.get(server.url).text == "hi"
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", server.port)) != 0
+
+
+def test_a_threaded_server_whose_shutdown_hangs_fails_its_stop() -> None:
+    async def stuck(scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "lifespan"
+        await receive()  # startup
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # shutdown: a task that never ends, whatever it is asked
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                continue
+
+    server = ThreadedServer(uvicorn_server(stuck)).start()
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"still running 0\.4 s after it was asked to stop"):
+        server.stop(timeout_s=0.2)
+    assert time.monotonic() - started < 2.0

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from app.errors import UpstreamBroken, UpstreamUnavailable
 from app.http1 import HttpToolsTransport, encode_head, split_url
+from app.looplag import LoopLag
 from app.transport import AiohttpTransport, Transport, read_all
+from tests.conftest import saturate
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -301,3 +305,60 @@ async def test_both_transports_decode_gzip_and_agree(kind: type) -> None:
         assert response.header("content-type") == "text/x"
         assert await read_all(response, 1 << 20) == body
         response.close()
+
+
+async def test_a_connect_held_up_by_a_saturated_loop_is_not_a_dead_backend(lag: LoopLag) -> None:
+    """The backend accepts at once, but the loop is too busy to run the connect's callbacks
+    within the timeout: with the loop's lag meter that is no failure (no retry elsewhere, no
+    strike against the backend), within the cap of CONNECT_CAP_FACTOR timeouts."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(ok(b"up"))
+        await writer.drain()
+
+    server = Scripted(answer)
+    done = asyncio.Event()
+    async with server:
+        hogs = asyncio.create_task(saturate(done, hold_s=0.02, tasks=4))  # ~80 ms a loop turn
+        await asyncio.sleep(0.1)
+        try:
+            transport = HttpToolsTransport(
+                connect_timeout_s=0.05, pool_idle_timeout_s=4, max_per_host=4, lag=lag
+            )
+            async with transport:
+                started = time.monotonic()
+                assert await fetch(transport, server.url) == (200, b"up")
+                assert time.monotonic() - started > 0.05  # past the timeout, in wall time
+        finally:
+            done.set()
+            await hogs
+
+
+async def test_a_backend_that_never_accepts_times_out_on_an_idle_loop(lag: LoopLag) -> None:
+    """A listener whose accept queue is full drops the SYN: the connect fails after its timeout
+    of a responsive loop, not later."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    waiting = []
+    for _ in range(3):  # fill the accept queue; nobody accepts
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        waiting.append(sock)
+    await asyncio.sleep(0.05)
+    transport = HttpToolsTransport(
+        connect_timeout_s=0.2, pool_idle_timeout_s=4, max_per_host=4, lag=lag
+    )
+    try:
+        async with transport:
+            started = time.monotonic()
+            with pytest.raises(UpstreamUnavailable, match="TimeoutError"):
+                await fetch(transport, f"http://127.0.0.1:{port}")
+            assert 0.19 <= time.monotonic() - started < 0.6
+    finally:
+        for sock in waiting:
+            sock.close()
+        full.close()

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from redis import exceptions as rex
 from redis.asyncio import Redis
 
+from app.looplag import LoopLag
 from app.redislink import (
-    LoopLag,
     cancellation_kept,
     fallback_cause,
     is_cluster,
@@ -21,8 +20,8 @@ from app.redislink import (
     redis_deadline,
     warm,
 )
-from app.services import background
 from harness.ports import free_port
+from tests.conftest import saturate
 
 
 @pytest.mark.parametrize(
@@ -53,25 +52,6 @@ def test_cluster_mode_forced_or_asked() -> None:
     assert is_cluster(silent, "true")
     assert not is_cluster(silent, "false")
     assert not is_cluster(silent, "auto", timeout_s=0.2)  # no answer: a single node
-
-
-@pytest.fixture
-async def lag() -> AsyncIterator[LoopLag]:
-    meter = LoopLag()
-    async with background([meter.run()]):
-        yield meter
-
-
-async def saturate(until: asyncio.Event, hold_s: float, tasks: int) -> None:
-    """`tasks` callbacks each holding the loop for `hold_s`, over and over: a router whose
-    event loop is busier than it can serve."""
-
-    async def hog() -> None:
-        while not until.is_set():
-            time.sleep(hold_s)  # noqa: ASYNC251 - blocking the loop is the point
-            await asyncio.sleep(0)
-
-    await asyncio.gather(*(hog() for _ in range(tasks)))
 
 
 async def reply_after_turns(turns: int) -> str:
