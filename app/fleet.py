@@ -31,10 +31,9 @@ from prometheus_client.registry import Collector
 from app.backends import Backend, BackendPool
 from app.config import backend_url
 from app.errors import BadRequest, Conflict, KvrouteError, NoHealthyBackend, NotFound
-from app.redislink import (
-    cancellation_kept,
-    redis_trouble,
-)  # (a function: importing redis pulls in OpenTelemetry)
+
+# (functions: importing redis pulls in OpenTelemetry)
+from app.redislink import cancellation_kept, redis_trouble
 
 log = logging.getLogger("kvroute.fleet")
 
@@ -298,14 +297,14 @@ class RedisMembership:
         self.members = f"{prefix}:members"
         self.version_key = f"{prefix}:version"
 
+    @cancellation_kept()
     async def version(self) -> int | None:
-        with cancellation_kept():
-            raw = await self.redis.get(self.version_key)
+        raw = await self.redis.get(self.version_key)
         return None if raw is None else int(raw)
 
+    @cancellation_kept()
     async def entries(self) -> dict[str, Entry]:
-        with cancellation_kept():
-            raw = await self.redis.hgetall(self.members)
+        raw = await self.redis.hgetall(self.members)
         out = {}
         for name, value in raw.items():
             key = name.decode() if isinstance(name, bytes) else name
@@ -313,36 +312,36 @@ class RedisMembership:
                 out[key] = Entry.load(value)
         return out
 
+    @cancellation_kept()
     async def put_new(self, name: str, url: str, api_key: str) -> str:
         entry = Entry(url, api_key=api_key).dump()
-        with cancellation_kept():
-            answer = await self.redis.eval(
-                self._PUT_NEW, 2, self.members, self.version_key, name, url, entry, time.time()
-            )
+        answer = await self.redis.eval(
+            self._PUT_NEW, 2, self.members, self.version_key, name, url, entry, time.time()
+        )
         return answer.decode() if isinstance(answer, bytes) else str(answer)
 
+    @cancellation_kept()
     async def put(self, name: str, entry: Entry) -> None:
-        with cancellation_kept():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(self.members, name, entry.dump())
-                pipe.incr(self.version_key)
-                await pipe.execute()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.members, name, entry.dump())
+            pipe.incr(self.version_key)
+            await pipe.execute()
 
+    @cancellation_kept()
     async def delete(self, name: str) -> None:
-        with cancellation_kept():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hdel(self.members, name)
-                pipe.incr(self.version_key)
-                await pipe.execute()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.members, name)
+            pipe.incr(self.version_key)
+            await pipe.execute()
 
+    @cancellation_kept()
     async def seed(self, entries: dict[str, Entry]) -> None:
         """The first replica's fleet becomes the shared one (a later one reads it instead)."""
-        with cancellation_kept():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for name, entry in entries.items():
-                    pipe.hsetnx(self.members, name, entry.dump())
-                pipe.incr(self.version_key)
-                await pipe.execute()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for name, entry in entries.items():
+                pipe.hsetnx(self.members, name, entry.dump())
+            pipe.incr(self.version_key)
+            await pipe.execute()
 
 
 # --- the backends file -----------------------------------------------------------------------

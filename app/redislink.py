@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
@@ -152,9 +152,10 @@ def fallback_cause(exc: BaseException) -> FallbackCause:
     return "other"
 
 
-@contextlib.contextmanager
-def cancellation_kept() -> Iterator[None]:
-    """Raise the cancellation that reached the body without ending it.
+@contextlib.asynccontextmanager
+async def cancellation_kept() -> AsyncIterator[None]:
+    """Raise the cancellation that reached the body without ending it (`async with`, or as a
+    decorator of a coroutine function that calls Redis).
 
     redis-py sends every command under `asyncio.wait_for`, which on Python 3.11 returns the
     send's result instead of raising when the task is cancelled as the send completes (CPython
@@ -178,6 +179,5 @@ async def redis_deadline(budget_s: float, lag: LoopLag, cap_s: float) -> AsyncIt
     """`lag_deadline` for a Redis call: TimeoutError once Redis has had `budget_s` of a responsive
     loop without answering, or after `cap_s` of wall time; a cancellation redis-py swallowed is
     raised on the way out (`cancellation_kept`)."""
-    with cancellation_kept():
-        async with lag_deadline(budget_s, lag, cap_s):
-            yield
+    async with cancellation_kept(), lag_deadline(budget_s, lag, cap_s):
+        yield

@@ -237,9 +237,8 @@ class RedisResponses:
 
     async def _get(self, key: str) -> object:
         try:
-            with cancellation_kept():
-                async with asyncio.timeout(self.timeout_s):
-                    value = await self._redis.get(self.prefix + key)
+            async with cancellation_kept(), asyncio.timeout(self.timeout_s):
+                value = await self._redis.get(self.prefix + key)
         except self._trouble as exc:
             self._failed(exc)
             return None
@@ -248,9 +247,8 @@ class RedisResponses:
 
     async def _set(self, key: str, value: bytes, ttl_ms: int) -> None:
         try:
-            with cancellation_kept():
-                async with asyncio.timeout(self.timeout_s):
-                    await self._redis.set(self.prefix + key, value, px=ttl_ms)
+            async with cancellation_kept(), asyncio.timeout(self.timeout_s):
+                await self._redis.set(self.prefix + key, value, px=ttl_ms)
         except self._trouble as exc:
             self._failed(exc)
             return

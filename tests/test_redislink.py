@@ -137,7 +137,7 @@ async def test_a_swallowed_cancellation_is_raised_on_the_way_out(lag: LoopLag) -
         ran_on.append(await swallowing(work))
 
     async def kept(work: asyncio.Future[str], ran_on: list[str]) -> None:
-        with cancellation_kept():
+        async with cancellation_kept():
             result = await swallowing(work)
         ran_on.append(result)
 
@@ -159,7 +159,7 @@ async def test_a_swallowed_cancellation_is_raised_on_the_way_out(lag: LoopLag) -
 async def test_a_redis_error_after_a_swallowed_cancellation_is_the_cancellation() -> None:
     async def call(work: asyncio.Future[str], ran_on: list[str]) -> None:
         try:
-            with cancellation_kept():
+            async with cancellation_kept():
                 await swallowing(work)
                 raise rex.ConnectionError("reset")
         except rex.RedisError:
@@ -171,10 +171,10 @@ async def test_a_redis_error_after_a_swallowed_cancellation_is_the_cancellation(
 
 
 async def test_its_own_deadline_and_plain_calls_pass_through(lag: LoopLag) -> None:
-    with cancellation_kept():
+    async with cancellation_kept():
         assert await reply_after_turns(3) == "reply"
-    with pytest.raises(TimeoutError), cancellation_kept():  # a timeout is not a cancellation
-        async with asyncio.timeout(0.01):
+    with pytest.raises(TimeoutError):  # a timeout is not a cancellation
+        async with cancellation_kept(), asyncio.timeout(0.01):
             await asyncio.Event().wait()
     current = asyncio.current_task()
     assert current is not None
