@@ -152,6 +152,7 @@ class Backend:
     failures: int = 0
     last_error: str = ""
     metrics: VllmMetrics | None = None
+    scraped_s: float = 0.0  # when the scrape that got `metrics` was sent (pool clock)
     generation: int = 0  # bumped when vLLM restarts: its cache is gone
     dispatched: int = 0
     next_probe_s: float = 0.0
@@ -224,7 +225,8 @@ class BackendPool:
         unhealthy_after_failures: int = 2,
         breaker_failures: int = 3,
         breaker_cooldown_s: float = 5.0,
-        on_restart: Callable[[str], Awaitable[None]] | None = None,
+        # (name, seconds since its old process was last seen running) on a restart.
+        on_restart: Callable[[str, float], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backends: tuple[Backend, ...] = ()
@@ -474,6 +476,7 @@ class BackendPool:
     async def _scrape_one(self, transport: Transport, backend: Backend, timeout_s: float) -> None:
         if not backend.healthy:
             return
+        sent_s = self._clock()
         try:
             status, data = await _get(
                 transport, f"{backend.url}/metrics", timeout_s, self._auth(backend)
@@ -488,8 +491,9 @@ class BackendPool:
             backend.capacity = None
             log.warning("backend %s restarted: its KV cache is empty", backend.name)
             if self._on_restart is not None:
-                await self._on_restart(backend.name)
-        backend.metrics = metrics
+                # The old process answered the scrape sent at `scraped_s`: it restarted since.
+                await self._on_restart(backend.name, self._clock() - backend.scraped_s)
+        backend.metrics, backend.scraped_s = metrics, sent_s
         if self._clock() >= backend.peers_until_s:  # no current counts from the other replicas
             backend.others = max(0.0, metrics.running + metrics.waiting - backend.in_flight)
         if metrics.waiting > 0 and metrics.running >= 1:

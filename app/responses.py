@@ -63,7 +63,10 @@ class ResponseStore(Protocol):
 
     async def keep_turn(self, tenant: str, response_id: str, turn: Turn) -> None: ...
 
-    async def forget_backend(self, backend: str) -> None: ...
+    async def forget_backend(self, backend: str, since_s: float) -> None:
+        """`backend` restarted within the last `since_s` seconds: what it recorded before that
+        is lost; what came after may be on the new process (tried; its 404 tells)."""
+        ...
 
     def describe(self) -> dict[str, object]: ...
 
@@ -175,8 +178,11 @@ class MemoryResponses:
     async def keep_turn(self, tenant: str, response_id: str, turn: Turn) -> None:
         self.keep_turn_now(tenant, response_id, _encode_turn(turn))
 
-    async def forget_backend(self, backend: str) -> None:
-        self.forgotten_ms[backend] = self._wall_ms()
+    async def forget_backend(self, backend: str, since_s: float) -> None:
+        # Not "now": a response stored between the restart and the probe that noticed it is
+        # held by the new process, and calling it lost would refuse (410) a live conversation.
+        restarted_ms = self._wall_ms() - int(since_s * 1000)
+        self.forgotten_ms[backend] = max(restarted_ms, self.forgotten_ms.get(backend, -1))
 
     def describe(self) -> dict[str, object]:
         return {"kind": "memory", "owners": len(self._owners), "turns": len(self._turns)}
@@ -275,8 +281,8 @@ class RedisResponses:
         self.memory.keep_turn_now(tenant, response_id, data)
         await self._set(f"h:{tenant_tag(tenant)}:{response_id}", data, self.history_ttl_ms)
 
-    async def forget_backend(self, backend: str) -> None:
-        await self.memory.forget_backend(backend)
+    async def forget_backend(self, backend: str, since_s: float) -> None:
+        await self.memory.forget_backend(backend, since_s)
 
     def describe(self) -> dict[str, object]:
         return {

@@ -153,3 +153,29 @@ async def test_the_probes_stop_when_cancelled_as_a_backend_arrives() -> None:
     done, _ = await asyncio.wait([probes], timeout=2.0)
     assert done, "the probes did not stop"
     assert probes.cancelled()
+
+
+async def test_a_restart_is_dated_from_the_last_scrape_of_the_old_process() -> None:
+    """The callback learns how long ago the old process was last seen: what was stored on the
+    backend since then may be on the new one (a Responses record is not called lost for it)."""
+    now, started = [100.0], [1.0]
+    seen: list[tuple[str, float]] = []
+
+    async def metrics(request: MockRequest) -> MockResponse:
+        now[0] += 0.5  # the scrape's round trip
+        text = f"process_start_time_seconds {started[0]}\n"
+        return MockResponse(chunks=[text.encode()])
+
+    async def on_restart(name: str, since_s: float) -> None:
+        seen.append((name, since_s))
+
+    pool = BackendPool(["http://a"], on_restart=on_restart, clock=lambda: now[0])
+    pool.get("b0").healthy = True
+    await pool.probe_metrics(MockTransport(metrics), 1.0)  # sent at 100
+    now[0] = 110.0
+    await pool.probe_metrics(MockTransport(metrics), 1.0)  # same process, sent at 110
+    assert seen == []
+    now[0], started[0] = 113.0, 2.0
+    await pool.probe_metrics(MockTransport(metrics), 1.0)  # a new one, answers at 113.5
+    assert seen == [("b0", 3.5)]  # since the scrape sent at 110, which the old one answered
+    assert pool.get("b0").generation == 1

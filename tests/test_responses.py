@@ -40,14 +40,21 @@ async def test_owner_expires_and_a_restart_makes_it_lost() -> None:
     found = await store.owner("resp_1")
     assert found is not None
     assert (found.backend, found.state) == ("http://a", "live")
+    wall[0] = 150
+    await store.remember("resp_2", "http://a")  # after the restart, before anyone noticed
     wall[0] = 200
-    await store.forget_backend("http://a")  # restarted after the record
+    await store.forget_backend("http://a", 0.08)  # it restarted within the last 80 ms
     lost = await store.owner("resp_1")
     assert lost is not None
     assert lost.state == "lost"
-    await store.remember("resp_2", "http://a")
-    wall[0] = 300
-    still = await store.owner("resp_2")  # recorded at the restart's ms: lost too
+    kept = await store.owner("resp_2")  # maybe on the new process: not called lost
+    assert kept is not None
+    assert kept.state == "live"
+    await store.forget_backend("http://a", 10.0)  # an older date moves nothing back
+    assert (await store.owner("resp_2")) == kept
+    await store.remember("resp_3", "http://a")
+    await store.forget_backend("http://a", 0.0)
+    still = await store.owner("resp_3")  # recorded at the restart's ms: lost too
     assert still is not None
     assert still.state == "lost"
     clock.now += 61

@@ -549,3 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(venv)
     print(f"ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
