@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     # nginx waits 60 s, Apache 20 to 40 s: 10 s cut a real client whose own loop was starved.
     header_timeout_s: float = Field(default=30.0, gt=0)
     max_connections: int = Field(default=4096, ge=1)
+    # Longest a client may take none of its answer while the router has bytes for it (nginx's
+    # send_timeout, 60 s): past it the connection is cut, which frees its slot and ends its
+    # generation upstream. A client that never reads would otherwise hold both for good.
+    send_timeout_s: float = Field(default=60.0, gt=0)
 
     # --- upstream connections -------------------------------------------------------------
     connect_timeout_s: float = Field(default=3.0, gt=0)

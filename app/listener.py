@@ -8,7 +8,10 @@ accepts. `GuardedHttpToolsProtocol` adds, per connection:
 - a deadline to finish the headers (`HEADER_TIMEOUT_S`), from the connection's start or from
   the first bytes of a later request on it: a slow or silent client is cut (408 when it had
   begun a request; an idle kept-alive connection is closed by uvicorn's keep-alive timeout);
-- open connections at once (`MAX_CONNECTIONS`): past it, 503 and close.
+- open connections at once (`MAX_CONNECTIONS`): past it, 503 and close;
+- a client that takes none of its answer for `SEND_TIMEOUT_S` while the send buffer is full
+  (the router waits on it) is cut: aborted, so its request ends as a departure (slot freed,
+  upstream closed). Any byte taken restarts the count: a slow reader is not a stalled one.
 A refused connection is closed gracefully: the refusal, then our side's FIN, then what the
 client still sends is read and dropped (up to LINGER_BYTES, for LINGER_S at most). Closing at
 once with its bytes unread makes the kernel answer with a reset, which can destroy the
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +32,16 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.config import Settings
+
+try:  # the kernel's unsent bytes of a socket (Linux's SIOCOUTQ); not on Windows
+    import fcntl
+    import termios
+
+    OUTQ: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):  # pragma: no cover
+    OUTQ = None
+
+log = logging.getLogger("kvroute.listener")
 
 LINGER_S = 2.0
 LINGER_BYTES = 1 << 20
@@ -38,6 +53,7 @@ class ListenerLimits:
     max_headers: int = 100
     header_timeout_s: float = 30.0
     max_connections: int = 4096
+    send_timeout_s: float = 60.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ListenerLimits:
@@ -46,6 +62,7 @@ class ListenerLimits:
             max_headers=settings.max_headers,
             header_timeout_s=settings.header_timeout_s,
             max_connections=settings.max_connections,
+            send_timeout_s=settings.send_timeout_s,
         )
 
 
@@ -81,6 +98,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = False
         self._deadline: asyncio.TimerHandle | None = None
         self._dropped = 0  # bytes read and dropped after a refusal
+        self._stall: asyncio.TimerHandle | None = None  # armed while writing is paused
+        self._unsent = 0  # bytes waiting to be sent when `_stall` was armed
 
     # --- connection ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -92,7 +111,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_deadline()
+        self._disarm_stall()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._arm_stall()
+
+    def resume_writing(self) -> None:
+        self._disarm_stall()
+        super().resume_writing()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -181,6 +209,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refused = True
             self.transport.close()  # an idle connection: nothing to answer
 
+    def _arm_stall(self) -> None:
+        self._disarm_stall()
+        self._unsent = _unsent(self.transport)
+        self._stall = self.loop.call_later(self.limits.send_timeout_s, self._check_stall)
+
+    def _disarm_stall(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _check_stall(self) -> None:
+        self._stall = None
+        if _unsent(self.transport) < self._unsent:
+            self._arm_stall()  # the client took some: it reads, however slowly
+            return
+        log.warning(
+            "client %s took none of its answer for %g s: connection cut",
+            _peer(self.transport),
+            self.limits.send_timeout_s,
+        )
+        self.transport.abort()  # close() would wait for the buffer to drain: forever
+
     def _refuse(self, status: int, reason: str, message: str) -> None:
         self._refused = True
         self._disarm_deadline()
@@ -197,6 +247,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         transport.write_eof()
         transport.resume_reading()
         self._deadline = self.loop.call_later(LINGER_S, transport.close)
+
+
+def _unsent(transport: asyncio.WriteTransport) -> int:
+    """Bytes the client has yet to take: the transport's buffer and the kernel's send queue.
+    The kernel's counts: a client reading slowly empties it long before the socket turns
+    writable again (a third of it must be free), so the buffer alone would look stalled."""
+    queued = 0
+    sock = transport.get_extra_info("socket")
+    if sock is not None and OUTQ is not None:
+        try:
+            raw = fcntl.ioctl(sock.fileno(), OUTQ, b"\0\0\0\0")
+            queued = int.from_bytes(raw, sys.byteorder, signed=True)
+        except OSError:
+            queued = 0  # not a socket it answers for, or closed: the buffer alone
+    return transport.get_write_buffer_size() + queued
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
 
 
 def protocol_for(settings: Settings) -> functools.partial[GuardedHttpToolsProtocol]:

@@ -335,8 +335,7 @@ async def answer_whole(
 ) -> None:
     response = attempt.response
     data = await read_all(response, svc.settings.max_response_bytes)
-    if pinned and response.status == 404 and b'"response_id"' in data:
-        # vLLM's "Response with id ... not found.": the owner restarted before we noticed.
+    if pinned and _forgot(response.status, data):  # the owner restarted before we noticed
         raise Lost("no longer holds it (restarted)")
     rec.status, rec.bytes_out = response.status, len(data)
     decision = attempt.decision
@@ -475,7 +474,7 @@ async def stored(svc: Services, call: Call, rec: RequestRecord) -> None:
                 async with svc.dispatcher.open(
                     route, NO_OWNERSHIP, out, policy=pinned, remember=False
                 ) as attempt:
-                    await _answer_stored(svc, call, attempt, rec)
+                    await _answer_stored(svc, call, attempt, rec, response_id)
             except (OwnerAway, UpstreamUnavailable, NoHealthyBackend) as exc:
                 if call.response_started:
                     raise
@@ -508,7 +507,9 @@ def stored_target(call: Call) -> tuple[str, str]:
     raise ResponseNotFound(f"{method} {call.path}: no such route", param=None, code="not_found")
 
 
-async def _answer_stored(svc: Services, call: Call, attempt: Attempt, rec: RequestRecord) -> None:
+async def _answer_stored(
+    svc: Services, call: Call, attempt: Attempt, rec: RequestRecord, response_id: str
+) -> None:
     response = attempt.response
     content_type = response.header("content-type") or "application/json"
     headers = {"content-type": content_type, **_routing_headers(call, attempt)}
@@ -521,6 +522,8 @@ async def _answer_stored(svc: Services, call: Call, attempt: Attempt, rec: Reque
         await sink.finish(b"")
         return
     data = await read_all(response, svc.settings.max_response_bytes)
+    if _forgot(response.status, data):  # as for a turn: gone, not "never was"
+        raise _lost(response_id, "no longer holds it (restarted)")
     rec.status, rec.bytes_out = response.status, len(data)
     await call.respond(response.status, data, headers)
 
@@ -567,6 +570,11 @@ async def discover(
     ]
     found = await asyncio.gather(*(holds(url) for url in urls))
     return next((url for url, held in zip(urls, found, strict=True) if held), None)
+
+
+def _forgot(status: int, data: bytes) -> bool:
+    """vLLM's "Response with id ... not found." from a backend the router saw store it."""
+    return status == 404 and b'"response_id"' in data
 
 
 def _lost(response_id: str, why: str) -> ResponseLost:

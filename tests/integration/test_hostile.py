@@ -8,6 +8,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -336,3 +337,94 @@ def test_connections_past_the_cap_are_refused() -> None:
             for sock in held:
                 sock.close()
         wait_for(lambda: httpx.get(f"{router.url}/health").status_code == 200)
+
+
+# --- clients that stop reading -----------------------------------------------------------------
+# A simulated token streams as ~225 bytes: 30 000 of them (6.7 MB) are more than the socket
+# buffers between the router and a client (the router's send buffer grows to 4 MiB at most, the
+# client's is set to 16 KiB), so a client that reads nothing makes the router wait on it. The
+# stalled client asks for 100 000 (5 s of generation), which cannot all be buffered upstream
+# either: the simulator is still generating when the client is cut.
+SEND_TIMEOUT_S = 0.5
+
+
+@pytest.fixture
+def stalling_router() -> Iterator[tuple[RouterServer, str]]:
+    fast = {"base_ttft_s": 0.001, "prefill_s_per_token": 0.0, "decode_tokens_per_s": 20_000.0}
+    with (
+        running_simulators(1, max_model_len=131_072, **fast) as sims,
+        running_router(
+            [sims[0].url],
+            served_model="sim-model",
+            send_timeout_s=SEND_TIMEOUT_S,
+            max_in_flight=2,
+            queue_timeout_s=30.0,
+        ) as router,
+    ):
+        yield router, sims[0].url
+
+
+def small_window_post(port: int, body: dict[str, Any]) -> socket.socket:
+    """A POST on a socket with a 16 KiB receive buffer (set before connect, so the window stays
+    small), its response headers read."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    payload = json.dumps(body).encode()
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(payload) + payload
+    )
+    head = sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return sock
+
+
+def test_clients_that_stop_reading_are_cut_and_free_their_slots(
+    stalling_router: tuple[RouterServer, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two clients stop reading and hold both slots; a third waits in the queue. They are cut
+    SEND_TIMEOUT_S after the router last got a byte to them, their generations stop, and the
+    queued request is served."""
+    router, sim = stalling_router
+    state = router.router
+    long_stream = {**CHAT, "max_tokens": 100_000, "stream": True}
+    started = time.monotonic()
+    stalled = [small_window_post(router.port, long_stream) for _ in range(2)]
+    with ThreadPoolExecutor(1) as pool:
+        queued = pool.submit(httpx.post, f"{router.url}/v1/chat/completions", json=CHAT, timeout=30)
+        wait_for(lambda: state.admission.waiting == 1)
+        answer = queued.result()
+    took_s = time.monotonic() - started
+    assert answer.status_code == 200
+    for sock in stalled:
+        with sock:
+            try:
+                while sock.recv(1 << 20):  # what the kernel still holds, then the end
+                    pass
+            except ConnectionResetError:
+                pass  # aborted: the reset can arrive before what was sent is read
+    assert took_s >= SEND_TIMEOUT_S
+    assert caplog.text.count(f"took none of its answer for {SEND_TIMEOUT_S:g} s") == 2
+    assert state.metrics.client_disconnects == 2
+    wait_for(lambda: router_idle(router))
+    stats = wait_for(lambda: (s := httpx.get(f"{sim}/sim/stats").json())["running"] == 0 and s)
+    assert (stats["aborted"], stats["completed"]) == (2, 1)  # their generations were stopped
+
+
+def test_a_slow_reader_is_not_a_stalled_one(stalling_router: tuple[RouterServer, str]) -> None:
+    """Reading a little at a time, with pauses shorter than the timeout, gets the whole answer
+    however long that takes (here several times SEND_TIMEOUT_S)."""
+    router, _ = stalling_router
+    started = time.monotonic()
+    received = b""
+    with small_window_post(router.port, {**CHAT, "max_tokens": 30_000, "stream": True}) as sock:
+        while not received.endswith(b"0\r\n\r\n"):
+            chunk = sock.recv(256 * 1024)
+            assert chunk, "the router closed the stream"
+            received += chunk
+            time.sleep(SEND_TIMEOUT_S / 50)
+    assert time.monotonic() - started > 2 * SEND_TIMEOUT_S
+    assert b"data: [DONE]" in received[-64:]
+    assert router.router.metrics.client_disconnects == 0

@@ -193,6 +193,11 @@ def owners_of(sims: list[SimulatorThread], ids: list[str]) -> list[str]:
     return [where[i] for i in ids]
 
 
+def assert_lost(answer: tuple[int, dict[str, str], Any]) -> None:
+    status, _, body = answer
+    assert (status, body["error"]["code"]) == (410, "response_lost"), body
+
+
 @pytest.mark.parametrize("history", [True, False])
 @pytest.mark.parametrize("loss", ["stopped", "restarted"])
 def test_losing_the_owner(two_sims: list[SimulatorThread], *, history: bool, loss: str) -> None:
@@ -216,6 +221,8 @@ def test_losing_the_owner(two_sims: list[SimulatorThread], *, history: bool, los
             victim.stop()
         else:
             post_json(victim.url + "/sim/control", {"restart": True})
+        gone = f"{router.url}/v1/responses/{last[lost[0]]}"
+        assert_lost(_open(urllib.request.Request(gone)))  # before the router saw the loss
         followed: list[str] = []
         for n, rid in enumerate(last):
             if n not in lost:
@@ -243,6 +250,7 @@ def test_losing_the_owner(two_sims: list[SimulatorThread], *, history: bool, los
             wait_for(lambda: b0.generation == 1)
         for n, rid in enumerate(followed):
             assert send(client, "fourth", rid, stream=n % 2 == 0)
+        assert_lost(_open(urllib.request.Request(gone)))  # and after
         outcomes = router.router.metrics.outcomes
         assert outcomes["reassigned"] == (len(lost) if history else 0)
 
