@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     max_headers: int = Field(default=100, ge=8)
     # nginx waits 60 s, Apache 20 to 40 s: 10 s cut a real client whose own loop was starved.
     header_timeout_s: float = Field(default=30.0, gt=0)
+    # Time to send the whole body, from the end of the headers (408 past it): 16 MiB in 60 s
+    # needs 280 KB/s. A body trickled a byte at a time would otherwise hold its connection.
+    body_timeout_s: float = Field(default=60.0, gt=0)
     max_connections: int = Field(default=4096, ge=1)
     # Longest a client may take none of its answer while the router has bytes for it (nginx's
     # send_timeout, 60 s): past it the connection is cut, which frees its slot and ends its

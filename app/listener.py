@@ -8,6 +8,8 @@ accepts. `GuardedHttpToolsProtocol` adds, per connection:
 - a deadline to finish the headers (`HEADER_TIMEOUT_S`), from the connection's start or from
   the first bytes of a later request on it: a slow or silent client is cut (408 when it had
   begun a request; an idle kept-alive connection is closed by uvicorn's keep-alive timeout);
+- a deadline to send the whole body (`BODY_TIMEOUT_S`), from the end of the headers: past
+  it, 408 (or a cut, when the answer had begun) and close;
 - open connections at once (`MAX_CONNECTIONS`): past it, 503 and close;
 - a client that takes none of its answer for `SEND_TIMEOUT_S` while the send buffer is full
   (the router waits on it) is cut: aborted, so its request ends as a departure (slot freed,
@@ -52,6 +54,7 @@ class ListenerLimits:
     max_header_bytes: int = 65536
     max_headers: int = 100
     header_timeout_s: float = 30.0
+    body_timeout_s: float = 60.0
     max_connections: int = 4096
     send_timeout_s: float = 60.0
 
@@ -61,6 +64,7 @@ class ListenerLimits:
             max_header_bytes=settings.max_header_bytes,
             max_headers=settings.max_headers,
             header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
             max_connections=settings.max_connections,
             send_timeout_s=settings.send_timeout_s,
         )
@@ -176,12 +180,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             )
             return
         super().on_headers_complete()
+        # The body's deadline (disarmed at once by `on_message_complete` when there is none).
+        self._deadline = self.loop.call_later(self.limits.body_timeout_s, self._body_late)
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._disarm_deadline()
         if not self._refused:
             super().on_message_complete()
 
@@ -230,6 +237,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.limits.send_timeout_s,
         )
         self.transport.abort()  # close() would wait for the buffer to drain: forever
+
+    def _body_late(self) -> None:
+        self._deadline = None
+        if self._refused or self.transport.is_closing():
+            return
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.abort()  # an answer begun before its body ended: nothing to say
+            return
+        # The handler waiting for the rest of the body gets a departure when the connection
+        # closes, so it answers nothing itself.
+        self._refuse(
+            408,
+            "body_timeout",
+            f"request body not received within {self.limits.body_timeout_s:g} s",
+        )
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
         self._refused = True

@@ -139,6 +139,7 @@ def plain_router() -> Iterator[tuple[RouterServer, str]]:
             [sims[0].url],
             served_model="sim-model",
             header_timeout_s=1.0,
+            body_timeout_s=1.0,
             max_header_bytes=16384,
             max_headers=50,
         ) as router,
@@ -323,6 +324,40 @@ def test_slow_headers_are_cut(plain_router: tuple[RouterServer, str]) -> None:
     with socket.create_connection(("127.0.0.1", router.port), timeout=5) as idle:
         idle.settimeout(3)
         assert idle.recv(10) == b""  # an idle connection is closed too
+
+
+def test_a_trickled_body_is_cut(plain_router: tuple[RouterServer, str]) -> None:
+    """A byte every 0.1 s never finishes a 100-byte body within the 1 s deadline: 408, nothing
+    admitted, and the next client is served."""
+    router, _ = plain_router
+    with socket.create_connection(("127.0.0.1", router.port), timeout=5) as sock:
+        start = time.monotonic()
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+        answer = b""
+        for _ in range(40):
+            try:
+                sock.sendall(b" ")
+            except OSError:
+                break
+            time.sleep(0.1)
+            sock.settimeout(0.01)
+            try:
+                answer += sock.recv(4096)
+            except TimeoutError:
+                continue
+            if answer:
+                break
+        took_s = time.monotonic() - start
+    assert 1.0 <= took_s < 3
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b'"code":"body_timeout"' in answer
+    wait_for(lambda: router_idle(router))
+    assert router.router.admission.stats.admitted == 0
+    again = httpx.post(f"{router.url}/v1/chat/completions", json=CHAT, timeout=10)
+    assert again.status_code == 200
 
 
 def test_connections_past_the_cap_are_refused() -> None:
