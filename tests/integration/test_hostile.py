@@ -300,15 +300,16 @@ def test_huge_or_many_headers_are_431(plain_router: tuple[RouterServer, str]) ->
     assert httpx.get(f"{router.url}/health").status_code == 200
 
 
-def test_slow_headers_are_cut(plain_router: tuple[RouterServer, str]) -> None:
-    router, _ = plain_router
-    with socket.create_connection(("127.0.0.1", router.port), timeout=5) as sock:
+def trickle(port: int, opening: bytes, byte: bytes) -> tuple[bytes, float]:
+    """Send `opening`, then `byte` every 0.1 s until the router answers (4 s at most):
+    (its answer, seconds taken)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         start = time.monotonic()
-        sock.sendall(b"GET /health HTTP/1.1\r\n")
+        sock.sendall(opening)
         answer = b""
-        for _ in range(40):  # one header byte every 0.1 s: never done within the 1 s deadline
+        for _ in range(40):
             try:
-                sock.sendall(b"X")
+                sock.sendall(byte)
             except OSError:
                 break
             time.sleep(0.1)
@@ -319,8 +320,15 @@ def test_slow_headers_are_cut(plain_router: tuple[RouterServer, str]) -> None:
                 continue
             if answer:
                 break
-        assert time.monotonic() - start < 3
-        assert answer.startswith(b"HTTP/1.1 408")
+        return answer, time.monotonic() - start
+
+
+def test_slow_headers_are_cut(plain_router: tuple[RouterServer, str]) -> None:
+    router, _ = plain_router
+    # One header byte every 0.1 s: never done within the 1 s deadline.
+    answer, took_s = trickle(router.port, b"GET /health HTTP/1.1\r\n", b"X")
+    assert took_s < 3
+    assert answer.startswith(b"HTTP/1.1 408")
     with socket.create_connection(("127.0.0.1", router.port), timeout=5) as idle:
         idle.settimeout(3)
         assert idle.recv(10) == b""  # an idle connection is closed too
@@ -330,27 +338,11 @@ def test_a_trickled_body_is_cut(plain_router: tuple[RouterServer, str]) -> None:
     """A byte every 0.1 s never finishes a 100-byte body within the 1 s deadline: 408, nothing
     admitted, and the next client is served."""
     router, _ = plain_router
-    with socket.create_connection(("127.0.0.1", router.port), timeout=5) as sock:
-        start = time.monotonic()
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
-        )
-        answer = b""
-        for _ in range(40):
-            try:
-                sock.sendall(b" ")
-            except OSError:
-                break
-            time.sleep(0.1)
-            sock.settimeout(0.01)
-            try:
-                answer += sock.recv(4096)
-            except TimeoutError:
-                continue
-            if answer:
-                break
-        took_s = time.monotonic() - start
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+    )
+    answer, took_s = trickle(router.port, head, b" ")
     assert 1.0 <= took_s < 3
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert b'"code":"body_timeout"' in answer
