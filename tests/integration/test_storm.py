@@ -1,6 +1,6 @@
-"""The storm: every limit on, overload, clients leaving at every stage, bad bodies and a backend
-whose 503s break mid-body, all at once for about ten seconds. Then the state left behind: nothing
-held, nothing running on any backend, and the router still serving."""
+"""The storm: every limit on, overload, clients leaving at every stage, bad and trickled bodies and
+a backend whose 503s break mid-body, all at once for about ten seconds. Then the state left
+behind: nothing held, nothing running on any backend, and the router still serving."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from tests.integration.hostile_backend import HostileBackend
 
 TENANTS = ("acme", "globex", "initech", "umbrella")
 STORM_S = 10.0
+BODY_TIMEOUT_S = 1.5  # past the loop stalls a loaded 2-core machine shows (up to 1.4 s seen)
 CLIENTS = 48
 
 
@@ -65,6 +66,7 @@ class Storm:
             (self.leave_before_headers, 10),
             (self.leave_mid_stream, 10),
             (self.leave_during_upload, 5),
+            (self.trickle_body, 3),
             (self.bad_json, 10),
             (self.bad_field, 5),
         ]
@@ -134,6 +136,17 @@ class Storm:
     ) -> None:
         body = orjson.dumps(chat(i, stream=True))
         await self._raw_then_leave(raw_request(self.port, body[:20], tenant, length=10_000), 0.01)
+
+    async def trickle_body(self, session: aiohttp.ClientSession, i: int, tenant: str) -> None:
+        """Half the body, then nothing: the router answers 408 once BODY_TIMEOUT_S is past."""
+        body = orjson.dumps(chat(i, stream=True))
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(raw_request(self.port, body[: len(body) // 2], tenant, len(body)))
+            head = await asyncio.wait_for(reader.readline(), BODY_TIMEOUT_S + 10)
+            self.statuses[int(head.split()[1])] += 1
+        finally:
+            writer.transport.abort()
 
     async def bad_json(self, session: aiohttp.ClientSession, i: int, tenant: str) -> None:
         async with session.post(
@@ -208,6 +221,7 @@ def test_storm_leaves_nothing_held_and_the_router_serving(
             retries=1,
             breaker_failures=3,
             breaker_cooldown_s=0.5,
+            body_timeout_s=BODY_TIMEOUT_S,
             **in_redis,
         ) as router,
     ):
@@ -217,11 +231,13 @@ def test_storm_leaves_nothing_held_and_the_router_serving(
         sim_urls = [s.url for s in sims]
         at_rest(router.url, sim_urls)
 
-        # What the clients saw: answers, 400s for bad bodies, 429s past the queue; never a 5xx.
+        # What the clients saw: answers, 400s for bad bodies, 408s for trickled ones, 429s past
+        # the queue; never a 5xx.
         assert not [s for s in storm.statuses if s >= 500], storm.statuses
         assert storm.broken == []
         assert storm.statuses[200] > 100
         assert storm.statuses[400] > 10
+        assert storm.statuses[408] == storm.kinds["trickle_body"] > 0
         assert storm.statuses[429] > 0
         assert storm.unfinished_streams == []
         assert broken.posts > 0  # its broken 503s were met, and retried elsewhere
