@@ -6,6 +6,7 @@ negative (a request cannot refill its tenant's allowance).
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -43,8 +44,17 @@ class TokenBucket:
         return (amount - self.level) * 60 / self.per_minute
 
 
+# A bucket nobody touched for a minute has refilled: forgetting it changes no answer. Tenants are
+# whatever clients send (up to MAX_TENANT_CHARS), so the map also has a hard bound (about 300
+# bytes a bucket): past it the longest-idle bucket goes, which gives that tenant a fresh
+# allowance early; only a flood of new tenants within a minute gets there.
+REFILL_S = 60.0
+MAX_BUCKETS = 200_000
+
+
 class RateLimits:
-    """Per-tenant requests-per-minute and tokens-per-minute buckets, in memory (one process)."""
+    """Per-tenant requests-per-minute and tokens-per-minute buckets, in memory (one process),
+    kept in the order of their last use so that the full ones are dropped from the front."""
 
     def __init__(
         self, rpm: float, tpm: float, *, clock: Callable[[], float] = time.monotonic
@@ -52,12 +62,15 @@ class RateLimits:
         self.rpm = rpm
         self.tpm = tpm
         self._clock = clock
-        self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        self._buckets: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
         self.rejected: dict[str, int] = {}  # by "rpm" / "tpm"
 
     @property
     def enabled(self) -> bool:
         return bool(self.rpm or self.tpm)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     async def check(self, tenant: str, tokens: int) -> None:
         self.check_now(tenant, tokens)
@@ -65,12 +78,20 @@ class RateLimits:
     def check_now(self, tenant: str, tokens: int) -> None:
         """Raise Overloaded when the tenant is over its rate."""
         now = self._clock()
+        buckets = self._buckets
+        while buckets and now - next(iter(buckets.values())).updated_s >= REFILL_S:
+            buckets.popitem(last=False)
         for kind, per_minute, amount in (("rpm", self.rpm, 1), ("tpm", self.tpm, tokens)):
             if not per_minute:
                 continue
-            bucket = self._buckets.get((tenant, kind))
+            key = (tenant, kind)
+            bucket = buckets.get(key)
             if bucket is None:
-                bucket = self._buckets[(tenant, kind)] = TokenBucket(per_minute, now)
+                bucket = buckets[key] = TokenBucket(per_minute, now)
+                if len(buckets) > MAX_BUCKETS:
+                    buckets.popitem(last=False)
+            else:
+                buckets.move_to_end(key)
             wait_s = bucket.take(amount, now)
             if wait_s:
                 self.rejected[kind] = self.rejected.get(kind, 0) + 1

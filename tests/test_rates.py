@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from app import rates as rates_module
 from app.errors import Overloaded
-from app.rates import RateLimits, TokenBucket
+from app.rates import REFILL_S, RateLimits, TokenBucket
 
 
 def test_token_bucket_refills() -> None:
@@ -31,3 +32,29 @@ def test_rate_limits_per_tenant() -> None:
     with pytest.raises(Overloaded, match="TPM") as info:
         rates.check_now("b", 50)
     assert float(info.value.headers()["Retry-After"]) >= 1
+
+
+def test_buckets_of_idle_tenants_are_forgotten_once_full() -> None:
+    """Tenants are what clients send: a flood of new ones leaves no lasting buckets, and a
+    tenant past its limit stays limited however many others come within the minute."""
+    now = [0.0]
+    rates = RateLimits(rpm=1, tpm=0, clock=lambda: now[0])
+    rates.check_now("limited", 1)
+    for i in range(1000):
+        now[0] += 0.05  # 50 s in all
+        rates.check_now(f"passer-by {i}", 1)
+    with pytest.raises(Overloaded):
+        rates.check_now("limited", 1)  # its bucket was kept: still empty
+    assert len(rates) == 1001
+    now[0] += REFILL_S + 1  # all of them full again
+    rates.check_now("newcomer", 1)
+    assert len(rates) == 1
+    rates.check_now("limited", 1)  # refilled, as it would have been
+
+
+def test_the_bucket_map_has_a_hard_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rates_module, "MAX_BUCKETS", 100)
+    rates = RateLimits(rpm=10, tpm=1000, clock=lambda: 0.0)
+    for i in range(1000):
+        rates.check_now(f"tenant {i}", 1)
+    assert len(rates) == 100
