@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     responses_history: bool = False
     responses_history_ttl_s: float = Field(default=86400.0, gt=0)
     responses_history_max_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # All the history this process keeps in memory (the oldest turns go first past it; with
+    # Redis, Redis still has them): without it, 200 000 turns of 1 MiB each.
+    responses_history_memory_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
     # One-cost selection: cost = w_prefill * uncached_tokens + w_load * load.
     w_prefill: float = Field(default=1.0, ge=0)
     w_load: float = Field(default=32.0, ge=0)

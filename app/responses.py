@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvroute.responses")
 
 MAX_ENTRIES = 200_000  # memory bound of each in-process map (LRU)
+HISTORY_MEMORY_BYTES = 256 << 20  # RESPONSES_HISTORY_MEMORY_BYTES' default
 MAX_TURNS = 10_000  # a chain walked further than this is treated as lost
 OwnerState = Literal["live", "lost"]
 
@@ -108,10 +110,15 @@ def _decode_turn(value: object) -> Turn | None:
 
 
 class _Expiring:
-    """A bounded map with a time to live (LRU beyond MAX_ENTRIES)."""
+    """A bounded map with a time to live: past MAX_ENTRIES entries (or `max_bytes` of keys and
+    values, for maps of large values), the least recently written go first."""
 
-    def __init__(self, ttl_s: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, ttl_s: float, clock: Callable[[], float], max_bytes: int = sys.maxsize
+    ) -> None:
         self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._clock = clock
         self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
 
@@ -120,15 +127,21 @@ class _Expiring:
         if found is None:
             return None
         if found[0] <= self._clock():
-            del self._items[key]
+            self._drop(key)
             return None
         return found[1]
 
     def put(self, key: str, value: bytes) -> None:
+        if key in self._items:
+            self._drop(key)
         self._items[key] = (self._clock() + self.ttl_s, value)
-        self._items.move_to_end(key)
-        while len(self._items) > MAX_ENTRIES:
-            self._items.popitem(last=False)
+        self.bytes += len(key) + len(value)
+        while len(self._items) > MAX_ENTRIES or self.bytes > self.max_bytes:
+            self._drop(next(iter(self._items)))
+
+    def _drop(self, key: str) -> None:
+        _, value = self._items.pop(key)
+        self.bytes -= len(key) + len(value)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -142,11 +155,12 @@ class MemoryResponses:
         owner_ttl_s: float,
         history_ttl_s: float,
         *,
+        history_max_bytes: int = HISTORY_MEMORY_BYTES,
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
-        self._owners = _Expiring(owner_ttl_s, clock)
-        self._turns = _Expiring(history_ttl_s, clock)
+        self._owners = _Expiring(owner_ttl_s, clock)  # small records: the count bounds it
+        self._turns = _Expiring(history_ttl_s, clock, history_max_bytes)
         self._wall_ms = wall_ms
         self.forgotten_ms: dict[str, int] = {}  # backend -> wall ms of its last restart
 
@@ -185,7 +199,12 @@ class MemoryResponses:
         self.forgotten_ms[backend] = max(restarted_ms, self.forgotten_ms.get(backend, -1))
 
     def describe(self) -> dict[str, object]:
-        return {"kind": "memory", "owners": len(self._owners), "turns": len(self._turns)}
+        return {
+            "kind": "memory",
+            "owners": len(self._owners),
+            "turns": len(self._turns),
+            "turn_bytes": self._turns.bytes,
+        }
 
 
 class RedisResponses:
@@ -206,12 +225,15 @@ class RedisResponses:
         history_ttl_s: float,
         timeout_s: float,
         retry_s: float,
+        history_memory_bytes: int = HISTORY_MEMORY_BYTES,
         prefix: str = "kvroute:resp:",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._redis = redis
         self.url = url
-        self.memory = MemoryResponses(owner_ttl_s, history_ttl_s, clock=clock)
+        self.memory = MemoryResponses(
+            owner_ttl_s, history_ttl_s, history_max_bytes=history_memory_bytes, clock=clock
+        )
         self.owner_ttl_ms = int(owner_ttl_s * 1000)
         self.history_ttl_ms = int(history_ttl_s * 1000)
         self.timeout_s = timeout_s

@@ -310,7 +310,8 @@ async def continue_elsewhere(
     if items is None:
         raise ResponseLost(
             f"Response '{previous}' was kept by a vLLM server that {why}, and this router kept "
-            "no history of that conversation (expired, or over RESPONSES_HISTORY_MAX_BYTES); "
+            "no history of that conversation (expired, over RESPONSES_HISTORY_MAX_BYTES, or "
+            "pushed out of memory past RESPONSES_HISTORY_MEMORY_BYTES); "
             "it cannot be continued. Start a new one.",
             param="previous_response_id",
         )

@@ -228,12 +228,17 @@ def _limits(s: Settings) -> Limits:
 
 def _responses(s: Settings, redis: Any) -> ResponseStore:
     if redis is None:
-        return MemoryResponses(s.responses_owner_ttl_s, s.responses_history_ttl_s)
+        return MemoryResponses(
+            s.responses_owner_ttl_s,
+            s.responses_history_ttl_s,
+            history_max_bytes=s.responses_history_memory_bytes,
+        )
     return RedisResponses(
         redis,
         s.redis_url,
         owner_ttl_s=s.responses_owner_ttl_s,
         history_ttl_s=s.responses_history_ttl_s,
+        history_memory_bytes=s.responses_history_memory_bytes,
         # Correctness, not a routing hint: another replica must find the owner. So a slow Redis
         # is waited for longer than for prefix ownership.
         timeout_s=max(s.redis_timeout_s * 10, 0.5),

@@ -11,6 +11,7 @@ from app.responses import (
     MemoryResponses,
     RedisResponses,
     ResponseStore,
+    Turn,
     history,
     input_items,
     keep_turn,
@@ -68,6 +69,23 @@ async def test_memory_is_bounded() -> None:
     assert store.describe()["owners"] == MAX_ENTRIES
     assert await store.owner("r0") is None
     assert await store.owner(f"r{MAX_ENTRIES + 9}") is not None
+
+
+async def test_kept_history_is_bounded_in_bytes() -> None:
+    """200 turns of ~100 KB each, with a 1 MiB budget: about the last ten are kept, whole."""
+    store = MemoryResponses(60.0, 120.0, history_max_bytes=1 << 20)
+    big = [{"role": "user", "content": "x" * 100_000}]
+    for i in range(200):
+        await store.keep_turn("t", f"resp_{i}", Turn(None, big, 100_000))
+        assert 0 < int(str(store.describe()["turn_bytes"])) <= 1 << 20
+    kept = [i for i in range(200) if await store.turn("t", f"resp_{i}") is not None]
+    assert kept == list(range(200 - len(kept), 200))
+    assert 8 <= len(kept) <= 10
+    again = await store.turn("t", "resp_199")
+    assert again is not None
+    assert again.items == big
+    await store.keep_turn("t", "resp_199", Turn(None, [], 0))  # rewritten: counted once
+    assert int(str(store.describe()["turn_bytes"])) < (len(kept) - 1) * 100_100
 
 
 def test_items() -> None:

@@ -122,7 +122,7 @@ def test_headers_stats_and_errors(router: RouterServer) -> None:
     assert (status, fetched["id"]) == (200, rid)
     with urllib.request.urlopen(router.url + "/metrics", timeout=5) as reply:
         described = json.loads(reply.read())["responses"]
-    assert described == {"kind": "memory", "owners": 1, "turns": 0}
+    assert described == {"kind": "memory", "owners": 1, "turns": 0, "turn_bytes": 0}
     status, _, cancel = post_json(f"{router.url}/v1/responses/{rid}/cancel", b"")
     assert status == 400  # vLLM's answer for a finished response, relayed
     assert cancel["error"]["message"] == "Cannot cancel a synchronous response."
