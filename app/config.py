@@ -86,6 +86,9 @@ class Settings(BaseSettings):
 
     # --- request limits -------------------------------------------------------------------
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # Request bodies held at once, all requests (read, parsed, queued): past it a new body gets
+    # 429. Parsed, a body takes a few times its size in memory.
+    max_body_bytes_held: int = Field(default=1024 * 1024 * 1024, ge=1024)
     max_messages: int = Field(default=4096, ge=1)
     max_tokens_cap: int = Field(default=0, ge=0)  # 0: no cap beyond the backend's own
     # The largest non-streamed answer relayed (and stream gathered for an HTTP/1.0 client), and
@@ -196,6 +199,15 @@ class Settings(BaseSettings):
 
         parse_networks(cidrs)
         return cidrs
+
+    @model_validator(mode="after")
+    def _check_bodies(self) -> Settings:
+        if self.max_body_bytes_held < self.max_body_bytes:
+            raise ValueError(
+                f"MAX_BODY_BYTES_HELD ({self.max_body_bytes_held}) is below MAX_BODY_BYTES "
+                f"({self.max_body_bytes}): a body of the largest size could never be taken"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_salt(self) -> Settings:

@@ -16,6 +16,7 @@ from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
+from app.bodies import BodyBudget
 from app.errors import ClientGone, KvrouteError, PayloadTooLarge
 from app.validation import request_id_from
 
@@ -33,6 +34,7 @@ class Call:
         "finished",
         "gone",
         "headers",
+        "held",
         "http10",
         "path",
         "peer",
@@ -67,11 +69,13 @@ class Call:
         self.response_started = False
         self.finished = False
         self.gone = False
+        self.held = 0  # body bytes taken from the router's budget (`read_body`)
 
     # --- the request ---------------------------------------------------------------------
-    async def read_body(self, limit: int) -> bytes:
+    async def read_body(self, limit: int, budget: BodyBudget) -> bytes:
         """The whole body, at most `limit` bytes (PayloadTooLarge past it, ClientGone when the
-        client leaves during the upload)."""
+        client leaves during the upload), taken from `budget` as it arrives (BodiesFull when
+        it is spent); `held` says how much, for whoever ends the request to give back."""
         declared = self.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
@@ -86,6 +90,8 @@ class Call:
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            budget.take(len(chunk))
+            self.held += len(chunk)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)

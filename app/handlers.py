@@ -109,6 +109,8 @@ async def handle(svc: Services, call: Call, endpoint: str, work: Work) -> None:
         if not call.response_started:
             await call.respond_error(KvrouteError("internal router error; see the router log"))
     finally:
+        svc.bodies.give(call.held)
+        call.held = 0
         svc.metrics.record(rec)
 
 
@@ -142,7 +144,7 @@ async def generate(svc: Services, call: Call, kind: Kind, rec: RequestRecord) ->
 async def prepare(svc: Services, call: Call, kind: Kind, scope: RequestScope) -> Prepared:
     s = svc.settings
     bound = svc.keyring.authenticate(call.headers.get("authorization"))
-    raw = await call.read_body(s.max_body_bytes)
+    raw = await call.read_body(s.max_body_bytes, svc.bodies)
     body = parse_json_object(raw)
     check_fields(body, kind, s.max_messages, s.max_tokens_cap)
     model_given = bool(body.get("model"))
@@ -251,7 +253,7 @@ async def passthrough(svc: Services, call: Call, rec: RequestRecord) -> None:
     s = svc.settings
     scope = _scope(rec)
     bound = svc.keyring.authenticate(call.headers.get("authorization"))
-    raw = await call.read_body(s.max_body_bytes)
+    raw = await call.read_body(s.max_body_bytes, svc.bodies)
     content_type = call.headers.get("content-type", "application/json")
     body = parse_json_object(raw) if content_type.startswith("application/json") else {}
     model = scope.model = resolve_model(svc, body)

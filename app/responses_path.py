@@ -149,7 +149,7 @@ async def prepare(svc: Services, call: Call, rec: RequestRecord) -> Turn:
     s = svc.settings
     scope = _scope(rec)
     bound = svc.keyring.authenticate(call.headers.get("authorization"))
-    raw = await call.read_body(s.max_body_bytes)
+    raw = await call.read_body(s.max_body_bytes, svc.bodies)
     body = parse_json_object(raw)
     check_turn(body, s.max_messages, s.max_tokens_cap)
     model_given = bool(body.get("model"))
@@ -454,7 +454,7 @@ async def stored(svc: Services, call: Call, rec: RequestRecord) -> None:
     response_id, method = stored_target(call)
     bound = svc.keyring.authenticate(call.headers.get("authorization"))
     if method == "POST":
-        await call.read_body(svc.settings.max_body_bytes)
+        await call.read_body(svc.settings.max_body_bytes, svc.bodies)
     scope = _scope(rec)
     tenant = scope.tenant = bound or tenant_of(svc, call)
     owner = await owner_of(svc, call, response_id, None)

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from app.admission import Admission, Limits
 from app.backends import BackendPool
+from app.bodies import BodyBudget
 from app.config import Settings
 from app.dashboard import SeriesRecorder, TenantTags
 from app.fleet import Fleet, FleetCollector, RedisMembership
@@ -54,6 +55,7 @@ class Services:
     store: OwnershipStore
     policy: Policy
     admission: Admission
+    bodies: BodyBudget
     rates: RateLimits | RedisRateLimits
     transport: Transport
     lag: LoopLag  # this loop's backlog, run by `running`
@@ -87,10 +89,12 @@ class Services:
         return ready
 
     def rejections(self) -> dict[str, int]:
-        """Admission rejections by reason: queue limits and tenant rates (`rate_rpm`, ...)."""
+        """Admission rejections by reason: queue limits, tenant rates (`rate_rpm`, ...) and the
+        body budget (`bodies_full`)."""
         local = self.rates.local if isinstance(self.rates, RedisRateLimits) else self.rates
         rates = {f"rate_{kind}": n for kind, n in local.rejected.items()}
-        return {**self.admission.stats.rejected, **rates}
+        bodies = {"bodies_full": self.bodies.refused} if self.bodies.refused else {}
+        return {**self.admission.stats.rejected, **rates, **bodies}
 
     def ownership_fallbacks(self) -> dict[str, int]:
         """Look-ups served from memory instead of Redis, by cause."""
@@ -172,6 +176,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         store=store,
         policy=policy,
         admission=Admission(_limits(s)),
+        bodies=BodyBudget(s.max_body_bytes_held),
         rates=_rates(s, redis, lag),
         transport=transport,
         lag=lag,

@@ -174,6 +174,7 @@ def held(url: str, sim_urls: list[str]) -> dict[str, Any]:
         "admission_in_flight": metrics["admission"]["in_flight"],
         "admission_waiting": metrics["admission"]["waiting"],
         "backend_in_flight": metrics["in_flight"],
+        "body_bytes_held": metrics["bodies"]["held_bytes"],
     }
     for i, sim in enumerate(sim_urls):
         stats = httpx.get(f"{sim}/sim/stats").json()
