@@ -20,6 +20,8 @@ from app.bodies import BodyBudget
 from app.errors import ClientGone, KvrouteError, PayloadTooLarge
 from app.validation import request_id_from
 
+CUT_KEY = "kvroute.cut"  # in a request's ASGI scope, set by `app.listener` when it cuts one
+
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -70,6 +72,13 @@ class Call:
         self.finished = False
         self.gone = False
         self.held = 0  # body bytes taken from the router's budget (`read_body`)
+
+    @property
+    def cut(self) -> str | None:
+        """Why the listener cut this connection (`BodyTimeout`, `SendStalled`), if it did: a
+        departure that was the router's timeout, not the client's choice."""
+        kind = self.scope.get(CUT_KEY)
+        return kind if isinstance(kind, str) else None
 
     # --- the request ---------------------------------------------------------------------
     async def read_body(self, limit: int, budget: BodyBudget) -> bytes:

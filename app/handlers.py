@@ -94,8 +94,11 @@ async def handle(svc: Services, call: Call, endpoint: str, work: Work) -> None:
     try:
         await work(svc, call, rec)
     except ClientGone:
-        rec.status, rec.error_kind = 499, "ClientGone"
-        svc.metrics.client_disconnects += 1
+        if call.cut is None:
+            rec.status, rec.error_kind = 499, "ClientGone"
+            svc.metrics.client_disconnects += 1
+        else:  # the listener cut a client too slow to send or to read: our timeout
+            rec.status, rec.error_kind = 408, call.cut
     except KvrouteError as exc:
         rec.status, rec.error_kind = exc.status, type(exc).__name__
         if not call.response_started:

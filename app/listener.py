@@ -34,6 +34,7 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.config import Settings
+from app.exchange import CUT_KEY
 
 try:  # the kernel's unsent bytes of a socket (Linux's SIOCOUTQ); not on Windows
     import fcntl
@@ -236,12 +237,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             _peer(self.transport),
             self.limits.send_timeout_s,
         )
+        self._mark_cut("SendStalled")
         self.transport.abort()  # close() would wait for the buffer to drain: forever
+
+    def _mark_cut(self, kind: str) -> None:
+        """Tell the request's handler (`Call.cut`) that the router, not its client, ended it."""
+        if self.cycle is not None:
+            self.cycle.scope[CUT_KEY] = kind  # type: ignore[literal-required]
 
     def _body_late(self) -> None:
         self._deadline = None
         if self._refused or self.transport.is_closing():
             return
+        self._mark_cut("BodyTimeout")
         if self.cycle is not None and self.cycle.response_started:
             self.transport.abort()  # an answer begun before its body ended: nothing to say
             return
