@@ -29,19 +29,26 @@ class TokenBucket:
         self.level = per_minute
         self.updated_s = now_s
 
-    def take(self, amount: float, now_s: float) -> float:
-        """Take `amount`; return 0 when granted, else the seconds until it would be."""
+    def wait(self, amount: float, now_s: float) -> float:
+        """Seconds until `amount` could be taken (0: now); takes nothing."""
         self.level = min(
             self.per_minute, self.level + (now_s - self.updated_s) * self.per_minute / 60
         )
         self.updated_s = now_s
-        amount = max(amount, 0.0)  # a negative amount would refill the bucket
-        if amount > self.per_minute:
-            amount = self.per_minute  # one huge request may still pass once the bucket is full
-        if self.level >= amount:
-            self.level -= amount
-            return 0.0
-        return (amount - self.level) * 60 / self.per_minute
+        amount = self._clamped(amount)
+        return 0.0 if self.level >= amount else (amount - self.level) * 60 / self.per_minute
+
+    def take(self, amount: float, now_s: float) -> float:
+        """Take `amount`; return 0 when granted, else the seconds until it would be."""
+        wait_s = self.wait(amount, now_s)
+        if not wait_s:
+            self.level -= self._clamped(amount)
+        return wait_s
+
+    def _clamped(self, amount: float) -> float:
+        # A negative amount would refill the bucket; one huge request may still pass once the
+        # bucket is full.
+        return min(max(amount, 0.0), self.per_minute)
 
 
 # A bucket nobody touched for a minute has refilled: forgetting it changes no answer. Tenants are
@@ -81,6 +88,7 @@ class RateLimits:
         buckets = self._buckets
         while buckets and now - next(iter(buckets.values())).updated_s >= REFILL_S:
             buckets.popitem(last=False)
+        granted: list[tuple[TokenBucket, float]] = []
         for kind, per_minute, amount in (("rpm", self.rpm, 1), ("tpm", self.tpm, tokens)):
             if not per_minute:
                 continue
@@ -92,13 +100,16 @@ class RateLimits:
                     buckets.popitem(last=False)
             else:
                 buckets.move_to_end(key)
-            wait_s = bucket.take(amount, now)
+            wait_s = bucket.wait(amount, now)
             if wait_s:
                 self.rejected[kind] = self.rejected.get(kind, 0) + 1
                 raise Overloaded(
                     f"tenant is over its {kind.upper()} limit of {per_minute:g} per minute",
                     retry_after_s=wait_s,
                 )
+            granted.append((bucket, amount))
+        for bucket, taken in granted:  # all or nothing, as in Redis
+            bucket.take(taken, now)
 
 
 # Both buckets of one tenant in one round trip: refill, then take from each, all or nothing.

@@ -34,6 +34,19 @@ def test_rate_limits_per_tenant() -> None:
     assert float(info.value.headers()["Retry-After"]) >= 1
 
 
+def test_a_refused_request_takes_nothing() -> None:
+    """Refused for its tokens, a request spends none of its tenant's requests either (all or
+    nothing, as the Redis script does)."""
+    rates = RateLimits(rpm=10, tpm=100, clock=lambda: 0.0)
+    rates.check_now("a", 100)
+    with pytest.raises(Overloaded, match="TPM"):
+        rates.check_now("a", 50)
+    for _ in range(9):
+        rates.check_now("a", 0)
+    with pytest.raises(Overloaded, match="RPM"):
+        rates.check_now("a", 0)
+
+
 def test_buckets_of_idle_tenants_are_forgotten_once_full() -> None:
     """Tenants are what clients send: a flood of new ones leaves no lasting buckets, and a
     tenant past its limit stays limited however many others come within the minute."""
