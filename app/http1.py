@@ -35,6 +35,9 @@ from app.transport import Decoder, UpstreamResponse, decoder_for, describe, read
 
 # Body bytes buffered before the socket stops being read (the reader drains all of it at once).
 HIGH_WATER = 256 << 10
+# A backend's status line and headers, at most (vLLM's take a few hundred bytes): past it the
+# answer is broken, not buffered on and on.
+MAX_HEAD_BYTES = 64 << 10
 # A connect gives up after this many times its timeout of wall time, however busy the loop.
 CONNECT_CAP_FACTOR = 4
 # Idle connections kept per backend, at most: more than this were never needed at once lately.
@@ -103,6 +106,7 @@ class Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.active = False
         self.got_bytes = False
+        self.head_bytes = 0
 
     def begin(self) -> None:
         if self.exchanges:
@@ -130,6 +134,12 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self.fail(f"the backend's answer is not valid HTTP/1.1 ({exc})")
             self.abort()
+            return
+        if not self.head_done:  # all of `data` went to the head, which the parser holds
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self.fail(f"the backend's response headers exceed {MAX_HEAD_BYTES} bytes")
+                self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -3,6 +3,7 @@
 It answers `/health`, `/v1/models` and `/metrics` like vLLM, and every POST in one of these ways:
     broken_503     503 announcing 1000 bytes of body, sends 20, closes
     endless_event  200 SSE: `data: {"x": "` then filler forever, never a blank line
+    endless_head   200, then one header whose value never ends
     crlf           a valid chat stream framed with CRLF line ends (as SSE allows)
     gzip           the answer gzip-encoded with `Content-Encoding: gzip` (stream or not)
     silence        200 SSE: one content chunk, then nothing, connection left open
@@ -21,7 +22,7 @@ from typing import Literal
 
 import orjson
 
-Mode = Literal["broken_503", "endless_event", "crlf", "gzip", "silence"]
+Mode = Literal["broken_503", "endless_event", "endless_head", "crlf", "gzip", "silence"]
 
 
 def chat_chunks(n: int, model: str) -> list[bytes]:
@@ -131,10 +132,13 @@ class HostileBackend:
             )
             await writer.drain()
             return False
-        if self.mode == "endless_event":
+        if self.mode in ("endless_event", "endless_head"):
             self.streams_open += 1
             try:
-                writer.write(_sse_head() + b'data: {"x": "')
+                start = b"HTTP/1.1 200 OK\r\nx-filler: "
+                writer.write(
+                    start if self.mode == "endless_head" else _sse_head() + b'data: {"x": "'
+                )
                 while True:  # until the router closes the connection
                     writer.write(b"a" * 65536)
                     await writer.drain()

@@ -68,6 +68,23 @@ def test_an_event_that_never_ends_is_cut_and_memory_stays_flat() -> None:
         wait_for(lambda: backend.streams_open == 0)  # upstream was closed
 
 
+@pytest.mark.parametrize("client", ["httptools", "aiohttp"])
+def test_headers_that_never_end_are_a_502_not_a_memory_leak(client: str) -> None:
+    with (
+        HostileBackend("endless_head") as backend,
+        running_router([backend.url], served_model="sim-model", upstream_client=client) as router,
+    ):
+        before = rss_bytes()
+        resp = httpx.post(f"{router.url}/v1/chat/completions", json=CHAT, timeout=30)
+        grown = rss_bytes() - before
+        assert resp.status_code == 502, resp.text
+        if client == "httptools":  # aiohttp has its own limit (8190 bytes a field)
+            assert "response headers exceed 65536 bytes" in resp.json()["error"]["message"]
+        assert grown < 16 << 20, f"router memory grew {grown >> 20} MB"
+        wait_for(lambda: router_idle(router))
+        wait_for(lambda: backend.streams_open == 0)  # the connection was closed
+
+
 def test_crlf_framed_stream_is_relayed_with_one_done() -> None:
     with (
         HostileBackend("crlf") as backend,
