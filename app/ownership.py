@@ -51,7 +51,10 @@ class OwnershipStore(Protocol):
         the conversation (an estimate at dispatch, vLLM's exact figures once it answered)."""
         ...
 
-    async def forget_backend(self, backend: str) -> None: ...
+    async def forget_backend(self, backend: str, since_s: float = 0.0) -> None:
+        """Drop what `backend` held as of `since_s` seconds ago (it restarted since, or left):
+        records made after that are of its new process, and stay."""
+        ...
 
     async def run(self) -> None:
         """The store's background work, run by the app's lifespan (returns when there is none)."""
@@ -124,12 +127,19 @@ class MemoryStore:
     async def record(self, keys: PrefixKeys, backend: str, tokens: int, *, claim: bool) -> str:
         return self.record_now(keys, backend, tokens, claim=claim)
 
-    async def forget_backend(self, backend: str) -> None:
-        for key in [k for k, o in self._owners.items() if o.backend == backend]:
+    async def forget_backend(self, backend: str, since_s: float = 0.0) -> None:
+        # A record's expiry is its last write plus the TTL.
+        before = self._clock() - since_s + self.ttl_s
+        gone = [
+            k for k, o in self._owners.items() if o.backend == backend and o.expires_s <= before
+        ]
+        for key in gone:
             del self._owners[key]
+        if gone:
+            self._counts[backend] -= len(gone)
         for homes in self._systems.values():
-            homes.pop(backend, None)
-        self._counts.pop(backend, None)
+            if homes.get(backend, before) <= before:
+                homes.pop(backend, None)
 
     async def run(self) -> None:
         return None
@@ -490,10 +500,11 @@ class RedisStore:
             results: list[object] = await pipe.execute()
         return results
 
-    async def forget_backend(self, backend: str) -> None:
-        self._forgotten_ms[backend] = self._wall_ms()
+    async def forget_backend(self, backend: str, since_s: float = 0.0) -> None:
+        restarted_ms = self._wall_ms() - int(since_s * 1000)
+        self._forgotten_ms[backend] = max(restarted_ms, self._forgotten_ms.get(backend, -1))
         self._cache.clear()
-        await self.memory.forget_backend(backend)
+        await self.memory.forget_backend(backend, since_s)
 
     def owned_counts(self) -> dict[str, int]:
         return self.memory.owned_counts()

@@ -145,7 +145,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
     responses = _responses(s, redis)
 
     async def on_restart(name: str, since_s: float) -> None:
-        await store.forget_backend(name)  # prefix ownership is a hint: all of it goes
+        await store.forget_backend(name, since_s)
         await responses.forget_backend(pool.get(name).url, since_s)
 
     pool = BackendPool(

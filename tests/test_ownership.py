@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from app.ownership import MemoryStore
 from app.prefix import PrefixKeys
+from app.routing import Ownership
 
 
 class Clock:
@@ -61,6 +62,22 @@ async def test_forget_backend_drops_its_keys() -> None:
     assert (await store.lookup(keys("a"))).owner is None
     assert (await store.lookup(keys("a"))).system_holders == ("b1",)
     assert store.owned_counts() == {"b1": 1}
+
+
+async def test_a_restart_forgets_only_what_came_before_it() -> None:
+    """Records written after the restart (before the router noticed it) are of the new process:
+    they stay; older ones go, and their system homes with them."""
+    now = [100.0]
+    store = MemoryStore(ttl_s=600, clock=lambda: now[0])
+    await store.record(keys("old", "s-old"), "b0", 1, claim=True)
+    now[0] = 110.0
+    await store.record(keys("new", "s-new"), "b0", 1, claim=True)
+    now[0] = 112.0
+    await store.forget_backend("b0", since_s=5.0)  # restarted at 107 at the earliest
+    assert (await store.lookup(keys("old", "s-old"))) == Ownership()
+    kept = await store.lookup(keys("new", "s-new"))
+    assert (kept.owner, kept.system_holders) == ("b0", ("b0",))
+    assert store.owned_counts() == {"b0": 1}
 
 
 async def test_key_count_is_bounded() -> None:
