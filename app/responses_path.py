@@ -67,6 +67,9 @@ from app.validation import dump_body, parse_json_object
 log = logging.getLogger("kvroute.responses")
 
 PATH = "/v1/responses"
+# Look-ups of unknown ids at once, router-wide: each is one GET to every backend, and comes
+# before admission (the owner decides the model), so it needs its own bound.
+MAX_DISCOVERIES = 16
 MAX_ID_CHARS = 256  # vLLM's ids are `resp_` and 16 or 32 hex digits (or the caller's request_id)
 
 
@@ -457,18 +460,21 @@ async def stored(svc: Services, call: Call, rec: RequestRecord) -> None:
         await call.read_body(svc.settings.max_body_bytes, svc.bodies)
     scope = _scope(rec)
     tenant = scope.tenant = bound or tenant_of(svc, call)
-    owner = await owner_of(svc, call, response_id, None)
-    if owner is None:
-        raise ResponseNotFound(f"Response with id '{response_id}' not found.", param="response_id")
-    model = scope.model = _model_of(svc, owner.backend)
-    if owner.state == "lost" or model is None:
-        raise _lost(response_id, "has restarted since it stored it" if model else "is gone")
-    keys = chat_keys(tenant, model, [], 0)
-    route = RouteRequest(model=model, keys=keys, prompt_tokens=0, system_tokens=0)
-    pinned = Pinned(owner.backend)
     async with call.watching():
+        # The rate first: a look-up of an unknown id asks every backend (`discover`).
         if svc.rates.enabled:
             await svc.rates.check(tenant, 0)
+        owner = await owner_of(svc, call, response_id, None)
+        if owner is None:
+            raise ResponseNotFound(
+                f"Response with id '{response_id}' not found.", param="response_id"
+            )
+        model = scope.model = _model_of(svc, owner.backend)
+        if owner.state == "lost" or model is None:
+            raise _lost(response_id, "has restarted since it stored it" if model else "is gone")
+        keys = chat_keys(tenant, model, [], 0)
+        route = RouteRequest(model=model, keys=keys, prompt_tokens=0, system_tokens=0)
+        pinned = Pinned(owner.backend)
         async with svc.admission.slot(tenant, svc.ready_for(model)):
             try:
                 out = _stored_out(svc, call, method)
@@ -537,7 +543,17 @@ async def owner_of(svc: Services, call: Call, response_id: str, model: str | Non
     owner = await svc.responses.owner(response_id)
     if owner is not None:
         return owner
-    url = await discover(svc, upstream_headers(svc, call, "application/json"), response_id, model)
+    if svc.discovering >= MAX_DISCOVERIES:  # each asks every backend: a bounded fan-out
+        raise Overloaded(
+            f"{MAX_DISCOVERIES} look-ups of response ids this router has no record of are "
+            "running; retry shortly"
+        )
+    svc.discovering += 1
+    try:
+        headers = upstream_headers(svc, call, "application/json")
+        url = await discover(svc, headers, response_id, model)
+    finally:
+        svc.discovering -= 1
     if url is None:
         return None
     await svc.responses.remember(response_id, url)

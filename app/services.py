@@ -68,6 +68,7 @@ class Services:
     redis: Any = None  # redis.asyncio.Redis or RedisCluster when REDIS_URL is set
     responses: ResponseStore = field(default_factory=lambda: MemoryResponses(86400, 86400))
     started_at: int = field(default_factory=lambda: int(time.time()))
+    discovering: int = 0  # look-ups of unknown response ids running (`responses_path`)
 
     def ready_for(self, model: str) -> Callable[[], bool]:
         """Whether some routable backend serving `model` can take one more request now."""
