@@ -166,7 +166,10 @@ async def prepare(svc: Services, call: Call, kind: Kind, scope: RequestScope) ->
         # The router reads vLLM's exact token counts from the usage chunk, then hides it.
         body["stream_options"] = {**options, "include_usage": True}
         rewrite = True
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    if s.max_tokens_cap and kind == "chat" and _limit_of(body) is None:
+        # Without a limit vLLM generates up to max_model_len: the cap holds there too.
+        body["max_tokens"] = s.max_tokens_cap
+        rewrite = True
     return Prepared(
         kind=kind,
         model=model,
@@ -181,8 +184,36 @@ async def prepare(svc: Services, call: Call, kind: Kind, scope: RequestScope) ->
         ),
         stream=stream,
         client_wants_usage=wants_usage,
-        tokens=route.prompt_tokens + int(max_tokens),
+        tokens=_tpm_charge(svc, kind, model, body, route.prompt_tokens),
     )
+
+
+def _limit_of(body: Mapping[str, Any]) -> int | None:
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    return limit if isinstance(limit, int) else None
+
+
+def _tpm_charge(
+    svc: Services, kind: Kind, model: str, body: Mapping[str, Any], prompt_tokens: int
+) -> int:
+    if not svc.rates.enabled:
+        return 0
+    limit = _limit_of(body)
+    if limit is None and kind == "completions":
+        limit = 16  # vLLM's default for completions (chat's is the rest of the context)
+    n = body.get("n")
+    return prompt_tokens + allowance(svc, model, limit, prompt_tokens) * (
+        n if isinstance(n, int) else 1
+    )
+
+
+def allowance(svc: Services, model: str, limit: int | None, prompt_tokens: int) -> int:
+    """The most tokens one choice may generate, charged to the tenant's TPM up front (as
+    OpenAI's limits charge max_tokens): its limit, or without one what vLLM allows, the rest
+    of the model's context (smallest max_model_len its backends report)."""
+    if limit is not None:
+        return limit
+    return max((svc.pool.models().get(model) or 0) - prompt_tokens, 0)
 
 
 async def answer_whole(

@@ -44,6 +44,7 @@ from app.handlers import (
     _note_stream,
     _routing_headers,
     _scope,
+    allowance,
     lookup,
     resolve_model,
     stream_stats,
@@ -163,8 +164,19 @@ async def prepare(svc: Services, call: Call, rec: RequestRecord) -> Turn:
     if s.tenant_cache_salt:
         body["cache_salt"] = tenant_salt(s.cache_salt_secret, tenant)
         rewrite = True
+    if s.max_tokens_cap and body.get("max_output_tokens") is None:
+        # Without a limit vLLM generates up to max_model_len: the cap holds there too.
+        body["max_output_tokens"] = s.max_tokens_cap
+        rewrite = True
     route = route_for(svc, tenant, model, body)
     previous = body.get("previous_response_id")
+    limit = body.get("max_output_tokens")
+    charge = 0  # what the tenant's TPM is charged up front
+    if svc.rates.enabled:
+        output = allowance(
+            svc, model, limit if isinstance(limit, int) else None, route.prompt_tokens
+        )
+        charge = route.prompt_tokens + output
     return Turn(
         tenant=tenant,
         model=model,
@@ -176,7 +188,7 @@ async def prepare(svc: Services, call: Call, rec: RequestRecord) -> Turn:
         new_items=input_items(body["input"]) if s.responses_history else [],
         stream=body.get("stream") is True,
         store=body.get("store") is not False,
-        tokens=route.prompt_tokens + int(body.get("max_output_tokens") or 0),
+        tokens=charge,
     )
 
 

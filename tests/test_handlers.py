@@ -26,15 +26,18 @@ CHAT: dict[str, Any] = {
 Answer = Callable[[MockRequest], Awaitable[MockResponse]]
 
 
-def vllm(generate: Answer) -> Answer:
+def vllm(generate: Answer, max_model_len: int | None = None) -> Answer:
     """A fake vLLM: health, models and metrics answered; generation by `generate`."""
+    card: dict[str, Any] = {"id": "m"}
+    if max_model_len is not None:
+        card["max_model_len"] = max_model_len
 
     async def handler(request: MockRequest) -> MockResponse:
         path = request.url.split("/", 3)[3]
         if path == "health":
             return MockResponse(200)
         if path == "v1/models":
-            return MockResponse(200, chunks=[orjson.dumps({"data": [{"id": "m"}]})])
+            return MockResponse(200, chunks=[orjson.dumps({"data": [card]})])
         if path == "metrics":
             return MockResponse(200, chunks=[b"vllm:num_requests_waiting 0\n"])
         return await generate(request)
@@ -49,9 +52,9 @@ async def stream_answer(request: MockRequest) -> MockResponse:
 
 @asynccontextmanager
 async def app_with(
-    generate: Answer, backends: int = 1, **settings: Any
+    generate: Answer, backends: int = 1, max_model_len: int | None = None, **settings: Any
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Services, MockTransport]]:
-    transport = MockTransport(vllm(generate))
+    transport = MockTransport(vllm(generate, max_model_len))
     s = Settings(
         _env_file=None,  # type: ignore[call-arg]
         backend_urls=[f"http://b{i}.test:8000" for i in range(backends)],
@@ -217,3 +220,46 @@ async def test_passthrough_goes_through_rates_and_admission_and_counts_errors() 
         assert requests[("/tokenize", 429)] == 1
         assert requests[("/tokenize", 502)] == 1
         assert idle(services)
+
+
+async def whole_answer(request: MockRequest) -> MockResponse:
+    return MockResponse(200, {"content-type": "application/json"}, [b'{"ok": true}'])
+
+
+def sent_body(transport: MockTransport) -> dict[str, Any]:
+    body = transport.requests[-1].body
+    assert body is not None
+    parsed: dict[str, Any] = orjson.loads(body)
+    return parsed
+
+
+async def test_the_max_tokens_cap_holds_when_the_client_names_no_limit() -> None:
+    async with app_with(whole_answer, max_tokens_cap=100) as (client, _, transport):
+        unlimited = {k: v for k, v in CHAT.items() if k != "max_tokens"}
+        assert (await client.post("/v1/chat/completions", json=unlimited)).status_code == 200
+        assert sent_body(transport)["max_tokens"] == 100  # vLLM's default would be the context
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        assert sent_body(transport)["max_tokens"] == 5  # a limit under the cap is kept
+
+
+async def test_tpm_charges_every_choice_and_an_unnamed_limit() -> None:
+    """Charged up front: `max_tokens` for each of the `n` choices; without a limit, the rest of
+    the context (max_model_len 4096 here), as vLLM would generate."""
+    async with app_with(
+        whole_answer, max_model_len=4096, tenant_tpm=2000, trust_tenant_headers=True
+    ) as (client, _, _transport):
+        for tenant, body, passes in [
+            ("n", {**CHAT, "n": 4, "max_tokens": 300}, 1),  # 1200 + prompt each
+            # ~4096: past the whole budget, so it passes only on a full bucket (then empties it)
+            ("unnamed", {k: v for k, v in CHAT.items() if k != "max_tokens"}, 1),
+            ("named", {**CHAT, "max_tokens": 300}, 6),
+        ]:
+            statuses = [
+                (
+                    await client.post(
+                        "/v1/chat/completions", json=body, headers={"X-Tenant-ID": tenant}
+                    )
+                ).status_code
+                for _ in range(passes + 1)
+            ]
+            assert statuses == [200] * passes + [429], (tenant, statuses)

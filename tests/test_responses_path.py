@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
+
 from app.responses_path import MAX_DISCOVERIES
 from app.transport import MockRequest, MockResponse
 from tests.test_handlers import app_with
@@ -53,3 +55,16 @@ async def test_the_tenant_rate_comes_before_a_lookup() -> None:
         statuses = [(await client.get(f"/v1/responses/resp_{i}")).status_code for i in range(4)]
         assert statuses == [404, 404, 429, 429]
         assert sum(map(asks_for_a_response, transport.requests)) == 2 * 2  # two look-ups only
+
+
+async def test_the_cap_holds_when_a_turn_names_no_limit() -> None:
+    async def answer(request: MockRequest) -> MockResponse:
+        body = {"id": "resp_1", "object": "response", "status": "completed", "output": []}
+        return MockResponse(200, {"content-type": "application/json"}, [orjson.dumps(body)])
+
+    async with app_with(answer, max_tokens_cap=100) as (client, _, transport):
+        resp = await client.post("/v1/responses", json={"model": "m", "input": "hi"})
+        assert resp.status_code == 200
+        sent = transport.requests[-1].body
+        assert sent is not None
+        assert orjson.loads(sent)["max_output_tokens"] == 100
