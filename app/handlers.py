@@ -167,8 +167,7 @@ async def prepare(svc: Services, call: Call, kind: Kind, scope: RequestScope) ->
         body["stream_options"] = {**options, "include_usage": True}
         rewrite = True
     if s.max_tokens_cap and kind == "chat" and _limit_of(body) is None:
-        # Without a limit vLLM generates up to max_model_len: the cap holds there too.
-        body["max_tokens"] = s.max_tokens_cap
+        body["max_tokens"] = capped_limit(svc, model)
         rewrite = True
     return Prepared(
         kind=kind,
@@ -186,6 +185,15 @@ async def prepare(svc: Services, call: Call, kind: Kind, scope: RequestScope) ->
         client_wants_usage=wants_usage,
         tokens=_tpm_charge(svc, kind, model, body, route.prompt_tokens),
     )
+
+
+def capped_limit(svc: Services, model: str) -> int:
+    """The limit sent for a request that names none while MAX_TOKENS_CAP is set: vLLM would
+    generate up to the rest of the context. vLLM clamps a limit to what the prompt leaves, but
+    refuses one past max_model_len itself, so the cap is held to that."""
+    context = svc.pool.models().get(model)
+    cap = svc.settings.max_tokens_cap
+    return min(cap, context) if context else cap
 
 
 def _limit_of(body: Mapping[str, Any]) -> int | None:

@@ -45,6 +45,7 @@ from app.handlers import (
     _routing_headers,
     _scope,
     allowance,
+    capped_limit,
     lookup,
     resolve_model,
     stream_stats,
@@ -165,8 +166,7 @@ async def prepare(svc: Services, call: Call, rec: RequestRecord) -> Turn:
         body["cache_salt"] = tenant_salt(s.cache_salt_secret, tenant)
         rewrite = True
     if s.max_tokens_cap and body.get("max_output_tokens") is None:
-        # Without a limit vLLM generates up to max_model_len: the cap holds there too.
-        body["max_output_tokens"] = s.max_tokens_cap
+        body["max_output_tokens"] = capped_limit(svc, model)
         rewrite = True
     route = route_for(svc, tenant, model, body)
     previous = body.get("previous_response_id")

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 
 from app.api import create_app
 from app.config import Settings
@@ -233,11 +234,20 @@ def sent_body(transport: MockTransport) -> dict[str, Any]:
     return parsed
 
 
-async def test_the_max_tokens_cap_holds_when_the_client_names_no_limit() -> None:
-    async with app_with(whole_answer, max_tokens_cap=100) as (client, _, transport):
+@pytest.mark.parametrize(("context", "sent"), [(None, 100), (4096, 100), (64, 64)])
+async def test_the_max_tokens_cap_holds_when_the_client_names_no_limit(
+    context: int | None, sent: int
+) -> None:
+    """vLLM's default would be the rest of the context; it refuses a limit past max_model_len,
+    so the cap sent is held to that when the backends report it."""
+    async with app_with(whole_answer, max_model_len=context, max_tokens_cap=100) as (
+        client,
+        _,
+        transport,
+    ):
         unlimited = {k: v for k, v in CHAT.items() if k != "max_tokens"}
         assert (await client.post("/v1/chat/completions", json=unlimited)).status_code == 200
-        assert sent_body(transport)["max_tokens"] == 100  # vLLM's default would be the context
+        assert sent_body(transport)["max_tokens"] == sent
         assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
         assert sent_body(transport)["max_tokens"] == 5  # a limit under the cap is kept
 

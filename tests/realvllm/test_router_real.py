@@ -573,6 +573,22 @@ def test_unknown_model_is_the_routers_own_openai_404(
     assert caught.value.body["param"] == "model"
 
 
+def test_the_cap_is_sent_for_a_request_that_names_no_limit(
+    real_vllm_servers: RealVllmServers,
+) -> None:
+    """A chat request without max_tokens would generate to the end of the context; with
+    MAX_TOKENS_CAP the router sends the cap, which real vLLM takes (and clamps to what a long
+    prompt leaves, ~1800 prompt tokens here)."""
+    servers = real_vllm_servers
+    with running_router(servers.urls, served_model=servers.model, max_tokens_cap=8) as router:
+        for text in ("hi", rules(80)):
+            body = chat_body(servers.model, [{"role": "user", "content": text}], stream=False)
+            del body["max_tokens"]
+            answer = httpx.post(router.url + "/v1/chat/completions", json=body, timeout=60)
+            assert answer.status_code == 200, answer.text[:300]
+            assert answer.json()["usage"]["completion_tokens"] == 8
+
+
 @pytest.mark.parametrize("case", ["max_tokens above max_model_len", "prompt too long"])
 @pytest.mark.parametrize("stream_flag", [False, True])
 def test_vllm_error_bodies_pass_through_unchanged(
