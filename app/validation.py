@@ -67,6 +67,9 @@ _TYPED_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
 }
 
 
+MAX_CHOICES = 128  # `n`: OpenAI's limit
+
+
 def check_fields(
     body: Mapping[str, Any], kind: Kind, max_messages: int, max_tokens_cap: int
 ) -> None:
@@ -95,6 +98,11 @@ def _check_token_counts(body: Mapping[str, Any], cap: int) -> None:
             raise BadRequest(f"'{name}' must be at least 1, not {value}", param=name)
         if cap and name != "n" and isinstance(value, int) and value > cap:
             raise BadRequest(f"'{name}' is {value}; this router allows at most {cap}", param=name)
+    n = body.get("n")
+    if isinstance(n, int) and n > MAX_CHOICES:
+        # vLLM's own bound is 16384 (VLLM_MAX_N_SEQUENCES): each choice is a sequence it
+        # schedules and holds KV cache for.
+        raise BadRequest(f"'n' is {n}; at most {MAX_CHOICES} (as OpenAI)", param="n")
 
 
 def _check_messages(messages: Any, max_messages: int) -> None:

@@ -166,9 +166,16 @@ def plain_router() -> Iterator[tuple[RouterServer, str]]:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("max_tokens", -1_000_000), ("max_tokens", 0), ("max_completion_tokens", -5), ("n", 0)],
+    [
+        ("max_tokens", -1_000_000),
+        ("max_tokens", 0),
+        ("max_completion_tokens", -5),
+        ("n", 0),
+        ("n", 129),  # OpenAI's limit is 128; vLLM's 16384, each choice a sequence it runs
+        ("n", 10**9),
+    ],
 )
-def test_counts_below_one_are_400(
+def test_counts_out_of_bounds_are_400(
     plain_router: tuple[RouterServer, str], field: str, value: int
 ) -> None:
     router, _ = plain_router
