@@ -379,6 +379,30 @@ def test_a_trickled_body_is_cut(plain_router: tuple[RouterServer, str]) -> None:
     assert again.status_code == 200
 
 
+def test_a_body_that_came_while_the_loop_was_busy_is_not_late(
+    plain_router: tuple[RouterServer, str],
+) -> None:
+    """The body arrives in time, but the router's loop is busy past the 1 s deadline (a loaded
+    machine stalls it for that long). The deadlines rely on the loop reading ready sockets before
+    it runs due timers (uvloop's libuv polls first, as asyncio does): a client on time is not cut
+    for the router's own lateness."""
+    router, _ = plain_router
+    payload = json.dumps(CHAT).encode()
+    loop = router._loop  # the router's own event loop, in its thread
+    assert loop is not None
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\n\r\n" % len(payload)
+        )
+        time.sleep(0.3)  # headers read: the body's deadline runs
+        loop.call_soon_threadsafe(time.sleep, 1.5)  # the loop busy until past the deadline
+        time.sleep(0.1)
+        sock.sendall(payload)  # on time, waiting in the kernel
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
 def test_connections_past_the_cap_are_refused() -> None:
     with (
         running_simulators(1) as sims,
