@@ -511,29 +511,31 @@ def test_a_slow_reader_is_not_a_stalled_one(stalling_router: tuple[RouterServer,
 
 
 def test_bodies_held_at_once_are_bounded() -> None:
-    """Six 60 KB bodies at once under a 256 KiB budget, one slot and a slow backend: four are
-    held (one running, three queued), two are refused with 429 bodies_full, and the budget is
-    all given back."""
-    slow = {"base_ttft_s": 1.0, "prefill_s_per_token": 0.0, "decode_tokens_per_s": 1000.0}
+    """Four 60 KB bodies held by requests in flight (a slow backend) fill a 256 KiB budget: the
+    next two are refused with 429 bodies_full, the four are answered, and the budget is all
+    given back."""
+    slow = {"base_ttft_s": 2.0, "prefill_s_per_token": 0.0, "decode_tokens_per_s": 1000.0}
     body = {**CHAT, "messages": [{"role": "user", "content": "x" * 60_000}]}
     with (
         running_simulators(1, **slow) as sims,
         running_router(
             [sims[0].url],
             served_model="sim-model",
-            max_in_flight=1,
-            queue_timeout_s=30.0,
             max_body_bytes=64 * 1024,
             max_body_bytes_held=256 * 1024,
         ) as router,
-        ThreadPoolExecutor(6) as pool,
+        ThreadPoolExecutor(4) as pool,
     ):
         url = f"{router.url}/v1/chat/completions"
-        answers = list(pool.map(lambda _: httpx.post(url, json=body, timeout=30), range(6)))
-        statuses = sorted(a.status_code for a in answers)
-        assert statuses == [200, 200, 200, 200, 429, 429], statuses
-        refused = [a.json()["error"] for a in answers if a.status_code == 429]
-        assert {e["code"] for e in refused} == {"bodies_full"}
+        bodies = router.router.bodies
+        held = [pool.submit(httpx.post, url, json=body, timeout=30) for _ in range(4)]
+        wait_for(lambda: router.router.admission.in_flight == 4)  # their bodies read whole
+        size = bodies.held
+        refused = [httpx.post(url, json=body, timeout=30) for _ in range(2)]
+        assert bodies.held == size  # the four still hold theirs
+        assert [r.status_code for r in refused] == [429, 429]
+        assert {r.json()["error"]["code"] for r in refused} == {"bodies_full"}
+        assert [f.result().status_code for f in held] == [200] * 4
         metrics = httpx.get(f"{router.url}/metrics").json()
         assert metrics["bodies"] == {"held_bytes": 0, "max_bytes": 256 * 1024, "refused": 2}
         assert metrics["admission"]["rejected"]["bodies_full"] == 2
