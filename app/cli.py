@@ -40,6 +40,7 @@ def _run_uvicorn(settings: Settings) -> None:
         port=settings.port,
         loop=loop,
         http=protocol_for(settings),  # type: ignore[arg-type]
+        ws="none",  # no WebSocket route: an Upgrade is a plain HTTP request, held to its limits
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),

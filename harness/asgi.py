@@ -24,6 +24,7 @@ def uvicorn_server(app: object, **config: object) -> uvicorn.Server:
     """uvicorn as the router runs it (httptools, lifespan on), quiet."""
     options: dict[str, object] = {
         "http": "httptools",
+        "ws": "none",
         "lifespan": "on",
         "log_level": "warning",
         "access_log": False,

@@ -403,6 +403,24 @@ def test_a_body_that_came_while_the_loop_was_busy_is_not_late(
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
 
 
+def test_a_websocket_upgrade_is_a_plain_http_request(
+    plain_router: tuple[RouterServer, str],
+) -> None:
+    """The router has no WebSocket route, and runs uvicorn without WebSocket support: an
+    Upgrade gets an HTTP answer, not 101 and a protocol with limits of its own."""
+    router, _ = plain_router
+    with socket.create_connection(("127.0.0.1", router.port), timeout=5) as sock:
+        sock.sendall(
+            b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        answer = sock.recv(65536)
+    status = answer.split(b"\r\n", 1)[0]
+    assert not status.startswith(b"HTTP/1.1 101"), answer[:200]
+    assert status.split()[1] in (b"404", b"405"), status
+
+
 def test_connections_past_the_cap_are_refused() -> None:
     with (
         running_simulators(1) as sims,
