@@ -9,6 +9,11 @@ request held is given back when it ends, however it ends.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
 from app.errors import Overloaded
 
 
@@ -36,3 +41,17 @@ class BodyBudget:
 
     def describe(self) -> dict[str, int]:
         return {"held_bytes": self.held, "max_bytes": self.max_bytes, "refused": self.refused}
+
+
+class BodiesCollector(Collector):
+    """The budget for Prometheus (its refusals are in `kvroute_admission_rejections`)."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "kvroute_body_bytes_held",
+            "Bytes of request bodies held now, all requests (MAX_BODY_BYTES_HELD bounds it)",
+            value=self.budget.held,
+        )

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from app.admission import Admission, Limits
 from app.backends import BackendPool
-from app.bodies import BodyBudget
+from app.bodies import BodiesCollector, BodyBudget
 from app.config import Settings
 from app.dashboard import SeriesRecorder, TenantTags
 from app.fleet import Fleet, FleetCollector, RedisMembership
@@ -204,6 +204,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         responses=responses,
     )
     services.registry.register(FleetCollector(services.fleet))
+    services.registry.register(BodiesCollector(services.bodies))
     services.registry.register(
         metrics.collector(
             lambda: prom_gauges(pool, store), services.ownership_fallbacks, services.rejections

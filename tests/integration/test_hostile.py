@@ -549,6 +549,8 @@ def test_bodies_held_at_once_are_bounded() -> None:
         held = [pool.submit(httpx.post, url, json=body, timeout=30) for _ in range(4)]
         wait_for(lambda: router.router.admission.in_flight == 4)  # their bodies read whole
         size = bodies.held
+        prom = httpx.get(f"{router.url}/metrics", headers={"Accept": "text/plain"}).text
+        assert f"\nkvroute_body_bytes_held {float(size)}\n" in prom
         refused = [httpx.post(url, json=body, timeout=30) for _ in range(2)]
         assert bodies.held == size  # the four still hold theirs
         assert [r.status_code for r in refused] == [429, 429]
@@ -557,4 +559,7 @@ def test_bodies_held_at_once_are_bounded() -> None:
         metrics = httpx.get(f"{router.url}/metrics").json()
         assert metrics["bodies"] == {"held_bytes": 0, "max_bytes": 256 * 1024, "refused": 2}
         assert metrics["admission"]["rejected"]["bodies_full"] == 2
+        prom = httpx.get(f"{router.url}/metrics", headers={"Accept": "text/plain"}).text
+        assert "\nkvroute_body_bytes_held 0.0\n" in prom
+        assert 'kvroute_admission_rejections_total{reason="bodies_full"} 2.0' in prom
         assert httpx.post(url, json=body, timeout=30).status_code == 200
