@@ -151,7 +151,8 @@ async def prepare(svc: Services, call: Call, kind: Kind, scope: RequestScope) ->
     body = parse_json_object(raw)
     check_fields(body, kind, s.max_messages, s.max_tokens_cap)
     model_given = bool(body.get("model"))
-    model = scope.model = resolve_model(svc, body)
+    model, context = resolve_model(svc, body)
+    scope.model = model
     tenant = scope.tenant = bound or tenant_of(svc, call)
     route = route_for(svc, kind, tenant, model, body)
     stream = body.get("stream") is True
@@ -167,7 +168,7 @@ async def prepare(svc: Services, call: Call, kind: Kind, scope: RequestScope) ->
         body["stream_options"] = {**options, "include_usage": True}
         rewrite = True
     if s.max_tokens_cap and kind == "chat" and _limit_of(body) is None:
-        body["max_tokens"] = capped_limit(svc, model)
+        body["max_tokens"] = capped_limit(s.max_tokens_cap, context)
         rewrite = True
     return Prepared(
         kind=kind,
@@ -183,16 +184,14 @@ async def prepare(svc: Services, call: Call, kind: Kind, scope: RequestScope) ->
         ),
         stream=stream,
         client_wants_usage=wants_usage,
-        tokens=_tpm_charge(svc, kind, model, body, route.prompt_tokens),
+        tokens=_tpm_charge(kind, body, route.prompt_tokens, context) if svc.rates.enabled else 0,
     )
 
 
-def capped_limit(svc: Services, model: str) -> int:
+def capped_limit(cap: int, context: int | None) -> int:
     """The limit sent for a request that names none while MAX_TOKENS_CAP is set: vLLM would
     generate up to the rest of the context. vLLM clamps a limit to what the prompt leaves, but
-    refuses one past max_model_len itself, so the cap is held to that."""
-    context = svc.pool.models().get(model)
-    cap = svc.settings.max_tokens_cap
+    refuses one past max_model_len (`context`) itself, so the cap is held to that."""
     return min(cap, context) if context else cap
 
 
@@ -202,26 +201,23 @@ def _limit_of(body: Mapping[str, Any]) -> int | None:
 
 
 def _tpm_charge(
-    svc: Services, kind: Kind, model: str, body: Mapping[str, Any], prompt_tokens: int
+    kind: Kind, body: Mapping[str, Any], prompt_tokens: int, context: int | None
 ) -> int:
-    if not svc.rates.enabled:
-        return 0
     limit = _limit_of(body)
     if limit is None and kind == "completions":
         limit = 16  # vLLM's default for completions (chat's is the rest of the context)
     n = body.get("n")
-    return prompt_tokens + allowance(svc, model, limit, prompt_tokens) * (
-        n if isinstance(n, int) else 1
-    )
+    choices = n if isinstance(n, int) else 1
+    return prompt_tokens + allowance(limit, prompt_tokens, context) * choices
 
 
-def allowance(svc: Services, model: str, limit: int | None, prompt_tokens: int) -> int:
+def allowance(limit: int | None, prompt_tokens: int, context: int | None) -> int:
     """The most tokens one choice may generate, charged to the tenant's TPM up front (as
     OpenAI's limits charge max_tokens): its limit, or without one what vLLM allows, the rest
-    of the model's context (smallest max_model_len its backends report)."""
+    of the model's context (`context`: the smallest max_model_len its backends report)."""
     if limit is not None:
         return limit
-    return max((svc.pool.models().get(model) or 0) - prompt_tokens, 0)
+    return max((context or 0) - prompt_tokens, 0)
 
 
 async def answer_whole(
@@ -298,7 +294,8 @@ async def passthrough(svc: Services, call: Call, rec: RequestRecord) -> None:
     raw = await call.read_body(s.max_body_bytes, svc.bodies)
     content_type = call.headers.get("content-type", "application/json")
     body = parse_json_object(raw) if content_type.startswith("application/json") else {}
-    model = scope.model = resolve_model(svc, body)
+    model, _ = resolve_model(svc, body)
+    scope.model = model
     tenant = scope.tenant = bound or tenant_of(svc, call)
     keys = PrefixKeys(conversation=call.request_id, system="", prompt_chars=0, system_chars=0)
     route = RouteRequest(model=model, keys=keys, prompt_tokens=0, system_tokens=0)
@@ -343,7 +340,9 @@ async def answer_passthrough(
 
 
 # --- the steps' parts ------------------------------------------------------------------------
-def resolve_model(svc: Services, body: Mapping[str, Any]) -> str:
+def resolve_model(svc: Services, body: Mapping[str, Any]) -> tuple[str, int | None]:
+    """The model a request names (or the only one served), and its context length as the
+    backends report it (None until one does)."""
     model = body.get("model")
     served = svc.pool.models()
     if not model:
@@ -357,7 +356,7 @@ def resolve_model(svc: Services, body: Mapping[str, Any]) -> str:
         raise ModelNotFound(
             f"The model `{model}` does not exist. Models served: {names}.", param="model"
         )
-    return str(model)
+    return str(model), served[model]
 
 
 def tenant_of(svc: Services, call: Call) -> str:

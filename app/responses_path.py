@@ -158,7 +158,8 @@ async def prepare(svc: Services, call: Call, rec: RequestRecord) -> Turn:
     body = parse_json_object(raw)
     check_turn(body, s.max_messages, s.max_tokens_cap)
     model_given = bool(body.get("model"))
-    model = scope.model = resolve_model(svc, body)
+    model, context = resolve_model(svc, body)
+    scope.model = model
     tenant = scope.tenant = bound or tenant_of(svc, call)
     rewrite = not model_given
     body["model"] = model
@@ -166,17 +167,15 @@ async def prepare(svc: Services, call: Call, rec: RequestRecord) -> Turn:
         body["cache_salt"] = tenant_salt(s.cache_salt_secret, tenant)
         rewrite = True
     if s.max_tokens_cap and body.get("max_output_tokens") is None:
-        body["max_output_tokens"] = capped_limit(svc, model)
+        body["max_output_tokens"] = capped_limit(s.max_tokens_cap, context)
         rewrite = True
     route = route_for(svc, tenant, model, body)
     previous = body.get("previous_response_id")
     limit = body.get("max_output_tokens")
     charge = 0  # what the tenant's TPM is charged up front
     if svc.rates.enabled:
-        output = allowance(
-            svc, model, limit if isinstance(limit, int) else None, route.prompt_tokens
-        )
-        charge = route.prompt_tokens + output
+        named = limit if isinstance(limit, int) else None
+        charge = route.prompt_tokens + allowance(named, route.prompt_tokens, context)
     return Turn(
         tenant=tenant,
         model=model,

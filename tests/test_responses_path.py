@@ -9,7 +9,7 @@ import orjson
 
 from app.responses_path import MAX_DISCOVERIES
 from app.transport import MockRequest, MockResponse
-from tests.test_handlers import app_with
+from tests.test_handlers import app_with, sent_body
 
 
 def asks_for_a_response(request: MockRequest) -> bool:
@@ -65,6 +65,4 @@ async def test_the_cap_holds_when_a_turn_names_no_limit() -> None:
     async with app_with(answer, max_tokens_cap=100) as (client, _, transport):
         resp = await client.post("/v1/responses", json={"model": "m", "input": "hi"})
         assert resp.status_code == 200
-        sent = transport.requests[-1].body
-        assert sent is not None
-        assert orjson.loads(sent)["max_output_tokens"] == 100
+        assert sent_body(transport)["max_output_tokens"] == 100
