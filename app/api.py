@@ -184,6 +184,7 @@ def _introspection_routes(app: FastAPI, svc: Services) -> None:
             "responses": svc.responses.describe(),
             "admission": {**svc.admission.snapshot(), "rejected": svc.rejections()},
             "bodies": svc.bodies.describe(),
+            "rates": svc.rates.describe(),
             "policy": svc.settings.routing_policy,
         }
         return BytesResponse(200, orjson.dumps(svc.metrics.snapshot(extra)), JSON_HEADERS)

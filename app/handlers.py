@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,18 +130,46 @@ async def generate(svc: Services, call: Call, kind: Kind, rec: RequestRecord) ->
     trace = scope.trace or NO_TRACE
     trace.phase("admission")
     req = await prepare(svc, call, kind, scope)
-    async with call.watching():
-        if svc.rates.enabled:
-            await svc.rates.check(req.tenant, req.tokens)
-        async with svc.admission.slot(req.tenant, svc.ready_for(req.model)) as slot:
-            trace.phase("selection")
-            ownership = await lookup(svc, req.route.keys)
-            async with svc.dispatcher.open(req.route, ownership, req.out, trace=trace) as attempt:
-                _note_attempt(rec, attempt)
-                if req.stream and attempt.response.status == 200:
-                    await answer_stream(svc, call, req, attempt, slot, rec)
-                else:
-                    await answer_whole(svc, call, req, attempt, rec)
+    async with (
+        call.watching(),
+        charged(svc, req.tenant, req.tokens, rec),
+        svc.admission.slot(req.tenant, svc.ready_for(req.model)) as slot,
+    ):
+        trace.phase("selection")
+        ownership = await lookup(svc, req.route.keys)
+        async with svc.dispatcher.open(req.route, ownership, req.out, trace=trace) as attempt:
+            _note_attempt(rec, attempt)
+            if req.stream and attempt.response.status == 200:
+                await answer_stream(svc, call, req, attempt, slot, rec)
+            else:
+                await answer_whole(svc, call, req, attempt, rec)
+
+
+@contextlib.asynccontextmanager
+async def charged(
+    svc: Services, tenant: str, tokens: int, rec: RequestRecord
+) -> AsyncIterator[None]:
+    """The tenant's rates, charged for this request (`tokens` up front: its most); when it ends,
+    however it ends, what it did not use goes back to the tenant's TPM budget."""
+    if not svc.rates.enabled:
+        yield
+        return
+    await svc.rates.check(tenant, tokens)
+    try:
+        yield
+    finally:
+        svc.rates.refund(tenant, tokens - tokens_used(rec, tokens))
+
+
+def tokens_used(rec: RequestRecord, charged: int) -> int:
+    """What a request used of its charge: vLLM's usage (a stream cut short: the router's
+    estimate) once a backend answered; nothing when none was reached or it answered an error;
+    the whole charge when it cannot be known (a client gone before its whole answer came)."""
+    if rec.prompt_tokens or rec.completion_tokens:
+        return rec.prompt_tokens + rec.completion_tokens
+    if rec.backend is None or rec.status not in (0, 200):
+        return 0
+    return charged
 
 
 async def prepare(svc: Services, call: Call, kind: Kind, scope: RequestScope) -> Prepared:

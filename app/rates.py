@@ -1,14 +1,21 @@
 """Per-tenant request and token rates: token buckets in memory, or in Redis so that every router
-replica enforces one budget (both buckets of a tenant in one hash slot: `kvroute:rate:{<tenant>}:rpm`). A request is checked once, before admission; amounts are never
-negative (a request cannot refill its tenant's allowance).
+replica enforces one budget (both buckets of a tenant in one hash slot: `kvroute:rate:{<tenant>}:rpm`).
+A request is checked once, before admission; amounts are never negative (a request cannot
+refill its tenant's allowance). The token charge is what the request may use at most (its
+prompt and its limit); when it ends, what it did not use is given back (`refund`), so the TPM
+budget counts tokens used, while a request in flight still holds its whole allowance.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
+
+from prometheus_client.metrics_core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from app.errors import Overloaded
 from app.looplag import LoopLag
@@ -45,6 +52,13 @@ class TokenBucket:
             self.level -= self._clamped(amount)
         return wait_s
 
+    def give(self, amount: float, now_s: float) -> float:
+        """Give back `amount` taken earlier, never past the capacity; returns what went back."""
+        self.wait(0, now_s)
+        before = self.level
+        self.level = min(self.per_minute, self.level + max(amount, 0.0))
+        return self.level - before
+
     def _clamped(self, amount: float) -> float:
         # A negative amount would refill the bucket; one huge request may still pass once the
         # bucket is full.
@@ -71,6 +85,7 @@ class RateLimits:
         self._clock = clock
         self._buckets: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
         self.rejected: dict[str, int] = {}  # by "rpm" / "tpm"
+        self.refunded = 0  # tokens given back, unused
 
     @property
     def enabled(self) -> bool:
@@ -111,6 +126,24 @@ class RateLimits:
         for bucket, taken in granted:  # all or nothing, as in Redis
             bucket.take(taken, now)
 
+    def refund(self, tenant: str, tokens: int) -> None:
+        """Give back tokens charged by `check` and not used. A bucket dropped meanwhile had
+        refilled: nothing to give back to."""
+        if tokens <= 0 or not self.tpm:
+            return
+        bucket = self._buckets.get((tenant, "tpm"))
+        if bucket is not None:
+            self.refunded += round(bucket.give(tokens, self._clock()))
+
+    async def run(self) -> None:
+        """Nothing to run in memory (the Redis limits write their refunds from here)."""
+
+    def describe(self) -> dict[str, object]:
+        return {"rpm": self.rpm, "tpm": self.tpm, "store": "memory", **self.counts()}
+
+    def counts(self) -> dict[str, int]:
+        return {"buckets": len(self._buckets), "refunded_tokens": self.refunded}
+
 
 # Both buckets of one tenant in one round trip: refill, then take from each, all or nothing.
 # KEYS: rpm bucket, tpm bucket. ARGV: now_ms, rpm, tpm, tokens. Returns wait ms per kind.
@@ -145,6 +178,20 @@ end
 return waits
 """
 
+# Tokens given back to a tenant's TPM bucket, never past its limit. A bucket that expired had
+# refilled. Its time stamp stays: refilling from it then adding is the same as adding then
+# refilling, both capped. KEYS: tpm bucket. ARGV: tokens, tpm. Returns the tokens that went back.
+_REFUND_SCRIPT = """
+local level = tonumber(redis.call('HGET', KEYS[1], 'level'))
+if not level then
+  return 0
+end
+local after = math.min(tonumber(ARGV[2]), level + tonumber(ARGV[1]))
+redis.call('HSET', KEYS[1], 'level', after)
+return math.floor(after - level + 0.5)
+"""
+MAX_PENDING_REFUNDS = 8192  # past it a refund is dropped: its tenant keeps the charge
+
 
 class RedisRateLimits:
     """The same buckets kept in Redis, so that every router replica enforces one budget.
@@ -174,6 +221,8 @@ class RedisRateLimits:
         self._wall_ms = wall_ms
         self.local = RateLimits(rpm, tpm)
         self.fallbacks = 0
+        self._refunds: asyncio.Queue[tuple[str, int]] = asyncio.Queue(MAX_PENDING_REFUNDS)
+        self.refunds_dropped = 0
 
     @property
     def enabled(self) -> bool:
@@ -205,3 +254,65 @@ class RedisRateLimits:
                     f"tenant is over its {kind.upper()} limit of {per_minute:g} per minute",
                     retry_after_s=int(wait_ms) / 1000,
                 )
+
+    @property
+    def refunded(self) -> int:
+        return self.local.refunded
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            "store": "redis",
+            **self.local.counts(),  # the local fallback's buckets, and the refunds
+            "refunds_pending": self._refunds.qsize(),
+            "refunds_dropped": self.refunds_dropped,
+            "fallbacks": self.fallbacks,
+        }
+
+    def refund(self, tenant: str, tokens: int) -> None:
+        """Queue the give-back for the writer (`run`): off the request path, after its answer."""
+        if tokens <= 0 or not self.tpm:
+            return
+        try:
+            self._refunds.put_nowait((tenant, tokens))
+        except asyncio.QueueFull:
+            self.refunds_dropped += 1
+
+    async def run(self) -> None:
+        """The refund writer, for the app's lifetime: pipelined batches, one key per call."""
+        while True:
+            batch = [await self._refunds.get()]
+            while not self._refunds.empty() and len(batch) < 512:
+                batch.append(self._refunds.get_nowait())
+            try:
+                budget_s = max(self.timeout_s * 10, 1.0)
+                async with (
+                    redis_deadline(budget_s, self.lag, max(self.cap_s, budget_s * 2)),
+                    self._redis.pipeline(transaction=False) as pipe,
+                ):
+                    for tenant, tokens in batch:
+                        # EVAL, as the ownership writer: a cluster node may lack the script.
+                        pipe.eval(_REFUND_SCRIPT, 1, self.redis_keys(tenant)[1], tokens, self.tpm)
+                    given = await pipe.execute()
+            except self._trouble:  # Redis failed: the local buckets (its fallback) get them
+                self.fallbacks += 1
+                for tenant, tokens in batch:
+                    self.local.refund(tenant, tokens)
+                continue
+            self.local.refunded += sum(int(n) for n in given)
+
+
+class RatesCollector(Collector):
+    """Tokens given back to tenants' TPM budgets, for Prometheus (refusals are in
+    `kvroute_admission_rejections`)."""
+
+    def __init__(self, rates: RateLimits | RedisRateLimits) -> None:
+        self.rates = rates
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "kvroute_tpm_refunded_tokens",
+            "Tokens charged to a tenant's TPM up front and given back unused after the answer",
+            value=self.rates.refunded,
+        )

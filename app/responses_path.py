@@ -46,6 +46,7 @@ from app.handlers import (
     _scope,
     allowance,
     capped_limit,
+    charged,
     lookup,
     resolve_model,
     stream_stats,
@@ -128,26 +129,27 @@ class Turn:
 # --- POST /v1/responses ----------------------------------------------------------------------
 async def create(svc: Services, call: Call, rec: RequestRecord) -> None:
     turn = await prepare(svc, call, rec)
-    async with call.watching():
-        if svc.rates.enabled:
-            await svc.rates.check(turn.tenant, turn.tokens)
-        async with svc.admission.slot(turn.tenant, svc.ready_for(turn.model)) as slot:
-            if turn.previous is None:
-                ownership = await lookup(svc, turn.route.keys)
-                await send_turn(svc, call, turn, rec, slot, ownership, None)
-                return
-            owner = await owner_of(svc, call, turn.previous, turn.model)
-            if owner is None:
-                raise ResponseNotFound(
-                    f"Response with id '{turn.previous}' not found.",
-                    param="previous_response_id",
-                )
-            try:
-                if owner.state == "lost":
-                    raise Lost("has restarted since it stored it")
-                await send_turn(svc, call, turn, rec, slot, NO_OWNERSHIP, Pinned(owner.backend))
-            except Lost as lost:
-                await continue_elsewhere(svc, call, turn, rec, slot, str(lost))
+    async with (
+        call.watching(),
+        charged(svc, turn.tenant, turn.tokens, rec),
+        svc.admission.slot(turn.tenant, svc.ready_for(turn.model)) as slot,
+    ):
+        if turn.previous is None:
+            ownership = await lookup(svc, turn.route.keys)
+            await send_turn(svc, call, turn, rec, slot, ownership, None)
+            return
+        owner = await owner_of(svc, call, turn.previous, turn.model)
+        if owner is None:
+            raise ResponseNotFound(
+                f"Response with id '{turn.previous}' not found.",
+                param="previous_response_id",
+            )
+        try:
+            if owner.state == "lost":
+                raise Lost("has restarted since it stored it")
+            await send_turn(svc, call, turn, rec, slot, NO_OWNERSHIP, Pinned(owner.backend))
+        except Lost as lost:
+            await continue_elsewhere(svc, call, turn, rec, slot, str(lost))
 
 
 async def prepare(svc: Services, call: Call, rec: RequestRecord) -> Turn:

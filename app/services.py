@@ -30,7 +30,7 @@ from app.looplag import LoopLag
 from app.metrics import RequestRecord, RouterMetrics
 from app.ownership import MemoryStore, OwnershipStore, RedisStore
 from app.presentation import prom_gauges
-from app.rates import RateLimits, RedisRateLimits
+from app.rates import RateLimits, RatesCollector, RedisRateLimits
 from app.redislink import WARM_CONNECTIONS, is_cluster, redis_client, warm
 from app.responses import MemoryResponses, RedisResponses, ResponseStore
 from app.routing import CostWeights, LeastLoaded, Policy, make_policy
@@ -205,6 +205,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
     )
     services.registry.register(FleetCollector(services.fleet))
     services.registry.register(BodiesCollector(services.bodies))
+    services.registry.register(RatesCollector(services.rates))
     services.registry.register(
         metrics.collector(
             lambda: prom_gauges(pool, store), services.ownership_fallbacks, services.rejections
@@ -294,6 +295,7 @@ async def running(services: Services) -> AsyncIterator[None]:
             services.lag.run(),
             services.admission.run(),
             services.store.run(),
+            services.rates.run(),
             services.series.run(),
             services.fleet.run(),
         ]

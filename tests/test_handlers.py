@@ -15,6 +15,8 @@ import pytest
 from app.api import create_app
 from app.config import Settings
 from app.errors import UpstreamBroken, UpstreamUnavailable
+from app.handlers import tokens_used
+from app.metrics import RequestRecord
 from app.services import Services, build_services, running
 from app.transport import MockRequest, MockResponse, MockTransport, sse_body
 from tests.integration.hostile_backend import chat_chunks
@@ -273,3 +275,81 @@ async def test_tpm_charges_every_choice_and_an_unnamed_limit() -> None:
                 for _ in range(passes + 1)
             ]
             assert statuses == [200] * passes + [429], (tenant, statuses)
+
+
+@pytest.mark.parametrize(
+    ("fields", "used"),
+    [
+        ({}, 0),  # never reached a backend (refused, queued, or every attempt failed)
+        ({"backend": "b0", "status": 400}, 0),  # the backend's error answer
+        ({"backend": "b0", "status": 200, "prompt_tokens": 7, "completion_tokens": 3}, 10),
+        ({"backend": "b0", "prompt_tokens": 7, "completion_tokens": 1}, 8),  # a stream cut short
+        ({"backend": "b0"}, 500),  # gone before its whole answer: unknown, the charge stands
+    ],
+)
+def test_what_a_request_used_of_its_charge(fields: dict[str, Any], used: int) -> None:
+    assert tokens_used(RequestRecord(**{"endpoint": "chat", "status": 0, **fields}), 500) == used
+
+
+USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+
+
+async def test_tpm_gives_back_what_a_request_did_not_use() -> None:
+    """Each request is charged its most up front (prompt + 600 here) and, when it ends, gets back
+    what it did not use: vLLM's usage, or all of it for a backend's error. A request in flight holds its whole charge, and a client gone before
+    its whole answer came keeps it (its use cannot be known)."""
+    release, all_held = asyncio.Event(), asyncio.Event()
+    held = 0
+
+    async def answer(request: MockRequest) -> MockResponse:
+        nonlocal held
+        sent = orjson.loads(request.body or b"{}")
+        if sent.get("stream"):
+            return await stream_answer(request)
+        if sent["max_tokens"] == 1500:
+            return MockResponse(400, chunks=[b'{"error": {"message": "no"}}'])
+        if sent["max_tokens"] == 601:
+            held += 1
+            if held == 3:
+                all_held.set()
+            await release.wait()
+        body = {"choices": [{"message": {"content": "hi"}}], "usage": USAGE}
+        return MockResponse(200, {"content-type": "application/json"}, [orjson.dumps(body)])
+
+    async with app_with(answer, tenant_tpm=2000, trust_tenant_headers=True) as (
+        client,
+        services,
+        _,
+    ):
+
+        async def post(body: dict[str, Any], tenant: str = "t") -> int:
+            headers = {"X-Tenant-ID": tenant}
+            resp = await client.post("/v1/chat/completions", json=body, headers=headers)
+            return resp.status_code
+
+        # Without the give-back, the fourth would be refused (3 x ~600 of 2000).
+        assert [await post({**CHAT, "max_tokens": 600}) for _ in range(10)] == [200] * 10
+        per_request = services.rates.refunded / 10
+        assert per_request == 600 + 2 - 15  # the charge (600 and a 2-token prompt) less usage
+
+        # In flight, each holds its charge: three fill the budget, the fourth is refused.
+        waiting = [asyncio.create_task(post({**CHAT, "max_tokens": 601})) for _ in range(3)]
+        await asyncio.wait_for(all_held.wait(), 10)
+        assert await post({**CHAT, "max_tokens": 600}) == 429
+        release.set()
+        assert await asyncio.gather(*waiting) == [200] * 3
+        assert await post({**CHAT, "max_tokens": 600}) == 200
+
+        # A backend's error answer costs nothing: the whole budget may go again at once.
+        before = services.rates.refunded
+        assert await post({**CHAT, "max_tokens": 1500}, "errors") == 400
+        assert services.rates.refunded - before == 1500 + 2
+        assert await post({**CHAT, "max_tokens": 1400}, "errors") == 200
+
+        # A stream: its usage chunk (7 + 3) is its use.
+        before = services.rates.refunded
+        assert await post({**CHAT, "max_tokens": 600, "stream": True}, "streams") == 200
+        assert services.rates.refunded - before == 602 - 10
+        assert services.rates.describe()["refunded_tokens"] == services.rates.refunded
+        prom = (await client.get("/metrics", headers={"accept": "text/plain"})).text
+        assert f"\nkvroute_tpm_refunded_tokens_total {float(services.rates.refunded)}\n" in prom

@@ -71,3 +71,34 @@ def test_the_bucket_map_has_a_hard_bound(monkeypatch: pytest.MonkeyPatch) -> Non
     for i in range(1000):
         rates.check_now(f"tenant {i}", 1)
     assert len(rates) == 100
+
+
+def test_a_refund_gives_back_up_to_the_capacity() -> None:
+    bucket = TokenBucket(per_minute=1000, now_s=0)
+    assert bucket.take(900, 0) == 0
+    assert bucket.give(600, 0) == 600  # 700 now
+    assert bucket.take(700, 0) == 0
+    assert bucket.take(1, 0) > 0
+    assert bucket.give(5000, 30) == 500  # 500 refilled in 30 s: only 500 more fit
+    assert bucket.level == 1000
+    assert bucket.give(-50, 30) == 0  # a negative refund takes nothing
+
+
+def test_unused_tokens_go_back_to_the_tenant() -> None:
+    """A request is charged its most (prompt + limit) and gets back what it did not use, so a
+    tenant's TPM counts tokens used; a request in flight still holds its whole charge."""
+    rates = RateLimits(rpm=0, tpm=1000, clock=lambda: 0.0)
+    rates.check_now("a", 600)
+    with pytest.raises(Overloaded, match="TPM"):
+        rates.check_now("a", 600)  # the first one still holds its 600
+    rates.refund("a", 550)  # it used 50
+    rates.check_now("a", 600)
+    rates.refund("b", 100)  # nothing charged to b: no bucket to give to
+    assert rates.refunded == 550
+    assert rates.describe() == {
+        "rpm": 0,
+        "tpm": 1000,
+        "store": "memory",
+        "buckets": 1,
+        "refunded_tokens": 550,
+    }

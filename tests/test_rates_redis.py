@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
 import httpx
 import pytest
 
@@ -10,6 +15,13 @@ from app.ownership import redis_client
 from app.rates import RedisRateLimits
 from harness.ports import free_port
 from tests.conftest import cancel_midway, running_router, running_simulators
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
 
 
 async def test_replicas_share_one_budget(redis_url: str) -> None:
@@ -83,3 +95,44 @@ def test_router_answers_429_past_the_tenant_rpm(redis_url: str) -> None:
             ).status_code
             == 200
         )
+
+
+async def test_refunds_are_written_by_the_background_writer(redis_url: str) -> None:
+    """Two replicas, one budget: what one request did not use goes back to the shared bucket
+    (capped at the limit), from the writer, off the request path."""
+    a = RedisRateLimits(redis_client(redis_url, 0.5), rpm=0, tpm=1000, timeout_s=0.5)
+    b = RedisRateLimits(redis_client(redis_url, 0.5), rpm=0, tpm=1000, timeout_s=0.5)
+    tenant = f"refund-{free_port()}"
+    await a.check(tenant, 900)
+    with pytest.raises(Overloaded, match="TPM"):
+        await b.check(tenant, 600)
+    writer = asyncio.create_task(a.run())
+    try:
+        a.refund(tenant, 850)
+        a.refund(tenant, 5000)  # past the limit: only what fits goes back
+        await wait_until(lambda: a.refunded >= 898)
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+    # 850, then what fits: 50 less the few tokens refilled meanwhile (each rounded)
+    assert 898 <= a.refunded <= 900
+    await b.check(tenant, 1000)  # the bucket is full again, for the other replica too
+    assert a.fallbacks == b.fallbacks == 0
+
+
+async def test_refunds_without_redis_go_to_the_local_buckets() -> None:
+    limits = RedisRateLimits(
+        redis_client(f"redis://127.0.0.1:{free_port()}/0", 0.5), rpm=0, tpm=1000, timeout_s=0.05
+    )
+    await limits.check("t", 900)  # Redis is down: charged locally
+    writer = asyncio.create_task(limits.run())
+    try:
+        limits.refund("t", 800)
+        await wait_until(lambda: limits.refunded == 800)
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+    await limits.check("t", 900)
+    assert limits.fallbacks == 3  # two checks and one refund batch

@@ -66,3 +66,23 @@ async def test_the_cap_holds_when_a_turn_names_no_limit() -> None:
         resp = await client.post("/v1/responses", json={"model": "m", "input": "hi"})
         assert resp.status_code == 200
         assert sent_body(transport)["max_output_tokens"] == 100
+
+
+async def test_a_turn_gets_back_the_tokens_it_did_not_use() -> None:
+    """Charged its prompt and `max_output_tokens` up front, a turn gets back what vLLM's usage
+    says it did not use: five turns of 800 pass a TPM of 2000, which two would empty."""
+
+    async def answer(request: MockRequest) -> MockResponse:
+        usage = {"input_tokens": 6, "output_tokens": 4, "total_tokens": 10}
+        body = {"id": "resp_1", "object": "response", "status": "completed", "usage": usage}
+        return MockResponse(200, {"content-type": "application/json"}, [orjson.dumps(body)])
+
+    async with app_with(answer, tenant_tpm=2000, trust_tenant_headers=True) as (
+        client,
+        services,
+        _,
+    ):
+        turn = {"model": "m", "input": "hi", "max_output_tokens": 800}
+        statuses = [(await client.post("/v1/responses", json=turn)).status_code for _ in range(5)]
+        assert statuses == [200] * 5
+        assert services.rates.refunded == 5 * (800 + 1 - 10)  # a 1-token prompt, 10 used

@@ -175,6 +175,7 @@ def held(url: str, sim_urls: list[str]) -> dict[str, Any]:
         "admission_waiting": metrics["admission"]["waiting"],
         "backend_in_flight": metrics["in_flight"],
         "body_bytes_held": metrics["bodies"]["held_bytes"],
+        "tpm_refunds_pending": metrics["rates"].get("refunds_pending", 0),
     }
     for i, sim in enumerate(sim_urls):
         stats = httpx.get(f"{sim}/sim/stats").json()
@@ -208,6 +209,7 @@ def test_storm_leaves_nothing_held_and_the_router_serving(
         in_redis = {
             "redis_url": request.getfixturevalue("redis_url"),
             "tenant_rpm": 400,
+            "tenant_tpm": 10_000_000,  # charged and given back on every request
             "trust_tenant_headers": True,
         }
     with (
@@ -252,6 +254,9 @@ def test_storm_leaves_nothing_held_and_the_router_serving(
             assert metrics["admission"]["rejected"].get("rate_rpm", 0) > 0
             assert metrics["ownership"]["state"] == "up"
             assert metrics["ownership"]["fallbacks"] == 0, metrics["ownership"]
+            rates = metrics["rates"]
+            assert rates["refunded_tokens"] > 0, rates
+            assert rates["fallbacks"] == rates["refunds_dropped"] == 0, rates
 
         # Still serving: plain requests all succeed, and leave nothing behind either.
         with httpx.Client(timeout=10) as client:

@@ -589,6 +589,48 @@ def test_the_cap_is_sent_for_a_request_that_names_no_limit(
             assert answer.json()["usage"]["completion_tokens"] == 8
 
 
+def test_tpm_gives_back_what_real_vllm_did_not_use(real_vllm_servers: RealVllmServers) -> None:
+    """TPM 3000: a request vLLM refuses (max_tokens past max_model_len, charged the whole
+    budget) gets all of it back, so the next one passes at once; a request that ends gets back
+    its charge less vLLM's usage (charge: the prompt estimate and max_tokens), stream or not."""
+    servers = real_vllm_servers
+    with running_router(
+        servers.urls, served_model=servers.model, tenant_tpm=3000, trust_tenant_headers=True
+    ) as router:
+
+        def refunded() -> int:
+            rates = httpx.get(router.url + "/metrics").json()["rates"]
+            return int(rates["refunded_tokens"])
+
+        body = chat_body(servers.model, [{"role": "user", "content": "hi"}], stream=False)
+        refused = httpx.post(
+            router.url + "/v1/chat/completions", json={**body, "max_tokens": 100_000}
+        )
+        assert refused.status_code == 400, refused.text[:300]
+        assert refunded() >= 2999  # all of it (the bucket's 3000, less what refilled)
+        for stream in (False, True):
+            before = refunded()
+            sent = {**body, "max_tokens": 1000, "stream": stream}
+            if stream:
+                sent["stream_options"] = {"include_usage": True}
+            answer = httpx.post(router.url + "/v1/chat/completions", json=sent, timeout=120)
+            assert answer.status_code == 200, answer.text[:300]
+            if stream:
+                chunks = [
+                    json.loads(line[6:])
+                    for line in answer.text.splitlines()
+                    if line.startswith("data: {")
+                ]
+                usage = next(c["usage"] for c in chunks if c.get("usage"))
+            else:
+                usage = answer.json()["usage"]
+            used = usage["prompt_tokens"] + usage["completion_tokens"]
+            # The charge is max_tokens and the prompt's estimate (a few tokens); given back
+            # just after the answer's last byte.
+            expected = {max(0, charge - used) for charge in range(1001, 1011)}
+            wait_for(lambda b=before, e=expected: refunded() - b in e, timeout_s=5)
+
+
 @pytest.mark.parametrize("case", ["max_tokens above max_model_len", "prompt too long"])
 @pytest.mark.parametrize("stream_flag", [False, True])
 def test_vllm_error_bodies_pass_through_unchanged(
