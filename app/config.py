@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     # send_timeout, 60 s): past it the connection is cut, which frees its slot and ends its
     # generation upstream. A client that never reads would otherwise hold both for good.
     send_timeout_s: float = Field(default=60.0, gt=0)
+    # The least a client must take, on average over each SEND_TIMEOUT_S of the router waiting
+    # on it (0: off). Without it a client taking a few bytes a minute holds its slot for good:
+    # each few bytes count as progress. 1 KiB/s is slower than any working link.
+    send_min_bytes_per_s: int = Field(default=1024, ge=0)
 
     # --- upstream connections -------------------------------------------------------------
     connect_timeout_s: float = Field(default=3.0, gt=0)

@@ -75,7 +75,7 @@ class Call:
 
     @property
     def cut(self) -> str | None:
-        """Why the listener cut this connection (`BodyTimeout`, `SendStalled`), if it did: a
+        """Why the listener cut this connection (`BodyTimeout`, `SendStalled`, `SendTooSlow`), if it did: a
         departure that was the router's timeout, not the client's choice."""
         kind = self.scope.get(CUT_KEY)
         return kind if isinstance(kind, str) else None

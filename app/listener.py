@@ -12,8 +12,10 @@ accepts. `GuardedHttpToolsProtocol` adds, per connection:
   it, 408 (or a cut, when the answer had begun) and close;
 - open connections at once (`MAX_CONNECTIONS`): past it, 503 and close;
 - a client that takes none of its answer for `SEND_TIMEOUT_S` while the send buffer is full
-  (the router waits on it) is cut: aborted, so its request ends as a departure (slot freed,
-  upstream closed). Any byte taken restarts the count: a slow reader is not a stalled one.
+  (the router waits on it), or less than `SEND_MIN_BYTES_PER_S` on average over that much
+  waiting, is cut: aborted, so its request ends as a departure (slot freed, upstream closed).
+  Only time spent waiting on the client counts, so a client slower than the generation is not
+  cut for it, while one that takes a few bytes a minute no longer holds its slot for good.
 A refused connection is closed gracefully: the refusal, then our side's FIN, then what the
 client still sends is read and dropped (up to LINGER_BYTES, for LINGER_S at most). Closing at
 once with its bytes unread makes the kernel answer with a reset, which can destroy the
@@ -24,8 +26,11 @@ Limits travel as a frozen value in a `functools.partial`, so worker processes ge
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import socket
+import struct
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +63,7 @@ class ListenerLimits:
     body_timeout_s: float = 60.0
     max_connections: int = 4096
     send_timeout_s: float = 60.0
+    send_min_bytes_per_s: int = 1024
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ListenerLimits:
@@ -68,6 +74,7 @@ class ListenerLimits:
             body_timeout_s=settings.body_timeout_s,
             max_connections=settings.max_connections,
             send_timeout_s=settings.send_timeout_s,
+            send_min_bytes_per_s=settings.send_min_bytes_per_s,
         )
 
 
@@ -104,7 +111,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._dropped = 0  # bytes read and dropped after a refusal
         self._stall: asyncio.TimerHandle | None = None  # armed while writing is paused
-        self._unsent = 0  # bytes waiting to be sent when `_stall` was armed
+        self._unsent = 0  # bytes the client had yet to take when writing paused
+        self._paused_at = 0.0  # loop time writing paused
+        # The window under check: seconds spent waiting on the client, and bytes it took then.
+        self._waited_s = 0.0
+        self._taken = 0
 
     # --- connection ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -121,10 +132,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        self._arm_stall()
+        self._disarm_stall()
+        self._paused_at, self._unsent = self.loop.time(), _unsent(self.transport)
+        window_s = self.limits.send_timeout_s
+        self._stall = self.loop.call_later(max(window_s - self._waited_s, 0.0), self._check_stall)
 
     def resume_writing(self) -> None:
-        self._disarm_stall()
+        if self._stall is not None:
+            self._disarm_stall()
+            self._waited_s += self.loop.time() - self._paused_at
+            self._taken += max(self._unsent - _unsent(self.transport), 0)
         super().resume_writing()
 
     def data_received(self, data: bytes) -> None:
@@ -217,28 +234,44 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refused = True
             self.transport.close()  # an idle connection: nothing to answer
 
-    def _arm_stall(self) -> None:
-        self._disarm_stall()
-        self._unsent = _unsent(self.transport)
-        self._stall = self.loop.call_later(self.limits.send_timeout_s, self._check_stall)
-
     def _disarm_stall(self) -> None:
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None
 
     def _check_stall(self) -> None:
+        """SEND_TIMEOUT_S of waiting on the client in all (this pause and earlier ones since
+        the last check): it must have taken something, and at least the minimum rate."""
         self._stall = None
-        if _unsent(self.transport) < self._unsent:
-            self._arm_stall()  # the client took some: it reads, however slowly
+        now, unsent = self.loop.time(), _unsent(self.transport)
+        waited_s = self._waited_s + now - self._paused_at
+        taken = self._taken + max(self._unsent - unsent, 0)
+        least = self.limits.send_min_bytes_per_s * waited_s
+        if taken and taken >= least:  # a new window, from now
+            self._waited_s, self._taken = 0.0, 0
+            self._paused_at, self._unsent = now, unsent
+            window_s = self.limits.send_timeout_s
+            self._stall = self.loop.call_later(window_s, self._check_stall)
             return
-        log.warning(
-            "client %s took none of its answer for %g s: connection cut",
-            _peer(self.transport),
-            self.limits.send_timeout_s,
-        )
-        self._mark_cut("SendStalled")
-        self.transport.abort()  # close() would wait for the buffer to drain: forever
+        peer = _peer(self.transport)
+        if taken:
+            log.warning(
+                "client %s took %d bytes in %.3g s of the router waiting on it, under "
+                "SEND_MIN_BYTES_PER_S=%d: connection cut",
+                peer,
+                taken,
+                waited_s,
+                self.limits.send_min_bytes_per_s,
+            )
+            self._mark_cut("SendTooSlow")
+        else:
+            log.warning(
+                "client %s took none of its answer for %g s: connection cut",
+                peer,
+                self.limits.send_timeout_s,
+            )
+            self._mark_cut("SendStalled")
+        _reset(self.transport)
 
     def _mark_cut(self, kind: str) -> None:
         """Tell the request's handler (`Call.cut`) that the router, not its client, ended it."""
@@ -251,7 +284,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._mark_cut("BodyTimeout")
         if self.cycle is not None and self.cycle.response_started:
-            self.transport.abort()  # an answer begun before its body ended: nothing to say
+            _reset(self.transport)  # an answer begun before its body ended: nothing to say
             return
         # The handler waiting for the rest of the body gets a departure when the connection
         # closes, so it answers nothing itself.
@@ -277,6 +310,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         transport.write_eof()
         transport.resume_reading()
         self._deadline = self.loop.call_later(LINGER_S, transport.close)
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Cut the connection with a reset. `abort()` drops the transport's buffer, but the kernel
+    would still send what its queue holds (megabytes, to a client that reads a few bytes a
+    second) before its FIN; with a zero linger the close resets and frees that queue at once."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def _unsent(transport: asyncio.WriteTransport) -> int:

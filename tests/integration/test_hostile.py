@@ -442,6 +442,7 @@ def test_connections_past_the_cap_are_refused() -> None:
 # stalled client asks for 100 000 (5 s of generation), which cannot all be buffered upstream
 # either: the simulator is still generating when the client is cut.
 SEND_TIMEOUT_S = 0.5
+SEND_MIN_BYTES_PER_S = 256 * 1024
 
 
 @pytest.fixture
@@ -453,6 +454,7 @@ def stalling_router() -> Iterator[tuple[RouterServer, str]]:
             [sims[0].url],
             served_model="sim-model",
             send_timeout_s=SEND_TIMEOUT_S,
+            send_min_bytes_per_s=SEND_MIN_BYTES_PER_S,
             max_in_flight=2,
             queue_timeout_s=30.0,
         ) as router,
@@ -526,6 +528,33 @@ def test_a_slow_reader_is_not_a_stalled_one(stalling_router: tuple[RouterServer,
     assert time.monotonic() - started > 2 * SEND_TIMEOUT_S
     assert b"data: [DONE]" in received[-64:]
     assert router.router.metrics.client_disconnects == 0
+
+
+def test_a_trickling_reader_is_cut_below_the_least_rate(
+    stalling_router: tuple[RouterServer, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """8 KiB every 0.1 s is progress within every SEND_TIMEOUT_S, but 80 KiB/s is under the
+    least rate (256 KiB/s here) while the router waits on it: cut about one timeout after the
+    router began waiting, as the router's doing (408 SendTooSlow), and its slot freed. Without
+    the rate it reads on (~80 s for this answer)."""
+    router, sim = stalling_router
+    state = router.router
+    received = 0
+    with small_window_post(router.port, {**CHAT, "max_tokens": 30_000, "stream": True}) as sock:
+        started = time.monotonic()
+        try:
+            while chunk := sock.recv(8 * 1024):
+                received += len(chunk)
+                assert time.monotonic() - started < 5, "still reading: not cut"
+                time.sleep(0.1)
+        except ConnectionResetError:
+            pass  # aborted
+    assert received < 2 << 20  # cut long before its 6.7 MB
+    wait_for(lambda: state.metrics.errors["SendTooSlow"] == 1)
+    assert state.metrics.errors["SendStalled"] == state.metrics.client_disconnects == 0
+    assert f"under SEND_MIN_BYTES_PER_S={SEND_MIN_BYTES_PER_S}: connection cut" in caplog.text
+    wait_for(lambda: router_idle(router))
+    wait_for(lambda: httpx.get(f"{sim}/sim/stats").json()["running"] == 0)
 
 
 def test_bodies_held_at_once_are_bounded() -> None:
