@@ -314,7 +314,9 @@ class RedisStore:
             return self._from_memory(keys)
         cached = self._cache.get(keys.conversation)
         if cached is not None and cached[0] > now:
-            return cached[1]
+            # This replica's own records may be newer (a home another conversation of the same
+            # system prompt opened here since): as for a fresh read, they are added.
+            return self._with_local(keys, cached[1])
         conversation_key, system_key = self.redis_keys(keys)
         try:
             async with (

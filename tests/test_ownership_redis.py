@@ -113,6 +113,22 @@ async def test_a_lookup_sees_this_replicas_records_before_they_are_written(
         assert set(moved.system_holders) == {"b0", "b2"}
 
 
+async def test_a_cached_lookup_sees_homes_this_replica_opened_since(redis_url: str) -> None:
+    """The read-through cache answers a conversation's next turn without Redis; a home another
+    conversation of the same system prompt opened on this replica since counts there too, as it
+    would in memory (a spill then goes where the system prompt is cached)."""
+    store = RedisStore(
+        redis_client(redis_url, 0.5), redis_url, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=60
+    )
+    system = f"s-{free_port()}"
+    await store.record(keys("first", system=system), "b0", 300, claim=True)
+    assert (await store.lookup(keys("first", system=system))).system_holders == ("b0",)
+    await store.record(keys("second", system=system), "b1", 200, claim=True)
+    cached = await store.lookup(keys("first", system=system))
+    assert (cached.owner, cached.owner_tokens) == ("b0", 300)
+    assert set(cached.system_holders) == {"b0", "b1"}
+
+
 async def test_takeover_and_ttl(redis_url: str) -> None:
     store = RedisStore(
         redis_client(redis_url, 0.5), redis_url, ttl_s=0.3, timeout_s=0.5, retry_s=0.2, cache_s=0.0
