@@ -21,6 +21,8 @@ from app.errors import ClientGone, KvrouteError, PayloadTooLarge
 from app.validation import request_id_from
 
 CUT_KEY = "kvroute.cut"  # in a request's ASGI scope, set by `app.listener` when it cuts one
+# The status a cut request is recorded with: the listener's timeouts are 408s.
+CUT_STATUS = {"PipelineTooDeep": 400}
 
 Headers = list[tuple[bytes, bytes]]
 

@@ -23,7 +23,7 @@ import orjson
 
 from app.admission import Slot
 from app.errors import BadRequest, ClientGone, KvrouteError, ModelNotFound, NoHealthyBackend
-from app.exchange import Call, raw_headers
+from app.exchange import CUT_STATUS, Call, raw_headers
 from app.metrics import RequestRecord, RequestScope
 from app.prefix import PrefixKeys, chat_keys, completion_keys, effective_tenant
 from app.relay import SSE_HEADERS, Sink, relay_raw, relay_stream
@@ -97,8 +97,8 @@ async def handle(svc: Services, call: Call, endpoint: str, work: Work) -> None:
         if call.cut is None:
             rec.status, rec.error_kind = 499, "ClientGone"
             svc.metrics.client_disconnects += 1
-        else:  # the listener cut a client too slow to send or to read: our timeout
-            rec.status, rec.error_kind = 408, call.cut
+        else:  # the listener cut a client too slow to send or to read, or a hostile one
+            rec.status, rec.error_kind = CUT_STATUS.get(call.cut, 408), call.cut
     except KvrouteError as exc:
         rec.status, rec.error_kind = exc.status, type(exc).__name__
         if not call.response_started:

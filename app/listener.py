@@ -11,6 +11,10 @@ accepts. `GuardedHttpToolsProtocol` adds, per connection:
 - a deadline to send the whole body (`BODY_TIMEOUT_S`), from the end of the headers: past
   it, 408 (or a cut, when the answer had begun) and close;
 - open connections at once (`MAX_CONNECTIONS`): past it, 503 and close;
+- requests pipelined ahead of their answers (`MAX_PIPELINED`): uvicorn parses every request in a
+  read before it pauses reading, so 256 KiB of tiny pipelined requests became ~2 MB of queued
+  requests held per connection; past the bound the connection is cut (no client pipelines that
+  deep: browsers do not pipeline at all);
 - a client that takes none of its answer for `SEND_TIMEOUT_S` while the send buffer is full
   (the router waits on it), or less than `SEND_MIN_BYTES_PER_S` on average over that much
   waiting, is cut: aborted, so its request ends as a departure (slot freed, upstream closed).
@@ -36,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from app.config import Settings
 from app.exchange import CUT_KEY
@@ -53,6 +57,7 @@ log = logging.getLogger("kvroute.listener")
 
 LINGER_S = 2.0
 LINGER_BYTES = 1 << 20
+MAX_PIPELINED = 32  # requests parsed and waiting behind the one being answered, per connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +157,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._in_headers:
             self._header_bytes += len(data)
+        current = self.cycle  # the request being answered (reading pauses while any wait)
         super().data_received(data)
+        if len(self.pipeline) > MAX_PIPELINED:
+            self._cut_pipeline(current)
+            return
         if self._in_headers and self._deadline is None and not self._refused:
             # Headers begun but not complete in one read (rare: most arrive in one): the
             # deadline starts now. Idle keep-alive connections are uvicorn's keep-alive timer's.
@@ -160,7 +169,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Headers not yet complete: what the parser holds is bounded by this raw count (complete
         # ones are measured exactly in `on_headers_complete`, body bytes not held against them).
         if self._in_headers and self._header_bytes > self.limits.max_header_bytes:
-            self._refuse(
+            self._refuse_new(
                 431,
                 "headers_too_large",
                 f"request headers exceed {self.limits.max_header_bytes} bytes",
@@ -179,19 +188,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
+        # The raw count guards headers not yet complete; these are measured below. Bytes of
+        # earlier requests in the same read (pipelined) must not count against the next one.
+        self._header_bytes = 0
         self._disarm_deadline()
         # Complete headers, measured as parsed (their count is bounded by the raw bytes).
         headers = self.headers
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in headers)
         if size > self.limits.max_header_bytes:
-            self._refuse(
+            self._refuse_new(
                 431,
                 "headers_too_large",
                 f"request headers exceed {self.limits.max_header_bytes} bytes",
             )
             return
         if len(headers) > self.limits.max_headers:
-            self._refuse(
+            self._refuse_new(
                 431,
                 "too_many_headers",
                 f"the request has {len(headers)} headers; the limit is {self.limits.max_headers}",
@@ -225,7 +237,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not self._in_headers or self.transport.is_closing():
             return
         if self._header_bytes:
-            self._refuse(
+            self._refuse_new(
                 408,
                 "header_timeout",
                 f"request headers not received within {self.limits.header_timeout_s:g} s",
@@ -273,6 +285,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._mark_cut("SendStalled")
         _reset(self.transport)
 
+    def _cut_pipeline(self, current: RequestResponseCycle | None) -> None:
+        log.warning(
+            "client %s pipelined more than %d requests ahead of their answers: connection cut",
+            _peer(self.transport),
+            MAX_PIPELINED,
+        )
+        self.pipeline.clear()  # never started: dropped with the connection
+        self._refused = True
+        self._disarm_deadline()
+        if current is not None and not current.response_complete:
+            current.scope[CUT_KEY] = "PipelineTooDeep"  # type: ignore[literal-required]
+        _reset(self.transport)
+
     def _mark_cut(self, kind: str) -> None:
         """Tell the request's handler (`Call.cut`) that the router, not its client, ended it."""
         if self.cycle is not None:
@@ -293,6 +318,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             "body_timeout",
             f"request body not received within {self.limits.body_timeout_s:g} s",
         )
+
+    def _refuse_new(self, status: int, reason: str, message: str) -> None:
+        """Refuse a request not yet begun; behind one still being answered (pipelined), an
+        answer cannot be put in its place, so the connection is cut instead."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            log.warning(
+                "client %s: %s behind a request still being answered: connection cut",
+                _peer(self.transport),
+                message,
+            )
+            self._refused = True
+            self._disarm_deadline()
+            self.pipeline.clear()
+            _reset(self.transport)
+            return
+        self._refuse(status, reason, message)
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
         self._refused = True

@@ -3,7 +3,9 @@ left held. Real servers on loopback; raw sockets where a client breaks HTTP on p
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import socket
 import sys
 import time
@@ -15,7 +17,7 @@ import httpx
 import orjson
 import pytest
 
-from app.listener import LINGER_S
+from app.listener import LINGER_S, MAX_PIPELINED
 from tests.conftest import RouterServer, running_router, running_simulators, wait_for
 from tests.integration.hostile_backend import HostileBackend
 
@@ -265,6 +267,51 @@ def raw_exchange(port: int, payload: bytes, timeout_s: float = 5.0) -> bytes:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+LIVE = b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n"
+LAST_LIVE = b"GET /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+def test_pipelined_requests_are_answered_in_order(
+    plain_router: tuple[RouterServer, str],
+) -> None:
+    """Requests pipelined within the bound (here with bodies that add up past MAX_HEADER_BYTES
+    in one read: they are not headers) are all answered, in order."""
+    router, _ = plain_router
+    body = json.dumps({**CHAT, "messages": [{"role": "user", "content": "y" * 8000}]}).encode()
+    post = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        sock.sendall(post * 3 + LIVE * 4 + LAST_LIVE[:20])  # ~25 KB, ending inside headers
+        time.sleep(0.2)
+        sock.sendall(LAST_LIVE[20:])
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"200"] * 8, answer[:500]
+    assert answer.count(b'"chat.completion"') == 3
+    assert answer.endswith(b'{"status":"alive"}')
+
+
+def test_pipelining_past_the_bound_is_cut(
+    plain_router: tuple[RouterServer, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every request in a read is parsed before uvicorn pauses reading: 8000 tiny ones held
+    ~1.8 MB per connection. Past MAX_PIPELINED waiting, the connection is cut."""
+    router, _ = plain_router
+    answer = b""
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        sock.sendall(LIVE * (MAX_PIPELINED + 8))
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert answer.count(b"HTTP/1.1 200") < MAX_PIPELINED + 8
+    assert f"pipelined more than {MAX_PIPELINED} requests" in caplog.text
+    assert httpx.get(f"{router.url}/live").status_code == 200
+    wait_for(lambda: router_idle(router))
 
 
 def test_a_refused_connection_lingers_only_so_long(plain_router: tuple[RouterServer, str]) -> None:
