@@ -117,6 +117,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._dropped = 0  # bytes read and dropped after a refusal
         self._stall: asyncio.TimerHandle | None = None  # armed while writing is paused
         self._unsent = 0  # bytes the client had yet to take when writing paused
+        self._answering: RequestResponseCycle | None = None  # the request being answered
         self._paused_at = 0.0  # loop time writing paused
         # The window under check: seconds spent waiting on the client, and bytes it took then.
         self._waited_s = 0.0
@@ -157,10 +158,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._in_headers:
             self._header_bytes += len(data)
-        current = self.cycle  # the request being answered (reading pauses while any wait)
+        # The request being answered when this read came (reading pauses while any wait).
+        self._answering = self.cycle
         super().data_received(data)
         if len(self.pipeline) > MAX_PIPELINED:
-            self._cut_pipeline(current)
+            self._cut_pipeline()
             return
         if self._in_headers and self._deadline is None and not self._refused:
             # Headers begun but not complete in one read (rare: most arrive in one): the
@@ -210,6 +212,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             )
             return
         super().on_headers_complete()
+        if not (self.pipeline and self.pipeline[0][0] is self.cycle):
+            self._answering = self.cycle  # started at once, not queued
         # The body's deadline (disarmed at once by `on_message_complete` when there is none).
         self._deadline = self.loop.call_later(self.limits.body_timeout_s, self._body_late)
 
@@ -285,7 +289,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._mark_cut("SendStalled")
         _reset(self.transport)
 
-    def _cut_pipeline(self, current: RequestResponseCycle | None) -> None:
+    def _cut_pipeline(self) -> None:
         log.warning(
             "client %s pipelined more than %d requests ahead of their answers: connection cut",
             _peer(self.transport),
@@ -294,8 +298,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.pipeline.clear()  # never started: dropped with the connection
         self._refused = True
         self._disarm_deadline()
-        if current is not None and not current.response_complete:
-            current.scope[CUT_KEY] = "PipelineTooDeep"  # type: ignore[literal-required]
+        answering = self._answering
+        if answering is not None:
+            if not answering.response_complete:
+                answering.scope[CUT_KEY] = "PipelineTooDeep"  # type: ignore[literal-required]
+            # uvicorn tells the departure to `self.cycle`, now the last request parsed: it must
+            # go to the one being answered, which would otherwise stream on into the closed
+            # connection.
+            self.cycle = answering
         _reset(self.transport)
 
     def _mark_cut(self, kind: str) -> None:

@@ -296,22 +296,41 @@ def test_pipelined_requests_are_answered_in_order(
     assert answer.endswith(b'{"status":"alive"}')
 
 
+@pytest.mark.parametrize("one_read", [False, True])
 def test_pipelining_past_the_bound_is_cut(
-    plain_router: tuple[RouterServer, str], caplog: pytest.LogCaptureFixture
+    plain_router: tuple[RouterServer, str], caplog: pytest.LogCaptureFixture, one_read: bool
 ) -> None:
     """Every request in a read is parsed before uvicorn pauses reading: 8000 tiny ones held
-    ~1.8 MB per connection. Past MAX_PIPELINED waiting, the connection is cut."""
-    router, _ = plain_router
+    ~1.8 MB per connection. Past MAX_PIPELINED waiting, the connection is cut. The stream
+    being answered (begun in an earlier read, or the first of the same one) learns of it."""
+    router, sim = plain_router
+    state = router.router
+    body = json.dumps({**CHAT, "max_tokens": 30_000, "stream": True}).encode()
+    stream = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
     answer = b""
     with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
-        sock.sendall(LIVE * (MAX_PIPELINED + 8))
+        if one_read:
+            sock.sendall(stream + LIVE * (MAX_PIPELINED + 8))
+        else:
+            sock.sendall(stream)  # a long stream (15 s of generation) being answered
+            wait_for(lambda: state.admission.in_flight == 1)
+            sock.sendall(LIVE * (MAX_PIPELINED + 8))
         with contextlib.suppress(ConnectionResetError):
             while chunk := sock.recv(65536):
                 answer += chunk
-    assert answer.count(b"HTTP/1.1 200") < MAX_PIPELINED + 8
+    assert answer.count(b"HTTP/1.1") <= 1  # at most the stream's head (the reset may drop it)
     assert f"pipelined more than {MAX_PIPELINED} requests" in caplog.text
+    # The stream in progress learnt of it: its slot freed and its generation stopped at once.
+    wait_for(lambda: router_idle(router), timeout_s=5)
+    wait_for(lambda: state.metrics.errors["PipelineTooDeep"] == 1)
+    stats = httpx.get(f"{sim}/sim/stats").json()
+    # In one read, the cut may come before the stream was sent upstream at all.
+    assert (stats["running"], stats["completed"]) == (0, 0)
+    assert stats["aborted"] == 1 or (one_read and stats["aborted"] == 0), stats
     assert httpx.get(f"{router.url}/live").status_code == 200
-    wait_for(lambda: router_idle(router))
 
 
 def test_a_refused_connection_lingers_only_so_long(plain_router: tuple[RouterServer, str]) -> None:

@@ -667,6 +667,21 @@ def test_vllm_error_bodies_pass_through_unchanged(
 # 5. A client that leaves mid-stream stops the real server
 
 
+def generation_stopped(url: str, *, quiet_s: float, timeout_s: float) -> float:
+    """The monotonic time vLLM's generated-token counter last moved, once it has stood still
+    for `quiet_s`."""
+    deadline = time.monotonic() + timeout_s
+    last = vllm_metrics(url)["vllm:generation_tokens_total"]
+    changed = time.monotonic()
+    while time.monotonic() - changed < quiet_s:
+        assert time.monotonic() < deadline, "vLLM kept generating"
+        time.sleep(0.02)
+        now = vllm_metrics(url)["vllm:generation_tokens_total"]
+        if now != last:
+            last, changed = now, time.monotonic()
+    return changed
+
+
 def test_client_disconnect_through_router_stops_generation(
     real_vllm_servers: RealVllmServers, router: RouterServer
 ) -> None:
@@ -692,8 +707,12 @@ def test_client_disconnect_through_router_stops_generation(
     left = time.monotonic()
     index = int(backend.removeprefix("b"))
     url = real_vllm_servers.urls[index]
+    # When generation stopped: the last change of vLLM's token counter, which moves with every
+    # engine step. (Its running-requests gauge is a worse clock: vLLM publishes it with the
+    # engine's stats, and once the engine is idle that took over 3 s in one CI run.)
+    stopped = generation_stopped(url, quiet_s=1.0, timeout_s=15)
+    took_s = stopped - left
     wait_for(lambda: vllm_metrics(url)["vllm:num_requests_running"] == 0, 10, 0.05)
-    took_s = time.monotonic() - left
     wait_for(lambda: router.router.pool.get(backend).in_flight == 0, 5)
     generated = vllm_metrics(url)["vllm:generation_tokens_total"] - generated_before[index]
     assert took_s < 3.0, f"vLLM still generating {took_s:.1f} s after the client left"
