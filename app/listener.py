@@ -12,9 +12,9 @@ accepts. `GuardedHttpToolsProtocol` adds, per connection:
   it, 408 (or a cut, when the answer had begun) and close;
 - open connections at once (`MAX_CONNECTIONS`): past it, 503 and close;
 - requests pipelined ahead of their answers (`MAX_PIPELINED`): uvicorn parses every request in a
-  read before it pauses reading, so 256 KiB of tiny pipelined requests became ~2 MB of queued
-  requests held per connection; past the bound the connection is cut (no client pipelines that
-  deep: browsers do not pipeline at all);
+  read before it pauses reading, so 8000 tiny pipelined requests (250 KB) held 1.8 MB per
+  connection; past the bound the connection is cut (no client pipelines that deep: browsers do
+  not pipeline at all);
 - a client that takes none of its answer for `SEND_TIMEOUT_S` while the send buffer is full
   (the router waits on it), or less than `SEND_MIN_BYTES_PER_S` on average over that much
   waiting, is cut: aborted, so its request ends as a departure (slot freed, upstream closed).
@@ -134,6 +134,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_deadline()
         self._disarm_stall()
+        # uvicorn tells the departure to `self.cycle`, the last request parsed; behind pipelined
+        # requests that is one never started, and the one being answered would stream on into
+        # the closed connection, its slot held. The queued ones never run.
+        if self._answering is not None:
+            self.cycle = self._answering
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -158,8 +163,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._in_headers:
             self._header_bytes += len(data)
-        # The request being answered when this read came (reading pauses while any wait).
-        self._answering = self.cycle
         super().data_received(data)
         if len(self.pipeline) > MAX_PIPELINED:
             self._cut_pipeline()
@@ -178,7 +181,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             )
 
     def on_response_complete(self) -> None:
+        queued = self.pipeline[-1][0] if self.pipeline else None
         super().on_response_complete()
+        if queued is not None and (not self.pipeline or self.pipeline[-1][0] is not queued):
+            self._answering = queued  # the oldest queued request, started now
         # The next request on this connection is held to the same limits (its deadline starts
         # with its first bytes, in `data_received`).
         self._in_headers, self._header_bytes = True, 0
@@ -298,20 +304,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.pipeline.clear()  # never started: dropped with the connection
         self._refused = True
         self._disarm_deadline()
-        answering = self._answering
-        if answering is not None:
-            if not answering.response_complete:
-                answering.scope[CUT_KEY] = "PipelineTooDeep"  # type: ignore[literal-required]
-            # uvicorn tells the departure to `self.cycle`, now the last request parsed: it must
-            # go to the one being answered, which would otherwise stream on into the closed
-            # connection.
-            self.cycle = answering
+        self._mark_cut("PipelineTooDeep")
         _reset(self.transport)
 
     def _mark_cut(self, kind: str) -> None:
         """Tell the request's handler (`Call.cut`) that the router, not its client, ended it."""
-        if self.cycle is not None:
-            self.cycle.scope[CUT_KEY] = kind  # type: ignore[literal-required]
+        cycle = self._answering
+        if cycle is not None and not cycle.response_complete:
+            cycle.scope[CUT_KEY] = kind  # type: ignore[literal-required]
 
     def _body_late(self) -> None:
         self._deadline = None

@@ -333,6 +333,28 @@ def test_pipelining_past_the_bound_is_cut(
     assert httpx.get(f"{router.url}/live").status_code == 200
 
 
+def test_a_client_that_leaves_with_requests_pipelined_frees_the_one_answered(
+    plain_router: tuple[RouterServer, str],
+) -> None:
+    """A stream being answered with a request queued behind it (pipelined), then the client
+    leaves: uvicorn tells the departure to the last request parsed, the queued one, so the
+    listener points it at the one being answered, which stops (slot freed, generation aborted)."""
+    router, sim = plain_router
+    state = router.router
+    body = json.dumps({**CHAT, "max_tokens": 30_000, "stream": True}).encode()
+    stream = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        sock.sendall(stream + LIVE)
+        wait_for(lambda: httpx.get(f"{sim}/sim/stats").json()["running"] == 1)
+    wait_for(lambda: router_idle(router), timeout_s=5)  # 15 s of generation were left
+    wait_for(lambda: state.metrics.client_disconnects == 1)
+    stats = httpx.get(f"{sim}/sim/stats").json()
+    assert (stats["running"], stats["aborted"], stats["completed"]) == (0, 1, 0)
+
+
 def test_a_refused_connection_lingers_only_so_long(plain_router: tuple[RouterServer, str]) -> None:
     """After a 431 the router half-closes and drops what the client still sends, but a client
     that keeps the connection open is closed after LINGER_S."""
