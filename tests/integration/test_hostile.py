@@ -269,6 +269,15 @@ def raw_exchange(port: int, payload: bytes, timeout_s: float = 5.0) -> bytes:
     return b"".join(chunks)
 
 
+def long_stream_request() -> bytes:
+    """A raw POST of a stream of 30 000 tokens: 15 s of generation on `plain_router`'s backend."""
+    body = json.dumps({**CHAT, "max_tokens": 30_000, "stream": True}).encode()
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+
+
 LIVE = b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n"
 LAST_LIVE = b"GET /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
@@ -305,11 +314,7 @@ def test_pipelining_past_the_bound_is_cut(
     being answered (begun in an earlier read, or the first of the same one) learns of it."""
     router, sim = plain_router
     state = router.router
-    body = json.dumps({**CHAT, "max_tokens": 30_000, "stream": True}).encode()
-    stream = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(body) + body
-    )
+    stream = long_stream_request()
     answer = b""
     with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
         if one_read:
@@ -341,11 +346,7 @@ def test_a_client_that_leaves_with_requests_pipelined_frees_the_one_answered(
     listener points it at the one being answered, which stops (slot freed, generation aborted)."""
     router, sim = plain_router
     state = router.router
-    body = json.dumps({**CHAT, "max_tokens": 30_000, "stream": True}).encode()
-    stream = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(body) + body
-    )
+    stream = long_stream_request()
     with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
         sock.sendall(stream + LIVE)
         wait_for(lambda: httpx.get(f"{sim}/sim/stats").json()["running"] == 1)
