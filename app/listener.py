@@ -301,11 +301,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             _peer(self.transport),
             MAX_PIPELINED,
         )
-        self.pipeline.clear()  # never started: dropped with the connection
-        self._refused = True
-        self._disarm_deadline()
         self._mark_cut("PipelineTooDeep")
-        _reset(self.transport)
+        self._drop()
 
     def _mark_cut(self, kind: str) -> None:
         """Tell the request's handler (`Call.cut`) that the router, not its client, ended it."""
@@ -338,12 +335,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 _peer(self.transport),
                 message,
             )
-            self._refused = True
-            self._disarm_deadline()
-            self.pipeline.clear()
-            _reset(self.transport)
+            self._drop()
             return
         self._refuse(status, reason, message)
+
+    def _drop(self) -> None:
+        """Reset the connection with nothing said; requests queued behind the one being
+        answered never started and go with it."""
+        self._refused = True
+        self._disarm_deadline()
+        self.pipeline.clear()
+        _reset(self.transport)
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
         self._refused = True

@@ -27,8 +27,10 @@ from app.redislink import (
     FALLBACK_CAUSES,
     FallbackCause,
     fallback_cause,
+    next_batch,
     redis_deadline,
     redis_trouble,
+    writer_deadline,
 )
 from app.redislink import redis_client as redis_client  # where callers have found it
 from app.routing import Ownership
@@ -462,9 +464,7 @@ class RedisStore:
     async def write(self) -> None:
         """The writer: records go to Redis in pipelined batches, off the request path."""
         while True:
-            batch = [await self._queue.get()]
-            while not self._queue.empty() and len(batch) < 512:
-                batch.append(self._queue.get_nowait())
+            batch = await next_batch(self._queue, 512)
             if not self.is_up():
                 continue  # memory holds these; Redis catches up on the next uses
             try:
@@ -481,9 +481,8 @@ class RedisStore:
                     self._cache.pop(keys.conversation, None)
 
     async def _write_batch(self, batch: list[tuple[PrefixKeys, str, int, bool]]) -> list[object]:
-        budget_s = max(self.timeout_s * 10, 1.0)
         async with (
-            redis_deadline(budget_s, self.lag, max(self.cap_s, budget_s * 2)),
+            writer_deadline(self.timeout_s, self.lag, self.cap_s),
             self._redis.pipeline(transaction=False) as pipe,
         ):
             for keys, backend, tokens, claim in batch:

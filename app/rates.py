@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from app.errors import Overloaded
 from app.looplag import LoopLag
-from app.redislink import redis_deadline, redis_trouble
+from app.redislink import next_batch, redis_deadline, redis_trouble, writer_deadline
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -282,13 +282,10 @@ class RedisRateLimits:
     async def run(self) -> None:
         """The refund writer, for the app's lifetime: pipelined batches, one key per call."""
         while True:
-            batch = [await self._refunds.get()]
-            while not self._refunds.empty() and len(batch) < 512:
-                batch.append(self._refunds.get_nowait())
+            batch = await next_batch(self._refunds, 512)
             try:
-                budget_s = max(self.timeout_s * 10, 1.0)
                 async with (
-                    redis_deadline(budget_s, self.lag, max(self.cap_s, budget_s * 2)),
+                    writer_deadline(self.timeout_s, self.lag, self.cap_s),
                     self._redis.pipeline(transaction=False) as pipe,
                 ):
                     for tenant, tokens in batch:

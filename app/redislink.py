@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Literal
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from app.config import redact_url
@@ -181,3 +182,24 @@ async def redis_deadline(budget_s: float, lag: LoopLag, cap_s: float) -> AsyncIt
     raised on the way out (`cancellation_kept`)."""
     async with cancellation_kept(), lag_deadline(budget_s, lag, cap_s):
         yield
+
+
+T = TypeVar("T")
+
+
+async def next_batch(queue: asyncio.Queue[T], most: int) -> list[T]:
+    """A background writer's next batch: waits for one item, then takes what else is queued,
+    up to `most`, so that one pipelined round trip carries them all."""
+    batch = [await queue.get()]
+    while not queue.empty() and len(batch) < most:
+        batch.append(queue.get_nowait())
+    return batch
+
+
+def writer_deadline(
+    timeout_s: float, lag: LoopLag, cap_s: float
+) -> AbstractAsyncContextManager[None]:
+    """The deadline of a background writer's batch: ten look-ups' worth (at least 1 s) of a
+    responsive loop, and at least twice that of wall time."""
+    budget_s = max(timeout_s * 10, 1.0)
+    return redis_deadline(budget_s, lag, max(cap_s, budget_s * 2))
