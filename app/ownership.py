@@ -43,6 +43,9 @@ log = logging.getLogger("kvroute.ownership")
 
 
 MAX_SYSTEM_HOMES = 4
+# Tries of one batch of records, each once Redis is due to be tried again: a failover (a few
+# seconds, then `REDIS_RETRY_S`) is ridden out, a key Redis always refuses does not stall the rest.
+WRITE_ATTEMPTS = 3
 
 
 class OwnershipStore(Protocol):
@@ -255,6 +258,7 @@ class RedisStore:
         self.fallback_causes: dict[FallbackCause, int] = dict.fromkeys(FALLBACK_CAUSES, 0)
         self.errors = 0
         self.last_error = ""
+        self.records_dropped = 0  # never written to Redis (the queue full, or Redis refusing)
         # Shared load: this replica's in-flight counts per backend, published every
         # `load_interval_s` under a lease; the others' read with every look-up.
         self.replica = uuid.uuid4().hex[:12]
@@ -280,6 +284,13 @@ class RedisStore:
     # --- state ---------------------------------------------------------------------------
     def is_up(self) -> bool:
         return self._clock() >= self.down_until
+
+    def state(self) -> str:
+        """`up` once Redis answered since its last failure; `retrying` when it is due to be
+        tried again and has not answered yet."""
+        if self.down_until == 0.0:
+            return "up"
+        return "retrying" if self.is_up() else "down (serving from memory)"
 
     def _failed(self, exc: BaseException, during: str) -> None:
         was_up = self.down_until == 0.0
@@ -411,8 +422,10 @@ class RedisStore:
             Ownership(owner=owner, owner_tokens=tokens, system_holders=holders),
             self._clock(),
         )
-        with contextlib.suppress(asyncio.QueueFull):  # memory already has it
+        try:
             self._queue.put_nowait((keys, backend, tokens, claim))
+        except asyncio.QueueFull:  # memory already has it
+            self.records_dropped += 1
         return owner
 
     async def run(self) -> None:
@@ -462,23 +475,37 @@ class RedisStore:
                 self._failed(exc, "load update")
 
     async def write(self) -> None:
-        """The writer: records go to Redis in pipelined batches, off the request path."""
+        """The writer: records go to Redis in pipelined batches, off the request path. While
+        Redis is away a batch is held and written when it is back, so that replicas agree again
+        on the conversations served from memory meanwhile. A batch Redis refuses `WRITE_ATTEMPTS`
+        times (a long outage, a poisoned key) is dropped and counted; memory keeps it."""
         while True:
             batch = await next_batch(self._queue, 512)
-            if not self.is_up():
-                continue  # memory holds these; Redis catches up on the next uses
-            try:
-                results = await self._write_batch(batch)
-            except self._trouble as exc:  # memory keeps serving
-                self._failed(exc, "write")
-                continue
-            self._succeeded()
-            for (keys, backend, _tokens, claim), result in zip(batch, results, strict=True):
-                parsed = _parse_owner(result)
-                if claim and parsed is not None and parsed[0] != backend:
-                    # Another replica claimed this conversation first: follow it.
-                    self.memory.record_now(keys, parsed[0], parsed[1], claim=False)
-                    self._cache.pop(keys.conversation, None)
+            for _ in range(WRITE_ATTEMPTS):
+                # Held until Redis is due to be tried again: a deadline a look-up's failure may
+                # move later meanwhile, which no event marks.
+                while (wait_s := self.down_until - self._clock()) > 0:  # noqa: ASYNC110
+                    await asyncio.sleep(wait_s)
+                try:
+                    results = await self._write_batch(batch)
+                except self._trouble as exc:
+                    self._failed(exc, "write")
+                    continue
+                self._succeeded()
+                self._follow_claims(batch, results)
+                break
+            else:
+                self.records_dropped += len(batch)
+
+    def _follow_claims(
+        self, batch: list[tuple[PrefixKeys, str, int, bool]], results: list[object]
+    ) -> None:
+        for (keys, backend, _tokens, claim), result in zip(batch, results, strict=True):
+            parsed = _parse_owner(result)
+            if claim and parsed is not None and parsed[0] != backend:
+                # Another replica claimed this conversation first: follow it.
+                self.memory.record_now(keys, parsed[0], parsed[1], claim=False)
+                self._cache.pop(keys.conversation, None)
 
     async def _write_batch(self, batch: list[tuple[PrefixKeys, str, int, bool]]) -> list[object]:
         async with (
@@ -515,11 +542,13 @@ class RedisStore:
             "kind": "redis",
             "url": redact_url(self.url),
             "cluster": type(self._redis).__name__ == "RedisCluster",
-            "state": "up" if self.is_up() else "down (serving from memory)",
+            "state": self.state(),
             "fallbacks": self.fallbacks,
             "fallback_causes": dict(self.fallback_causes),
             "errors": self.errors,
             "last_error": self.last_error or None,
+            "records_queued": self._queue.qsize(),
+            "records_dropped": self.records_dropped,
             "local_keys": self.memory.describe()["keys"],
             "replica": self.replica,
             "peer_in_flight": self.peer_in_flight,

@@ -9,7 +9,7 @@ from contextlib import AbstractAsyncContextManager
 
 import pytest
 
-from app.ownership import RedisStore, redis_client
+from app.ownership import WRITE_ATTEMPTS, RedisStore, redis_client
 from app.prefix import PrefixKeys
 from app.services import background
 from harness.ports import free_port
@@ -194,9 +194,29 @@ async def test_redis_stopped_mid_run_then_back() -> None:
             await store.record(keys("after"), "b2", 1, claim=True)
             await settle(store)
             assert (await store.lookup(keys("after"))).owner == "b2"
-            assert store.is_up()
+            assert store.describe()["state"] == "up"
+            # What was served from memory meanwhile was held and written once Redis was back:
+            # another replica sees it.
+            other = store_at(server.url)
+            for i in range(20):
+                assert (await other.lookup(keys(f"n{i}"))).owner == "b1", i
+            assert store.describe()["records_dropped"] == 0
     finally:
         server.stop()
+
+
+async def test_records_redis_keeps_refusing_are_dropped_and_counted() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    store = RedisStore(redis_client(url, 0.5), url, ttl_s=60, timeout_s=0.05, retry_s=0.05)
+    async with writing(store):
+        await store.record(keys("k"), "b1", 7, claim=True)
+        for _ in range(200):
+            if store.records_dropped:
+                break
+            await asyncio.sleep(0.01)
+        assert store.describe()["records_dropped"] == 1
+        assert store.errors >= WRITE_ATTEMPTS
+        assert (await store.lookup(keys("k"))).owner == "b1"  # memory kept it
 
 
 def test_router_counts_fallbacks_by_cause_in_both_metrics_views() -> None:
