@@ -145,6 +145,9 @@ class Fleet:
             answer = await self._shared(self.membership.put_new(chosen, url, api_key))
             if answer == "ok":
                 return chosen
+            if answer == "missing":
+                await self._shared(self._seed())
+                continue
             if answer == "url":
                 raise Conflict(f"{url} is already in the pool", param="url")
             if name is not None:
@@ -158,7 +161,9 @@ class Fleet:
         if self.membership is not None:
             until = time.time() + (self.drain_timeout_s if drain else 0.0)
             entry = Entry(backend.url, "draining" if drain else "cut", backend.api_key, until)
-            await self._shared(self.membership.put(name, entry))
+            if not await self._shared(self.membership.put(name, entry)):
+                await self._shared(self._seed())
+                await self._shared(self.membership.put(name, entry))
         self._leave(backend, self.drain_timeout_s if drain else None, shared=True)
         return backend
 
@@ -222,18 +227,28 @@ class Fleet:
         assert self.membership is not None
         version = await self.membership.version()
         if version is None:
-            # Redis lost it (flushed, restarted empty): ours seeds it again, rather than an
-            # empty membership draining every backend.
-            log.warning("fleet membership missing from Redis; writing this replica's")
-            await self.membership.seed(
-                {b.name: Entry(b.url, api_key=b.api_key) for b in self.pool.backends}
-            )
+            await self._seed()
             return
         if version == self._seen_version:
             return
         entries = await self.membership.entries()
         await self.apply(entries)
         self._seen_version = version
+
+    async def _seed(self) -> None:
+        """Redis lost the membership (flushed, restarted empty): ours seeds it again, rather
+        than an empty one draining every backend. What the others seeded too is applied at the
+        next poll."""
+        assert self.membership is not None
+        log.warning("fleet membership missing from Redis; writing this replica's")
+        await self.membership.seed(
+            {
+                b.name: Entry(b.url, api_key=b.api_key)
+                for b in self.pool.backends
+                if not (b.draining or b.cut)  # (leaving: not written back as serving)
+            }
+        )
+        self._seen_version = None
 
     async def apply(self, entries: dict[str, Entry]) -> None:
         """Make the local pool what `entries` say; a backend missing from them is drained."""
@@ -279,6 +294,7 @@ class RedisMembership:
     # Adds `name` unless the name or the URL is present: "ok", "name" or "url". An entry left
     # by a drain whose replica stopped before deleting it (ARGV[4]: now) no longer counts.
     _PUT_NEW = """
+    if redis.call('EXISTS', KEYS[2]) == 0 then return 'missing' end
     local all = redis.call('HGETALL', KEYS[1])
     for i = 1, #all, 2 do
       local e = cjson.decode(all[i + 1])
@@ -290,6 +306,33 @@ class RedisMembership:
     redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
     redis.call('INCR', KEYS[2])
     return 'ok'
+    """
+
+    # A change to a membership Redis lost (flushed, restarted empty) is refused: written, it
+    # would leave a membership of that one entry, and every other replica would drain the rest.
+    _PUT = """
+    if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+    redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+    redis.call('INCR', KEYS[2])
+    return 1
+    """
+    _DELETE = """
+    if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+    redis.call('HDEL', KEYS[1], ARGV[1])
+    redis.call('INCR', KEYS[2])
+    return 1
+    """
+
+    # A new membership's version starts at the time in µs, not at 1: a replica that saw version
+    # N of the lost one must not take the new one's N for the same (it would apply nothing).
+    _SEED = """
+    if redis.call('EXISTS', KEYS[2]) == 0 then
+      redis.call('SET', KEYS[2], ARGV[1])
+    else
+      redis.call('INCR', KEYS[2])
+    end
+    for i = 2, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+    return 1
     """
 
     def __init__(self, redis: Any, prefix: str = "kvroute:{fleet}") -> None:
@@ -321,27 +364,22 @@ class RedisMembership:
         return answer.decode() if isinstance(answer, bytes) else str(answer)
 
     @cancellation_kept()
-    async def put(self, name: str, entry: Entry) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.members, name, entry.dump())
-            pipe.incr(self.version_key)
-            await pipe.execute()
+    async def put(self, name: str, entry: Entry) -> bool:
+        """Whether it was written (False: the membership is missing; seed it first)."""
+        args = (self._PUT, 2, self.members, self.version_key, name, entry.dump())
+        return bool(await self.redis.eval(*args))
 
     @cancellation_kept()
-    async def delete(self, name: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(self.members, name)
-            pipe.incr(self.version_key)
-            await pipe.execute()
+    async def delete(self, name: str) -> bool:
+        """Whether it was deleted (False: the membership is missing, so is `name`)."""
+        return bool(await self.redis.eval(self._DELETE, 2, self.members, self.version_key, name))
 
     @cancellation_kept()
     async def seed(self, entries: dict[str, Entry]) -> None:
         """The first replica's fleet becomes the shared one (a later one reads it instead)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for name, entry in entries.items():
-                pipe.hsetnx(self.members, name, entry.dump())
-            pipe.incr(self.version_key)
-            await pipe.execute()
+        pairs = [part for name, entry in entries.items() for part in (name, entry.dump())]
+        args = (self.members, self.version_key, time.time_ns() // 1000, *pairs)
+        await self.redis.eval(self._SEED, 2, *args)
 
 
 # --- the backends file -----------------------------------------------------------------------
