@@ -159,6 +159,9 @@ class Settings(BaseSettings):
     # Second level of affinity: a new conversation prefers a backend holding its system prompt.
     system_affinity: bool = True
     ownership_ttl_s: float = Field(default=600.0, gt=0)
+    # With Redis: answer a conversation's look-up from this process's last read for this long.
+    # 0 (default): every look-up reads Redis, so replicas never route on each other's old records.
+    ownership_cache_s: float = Field(default=0.0, ge=0, le=60)
     # Responses API: response id -> backend records, and (opt-in) conversations kept for
     # continuing on another backend when the one holding them is lost.
     responses_owner_ttl_s: float = Field(default=86400.0, gt=0)

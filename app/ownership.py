@@ -209,10 +209,12 @@ def _parse_owner(value: object) -> tuple[str, int, int] | None:
 
 
 class RedisStore:
-    """Ownership shared through Redis, with memory as the fallback and a short read-through cache.
+    """Ownership shared through Redis, with memory as the fallback and an optional read-through
+    cache.
 
-    On the request path: a look-up is one pipelined round trip, or none when the key was seen in
-    the last `cache_s`. Records are written by one background task in pipelined batches. When Redis
+    On the request path: a look-up is one pipelined round trip, or none when the key was read in
+    the last `cache_s` (off by default: a cached answer misses what another replica recorded since,
+    a spill it made or the tokens its turn added, and replicas then spill more). Records are written by one background task in pipelined batches. When Redis
     errs, or leaves a look-up unanswered for `timeout_s` of a responsive event loop (our own
     saturated loop is not Redis's fault: see `redis_deadline`), that request is served from
     memory, the fallback is counted by cause, and Redis is tried again after `retry_s`. No
@@ -227,7 +229,7 @@ class RedisStore:
         ttl_s: float,
         timeout_s: float,
         retry_s: float,
-        cache_s: float = 1.0,
+        cache_s: float = 0.0,
         prefix: str = "kvroute:",
         lag: LoopLag | None = None,
         load_interval_s: float = 0.05,
@@ -406,6 +408,8 @@ class RedisStore:
         return Ownership(owner=parsed[0], owner_tokens=parsed[1], system_holders=system_holders)
 
     def _remember(self, conversation: str, ownership: Ownership, now: float) -> None:
+        if self.cache_s <= 0:
+            return
         self._cache[conversation] = (now + self.cache_s, ownership)
         self._cache.move_to_end(conversation)
         while len(self._cache) > 100_000:
@@ -547,6 +551,7 @@ class RedisStore:
             "fallback_causes": dict(self.fallback_causes),
             "errors": self.errors,
             "last_error": self.last_error or None,
+            "cache_s": self.cache_s,
             "records_queued": self._queue.qsize(),
             "records_dropped": self.records_dropped,
             "local_keys": self.memory.describe()["keys"],

@@ -138,6 +138,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
             ttl_s=s.ownership_ttl_s,
             timeout_s=s.redis_timeout_s,
             retry_s=s.redis_retry_s,
+            cache_s=s.ownership_cache_s,
             lag=lag,
         )
         if redis is not None

@@ -9,9 +9,10 @@ from contextlib import AbstractAsyncContextManager
 
 import pytest
 
+from app.config import Settings
 from app.ownership import WRITE_ATTEMPTS, RedisStore, redis_client
 from app.prefix import PrefixKeys
-from app.services import background
+from app.services import background, build_services
 from harness.ports import free_port
 from harness.redis import PrivateRedis
 from tests.conftest import cancel_midway, missing_service
@@ -111,6 +112,25 @@ async def test_a_lookup_sees_this_replicas_records_before_they_are_written(
         moved = await store.lookup(keys("first", system="s1"))
         assert (moved.owner, moved.owner_tokens) == ("b0", 400)
         assert set(moved.system_holders) == {"b0", "b2"}
+
+
+async def test_the_router_reads_redis_on_every_lookup_by_default(redis_url: str) -> None:
+    """OWNERSHIP_CACHE_S defaults to 0: as built by the router, a replica's look-up of a
+    conversation it read a moment ago still sees what another replica recorded since."""
+    settings = Settings(backend_urls=["http://127.0.0.1:9"], redis_url=redis_url)
+    assert settings.ownership_cache_s == 0.0
+    store = build_services(settings).store
+    assert isinstance(store, RedisStore)
+    other = store_at(redis_url)
+    k = keys("moved")
+    async with writing(other):
+        await other.record(k, "b0", 100, claim=True)
+        await settle(other)
+        assert (await store.lookup(k)).owner == "b0"
+        await other.record(k, "b1", 200, claim=False)  # it spilled there
+        await settle(other)
+        seen = await store.lookup(k)
+        assert (seen.owner, seen.owner_tokens) == ("b1", 200)
 
 
 async def test_a_cached_lookup_sees_homes_this_replica_opened_since(redis_url: str) -> None:
