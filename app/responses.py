@@ -16,7 +16,9 @@ once per turn; rebuilding walks the chain, which happens only after a loss.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import itertools
 import logging
 import sys
 import time
@@ -37,6 +39,8 @@ log = logging.getLogger("kvroute.responses")
 
 MAX_ENTRIES = 200_000  # memory bound of each in-process map (LRU)
 HISTORY_MEMORY_BYTES = 256 << 20  # RESPONSES_HISTORY_MEMORY_BYTES' default
+# Records Redis refused, kept by key to be written once it answers (values stay in memory).
+MAX_UNWRITTEN = 100_000
 MAX_TURNS = 10_000  # a chain walked further than this is treated as lost
 OwnerState = Literal["live", "lost"]
 
@@ -71,6 +75,10 @@ class ResponseStore(Protocol):
         ...
 
     def describe(self) -> dict[str, object]: ...
+
+    async def run(self) -> None:
+        """Background work for the app's lifetime (none in memory)."""
+        ...
 
 
 def tenant_tag(tenant: str) -> str:
@@ -143,6 +151,13 @@ class _Expiring:
         _, value = self._items.pop(key)
         self.bytes -= len(key) + len(value)
 
+    def with_ttl(self, key: str) -> tuple[bytes, float] | None:
+        """The value and the seconds it has left, or None when gone."""
+        found = self._items.get(key)
+        if found is None or found[0] <= self._clock():
+            return None
+        return found[1], found[0] - self._clock()
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -198,6 +213,14 @@ class MemoryResponses:
         restarted_ms = self._wall_ms() - int(since_s * 1000)
         self.forgotten_ms[backend] = max(restarted_ms, self.forgotten_ms.get(backend, -1))
 
+    def stored(self, key: str) -> tuple[bytes, float] | None:
+        """A record by its Redis key (`o:<id>`, `h:<tenant tag>:<id>`): value, seconds left."""
+        kind, _, rest = key.partition(":")
+        return (self._owners if kind == "o" else self._turns).with_ttl(rest)
+
+    async def run(self) -> None:
+        return None
+
     def describe(self) -> dict[str, object]:
         return {
             "kind": "memory",
@@ -213,7 +236,9 @@ class RedisResponses:
     Writes are awaited (one SET, bounded by the Redis timeout): the record must exist before the
     client can send its next turn, maybe to another replica. When Redis fails, memory serves this
     replica; unlike prefix ownership (a hint), every call still tries Redis, since a record that
-    misses it is invisible to the other replicas. The failure is logged once per outage.
+    misses it is invisible to the other replicas. The failure is logged once per outage. A record
+    Redis refused is written again once Redis answers (`run`), from memory, with the time it has
+    left, so that the other replicas can continue a conversation this one served alone meanwhile.
     """
 
     def __init__(
@@ -243,6 +268,11 @@ class RedisResponses:
         self._trouble = redis_trouble()
         self.down_until = 0.0
         self.errors = 0
+        self._unwritten: OrderedDict[str, None] = OrderedDict()  # keys, oldest first
+        self._held = asyncio.Event()  # a record waits
+        self._back = asyncio.Event()  # Redis answered while records wait
+        self.rewritten = 0
+        self.unwritten_dropped = 0  # past MAX_UNWRITTEN, or gone from memory before Redis was back
 
     def _up(self) -> bool:
         return self._clock() >= self.down_until
@@ -251,6 +281,8 @@ class RedisResponses:
         if self.down_until != 0.0:
             log.info("Redis at %s is back: response owners shared again", redact_url(self.url))
             self.down_until = 0.0
+        if self._unwritten:
+            self._back.set()
 
     def _failed(self, exc: BaseException) -> None:
         if self.down_until == 0.0:
@@ -279,8 +311,58 @@ class RedisResponses:
                 await self._redis.set(self.prefix + key, value, px=ttl_ms)
         except self._trouble as exc:
             self._failed(exc)
+            self._hold(key)
             return
+        self._unwritten.pop(key, None)  # (a newer value just went)
         self._recovered()
+
+    def _hold(self, key: str) -> None:
+        self._unwritten[key] = None
+        self._unwritten.move_to_end(key)
+        self._held.set()
+        while len(self._unwritten) > MAX_UNWRITTEN:
+            self._unwritten.popitem(last=False)
+            self.unwritten_dropped += 1
+
+    async def run(self) -> None:
+        """Write what Redis refused once it answers: after any call succeeds, or every
+        `retry_s` while records wait and nothing else tries."""
+        while True:
+            if not self._unwritten:
+                await self._held.wait()
+                self._held.clear()
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.retry_s):
+                    await self._back.wait()
+            self._back.clear()
+            await self._write_unwritten()
+
+    async def _write_unwritten(self) -> None:
+        while self._unwritten:
+            keys = list(itertools.islice(self._unwritten, 256))
+            records = [(k, self.memory.stored(k)) for k in keys]
+            try:
+                async with (
+                    cancellation_kept(),
+                    asyncio.timeout(max(self.timeout_s * 10, 1.0)),
+                    self._redis.pipeline(transaction=False) as pipe,
+                ):
+                    for key, found in records:
+                        if found is not None:
+                            value, left_s = found
+                            pipe.set(self.prefix + key, value, px=max(1, int(left_s * 1000)))
+                    await pipe.execute()
+            except self._trouble as exc:
+                self._failed(exc)
+                return
+            self._recovered()
+            for key, found in records:
+                self._unwritten.pop(key, None)
+                if found is None:
+                    self.unwritten_dropped += 1
+                else:
+                    self.rewritten += 1
 
     async def owner(self, response_id: str) -> Owner | None:
         found = await self.memory.owner(response_id)
@@ -312,6 +394,9 @@ class RedisResponses:
             "kind": "redis",
             "state": "up" if self._up() else "down (serving from memory)",
             "errors": self.errors,
+            "unwritten": len(self._unwritten),
+            "rewritten": self.rewritten,
+            "unwritten_dropped": self.unwritten_dropped,
         }
 
 

@@ -296,6 +296,7 @@ async def running(services: Services) -> AsyncIterator[None]:
             services.lag.run(),
             services.admission.run(),
             services.store.run(),
+            services.responses.run(),
             services.rates.run(),
             services.series.run(),
             services.fleet.run(),

@@ -174,3 +174,51 @@ async def test_redis_down_serves_from_memory() -> None:
     assert found.backend == "http://a"
     assert store.describe()["state"] == "down (serving from memory)"
     await client.aclose()
+
+
+async def test_what_redis_refused_is_written_once_it_is_back() -> None:
+    """A conversation this replica served while Redis was away is continued by another replica
+    once Redis is back: the owner and the turns are written again, with the time they have left."""
+    import asyncio
+    import shutil
+
+    import redis.asyncio as redis_asyncio
+
+    from app.services import background
+    from harness.redis import PrivateRedis
+    from tests.conftest import missing_service
+
+    if shutil.which("redis-server") is None:
+        missing_service("redis-server is not installed (apt-get install redis-server)")
+    server = PrivateRedis().start()
+    client = redis_asyncio.Redis.from_url(server.url, socket_connect_timeout=0.2)
+    store = RedisResponses(
+        client, server.url, owner_ttl_s=60, history_ttl_s=60, timeout_s=0.3, retry_s=0.2
+    )
+    try:
+        async with background([store.run()]):
+            server.stop()
+            await store.remember("resp_a", "http://a")
+            turn = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "1"}]
+            assert await keep_turn(store, "t", "resp_a", None, turn, 10_000)
+            assert store.describe()["unwritten"] == 2
+            server = PrivateRedis(port=server.port).start()
+            for _ in range(100):  # the writer retries every retry_s
+                if store.rewritten == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert store.describe()["unwritten"] == 0, (store.errors, store.describe())
+            assert (store.rewritten, store.unwritten_dropped) == (2, 0)
+            fresh = redis_asyncio.Redis.from_url(server.url)
+            other = RedisResponses(
+                fresh, server.url, owner_ttl_s=60, history_ttl_s=60, timeout_s=1.0, retry_s=1.0
+            )
+            found = await other.owner("resp_a")
+            assert found is not None
+            assert found.backend == "http://a"
+            assert await history(other, "t", "resp_a") == turn
+            assert 0 < await fresh.pttl("kvroute:resp:o:resp_a") <= 60_000
+            await fresh.aclose()
+    finally:
+        await client.aclose()
+        server.stop()
