@@ -235,10 +235,10 @@ class RedisResponses:
 
     Writes are awaited (one SET, bounded by the Redis timeout): the record must exist before the
     client can send its next turn, maybe to another replica. When Redis fails, memory serves this
-    replica; unlike prefix ownership (a hint), every call still tries Redis, since a record that
-    misses it is invisible to the other replicas. The failure is logged once per outage. A record
-    Redis refused is written again once Redis answers (`run`), from memory, with the time it has
-    left, so that the other replicas can continue a conversation this one served alone meanwhile.
+    replica, and Redis is not tried again for `retry_s` (a request would wait out the timeout on
+    each call). A record Redis refused or was not asked to keep meanwhile is written once it
+    answers (`run`), from memory, with the time it has left, so that the other replicas can
+    continue a conversation this one served alone. The failure is logged once per outage.
     """
 
     def __init__(
@@ -296,6 +296,8 @@ class RedisResponses:
         self.down_until = self._clock() + self.retry_s
 
     async def _get(self, key: str) -> object:
+        if not self._up():
+            return None  # failed a moment ago: not tried again before `retry_s`
         try:
             async with cancellation_kept(), asyncio.timeout(self.timeout_s):
                 value = await self._redis.get(self.prefix + key)
@@ -306,6 +308,9 @@ class RedisResponses:
         return value
 
     async def _set(self, key: str, value: bytes, ttl_ms: int) -> None:
+        if not self._up():
+            self._hold(key)  # written once Redis is back (`run`)
+            return
         try:
             async with cancellation_kept(), asyncio.timeout(self.timeout_s):
                 await self._redis.set(self.prefix + key, value, px=ttl_ms)

@@ -222,3 +222,20 @@ async def test_what_redis_refused_is_written_once_it_is_back() -> None:
     finally:
         await client.aclose()
         server.stop()
+
+
+async def test_a_failed_redis_is_not_asked_again_before_the_retry() -> None:
+    """After one failure, calls go to memory until REDIS_RETRY_S (no request waits out the
+    timeout again); what they recorded waits to be written."""
+    import redis.asyncio as redis_asyncio
+
+    client = redis_asyncio.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    store = RedisResponses(
+        client, "redis://127.0.0.1:1/0", owner_ttl_s=60, history_ttl_s=60, timeout_s=0.5, retry_s=30
+    )
+    for i in range(5):
+        await store.remember(f"resp_{i}", "http://a")
+        assert await store.owner(f"unknown_{i}") is None
+    assert store.errors == 1
+    assert store.describe()["unwritten"] == 5
+    await client.aclose()
