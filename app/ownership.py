@@ -409,7 +409,7 @@ class RedisStore:
 
     def _remember(self, conversation: str, ownership: Ownership, now: float) -> None:
         if self.cache_s <= 0:
-            return
+            return  # (the cache is off)
         self._cache[conversation] = (now + self.cache_s, ownership)
         self._cache.move_to_end(conversation)
         while len(self._cache) > 100_000:
@@ -417,15 +417,16 @@ class RedisStore:
 
     async def record(self, keys: PrefixKeys, backend: str, tokens: int, *, claim: bool) -> str:
         owner = self.memory.record_now(keys, backend, tokens, claim=claim)
-        cached = self._cache.get(keys.conversation)
-        holders = cached[1].system_holders if cached else ()
-        if backend not in holders:
-            holders = (backend, *holders)[:MAX_SYSTEM_HOMES]
-        self._remember(
-            keys.conversation,
-            Ownership(owner=owner, owner_tokens=tokens, system_holders=holders),
-            self._clock(),
-        )
+        if self.cache_s > 0:  # (off by default: nothing to keep current)
+            cached = self._cache.get(keys.conversation)
+            holders = cached[1].system_holders if cached else ()
+            if backend not in holders:
+                holders = (backend, *holders)[:MAX_SYSTEM_HOMES]
+            self._remember(
+                keys.conversation,
+                Ownership(owner=owner, owner_tokens=tokens, system_holders=holders),
+                self._clock(),
+            )
         try:
             self._queue.put_nowait((keys, backend, tokens, claim))
         except asyncio.QueueFull:  # memory already has it

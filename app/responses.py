@@ -131,13 +131,8 @@ class _Expiring:
         self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
 
     def get(self, key: str) -> bytes | None:
-        found = self._items.get(key)
-        if found is None:
-            return None
-        if found[0] <= self._clock():
-            self._drop(key)
-            return None
-        return found[1]
+        found = self.with_ttl(key)
+        return None if found is None else found[0]
 
     def put(self, key: str, value: bytes) -> None:
         if key in self._items:
@@ -152,11 +147,15 @@ class _Expiring:
         self.bytes -= len(key) + len(value)
 
     def with_ttl(self, key: str) -> tuple[bytes, float] | None:
-        """The value and the seconds it has left, or None when gone."""
+        """The value and the seconds it has left, or None when gone (an expired one is dropped)."""
         found = self._items.get(key)
-        if found is None or found[0] <= self._clock():
+        if found is None:
             return None
-        return found[1], found[0] - self._clock()
+        left_s = found[0] - self._clock()
+        if left_s <= 0:
+            self._drop(key)
+            return None
+        return found[1], left_s
 
     def __len__(self) -> int:
         return len(self._items)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from typing import Any
 
 import pytest
+import redis.asyncio as redis_asyncio
 
 from app.responses import (
     MAX_ENTRIES,
@@ -18,6 +21,9 @@ from app.responses import (
     output_items,
     tenant_tag,
 )
+from app.services import background
+from harness.redis import PrivateRedis
+from tests.conftest import missing_service
 
 
 class Clock:
@@ -125,8 +131,6 @@ async def test_history_in_memory() -> None:
 
 @pytest.fixture
 async def redis_store(redis_url: str) -> Any:
-    import redis.asyncio as redis_asyncio
-
     client = redis_asyncio.Redis.from_url(redis_url)
     yield (
         client,
@@ -157,8 +161,6 @@ async def test_redis_shares_owners_and_history(redis_store: Any) -> None:
 
 
 async def test_redis_down_serves_from_memory() -> None:
-    import redis.asyncio as redis_asyncio
-
     client = redis_asyncio.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
     store = RedisResponses(
         client,
@@ -179,14 +181,6 @@ async def test_redis_down_serves_from_memory() -> None:
 async def test_what_redis_refused_is_written_once_it_is_back() -> None:
     """A conversation this replica served while Redis was away is continued by another replica
     once Redis is back: the owner and the turns are written again, with the time they have left."""
-    import asyncio
-    import shutil
-
-    import redis.asyncio as redis_asyncio
-
-    from app.services import background
-    from harness.redis import PrivateRedis
-    from tests.conftest import missing_service
 
     if shutil.which("redis-server") is None:
         missing_service("redis-server is not installed (apt-get install redis-server)")
@@ -227,7 +221,6 @@ async def test_what_redis_refused_is_written_once_it_is_back() -> None:
 async def test_a_failed_redis_is_not_asked_again_before_the_retry() -> None:
     """After one failure, calls go to memory until REDIS_RETRY_S (no request waits out the
     timeout again); what they recorded waits to be written."""
-    import redis.asyncio as redis_asyncio
 
     client = redis_asyncio.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
     store = RedisResponses(
