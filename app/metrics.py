@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from app.percentile import nearest_rank
+from app.percentile import percentiles
 
 if TYPE_CHECKING:
     from app.tracing import RequestTrace
@@ -36,19 +36,6 @@ DURATION_BUCKETS_S = (
 GENERATION_ENDPOINTS = frozenset({"chat", "completions", "responses"})
 # Label values shown where a request has none (bounded: never a tenant or a prefix key).
 NO_LABEL = "none"
-
-
-def percentiles(samples: deque[float]) -> dict[str, float | None]:
-    if not samples:
-        return {"p50": None, "p90": None, "p99": None, "count": 0}
-    ordered = sorted(samples)
-
-    def at(q: float) -> float:
-        value = nearest_rank(ordered, q)
-        assert value is not None
-        return round(value, 3)
-
-    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "count": len(ordered)}
 
 
 class Histogram:

@@ -15,13 +15,14 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from app.config import redact_url
 from app.looplag import LoopLag
+from app.percentile import percentiles
 from app.prefix import PrefixKeys
 from app.redislink import (
     FALLBACK_CAUSES,
@@ -30,6 +31,7 @@ from app.redislink import (
     next_batch,
     redis_deadline,
     redis_trouble,
+    wall_cap_s,
     writer_deadline,
 )
 from app.redislink import redis_client as redis_client  # where callers have found it
@@ -46,6 +48,7 @@ MAX_SYSTEM_HOMES = 4
 # Tries of one batch of records, each once Redis is due to be tried again: a failover (a few
 # seconds, then `REDIS_RETRY_S`) is ridden out, a key Redis always refuses does not stall the rest.
 WRITE_ATTEMPTS = 3
+LOOKUP_SAMPLES = 4096  # look-up timings kept for /metrics
 
 
 class OwnershipStore(Protocol):
@@ -243,8 +246,7 @@ class RedisStore:
         self.retry_s = retry_s
         self.cache_s = cache_s
         self.prefix = prefix
-        # A slow Redis behind a saturated loop still gives up after this much wall time.
-        self.cap_s = max(timeout_s * 40, 2.0)
+        self.cap_s = wall_cap_s(timeout_s)
         self.lag = lag or LoopLag()
         self._clock = clock
         self._wall_ms = wall_ms
@@ -272,6 +274,10 @@ class RedisStore:
         self.peer_in_flight: dict[str, float] = {}
         self._stale_replicas: set[str] = set()
         self._topology_stale = asyncio.Event()
+        # The last look-ups' wall time, and the part of it Redis answers for (the wall time less
+        # this process's own loop lag meanwhile): what sharing ownership adds to each request.
+        self.lookup_ms: deque[float] = deque(maxlen=LOOKUP_SAMPLES)
+        self.lookup_redis_ms: deque[float] = deque(maxlen=LOOKUP_SAMPLES)
 
     @property
     def fallbacks(self) -> int:
@@ -333,6 +339,8 @@ class RedisStore:
             # system prompt opened here since): as for a fresh read, they are added.
             return self._with_local(keys, cached[1])
         conversation_key, system_key = self.redis_keys(keys)
+        loop = asyncio.get_running_loop()
+        started, lag_before = loop.time(), self.lag.lag_s(loop.time())
         try:
             async with (
                 redis_deadline(self.timeout_s, self.lag, self.cap_s),
@@ -346,6 +354,10 @@ class RedisStore:
         except self._trouble as exc:  # serve from memory
             self._failed(exc, "look-up")
             return self._from_memory(keys)
+        ended = loop.time()
+        wall_ms = (ended - started) * 1000
+        self.lookup_ms.append(wall_ms)
+        self.lookup_redis_ms.append(max(0.0, wall_ms - (self.lag.lag_s(ended) - lag_before) * 1000))
         self._succeeded()
         if load:
             self._read_peer_load(load[0])
@@ -555,6 +567,8 @@ class RedisStore:
             "cache_s": self.cache_s,
             "records_queued": self._queue.qsize(),
             "records_dropped": self.records_dropped,
+            "lookup_ms": percentiles(self.lookup_ms),
+            "lookup_redis_ms": percentiles(self.lookup_redis_ms),
             "local_keys": self.memory.describe()["keys"],
             "replica": self.replica,
             "peer_in_flight": self.peer_in_flight,

@@ -8,7 +8,7 @@ never an interpolation, so a p99 of few samples is a latency that happened.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 # ceil() of a product that floating point puts a hair above an integer (0.07 * 100) must not
 # skip a rank.
@@ -21,3 +21,17 @@ def nearest_rank(ordered: Sequence[float], q: float) -> float | None:
         return None
     rank = math.ceil(q * len(ordered) - _ROUNDING)
     return ordered[min(max(rank, 1), len(ordered)) - 1]
+
+
+def percentiles(samples: Collection[float]) -> dict[str, float | None]:
+    """p50, p90 and p99 of a window of samples (rounded to 3 places), and how many there are."""
+    if not samples:
+        return {"p50": None, "p90": None, "p99": None, "count": 0}
+    ordered = sorted(samples)
+
+    def at(q: float) -> float:
+        value = nearest_rank(ordered, q)
+        assert value is not None
+        return round(value, 3)
+
+    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "count": len(ordered)}

@@ -19,7 +19,13 @@ from prometheus_client.registry import Collector
 
 from app.errors import Overloaded
 from app.looplag import LoopLag
-from app.redislink import next_batch, redis_deadline, redis_trouble, writer_deadline
+from app.redislink import (
+    next_batch,
+    redis_deadline,
+    redis_trouble,
+    wall_cap_s,
+    writer_deadline,
+)
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -215,7 +221,7 @@ class RedisRateLimits:
         self._trouble = redis_trouble()
         self.rpm, self.tpm = rpm, tpm
         self.timeout_s = timeout_s
-        self.cap_s = max(timeout_s * 40, 2.0)
+        self.cap_s = wall_cap_s(timeout_s)
         self.lag = lag or LoopLag()  # the app's, which runs it
         self.prefix = prefix
         self._wall_ms = wall_ms

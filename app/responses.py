@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import orjson
 
 from app.config import redact_url
-from app.redislink import cancellation_kept, redis_trouble
+from app.looplag import LoopLag
+from app.redislink import redis_deadline, redis_trouble, writer_deadline
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -232,8 +233,10 @@ class MemoryResponses:
 class RedisResponses:
     """Owners and turns shared by router replicas through Redis (`kvroute:resp:` keys).
 
-    Writes are awaited (one SET, bounded by the Redis timeout): the record must exist before the
-    client can send its next turn, maybe to another replica. When Redis fails, memory serves this
+    Writes are awaited (one SET, bounded by the Redis timeout, which like ownership's counts only
+    the time our loop was free to read the answer: a saturated router is not a failed Redis): the
+    record must exist before the client can send its next turn, maybe to another replica. When
+    Redis fails, memory serves this
     replica, and Redis is not tried again for `retry_s` (a request would wait out the timeout on
     each call). A record Redis refused or was not asked to keep meanwhile is written once it
     answers (`run`), from memory, with the time it has left, so that the other replicas can
@@ -251,16 +254,19 @@ class RedisResponses:
         retry_s: float,
         history_memory_bytes: int = HISTORY_MEMORY_BYTES,
         prefix: str = "kvroute:resp:",
+        lag: LoopLag | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._redis = redis
         self.url = url
+        self.lag = lag or LoopLag()
         self.memory = MemoryResponses(
             owner_ttl_s, history_ttl_s, history_max_bytes=history_memory_bytes, clock=clock
         )
         self.owner_ttl_ms = int(owner_ttl_s * 1000)
         self.history_ttl_ms = int(history_ttl_s * 1000)
         self.timeout_s = timeout_s
+        self.cap_s = max(timeout_s * 4, 2.0)  # a slow Redis behind a saturated loop
         self.retry_s = retry_s
         self.prefix = prefix
         self._clock = clock
@@ -298,7 +304,7 @@ class RedisResponses:
         if not self._up():
             return None  # failed a moment ago: not tried again before `retry_s`
         try:
-            async with cancellation_kept(), asyncio.timeout(self.timeout_s):
+            async with redis_deadline(self.timeout_s, self.lag, self.cap_s):
                 value = await self._redis.get(self.prefix + key)
         except self._trouble as exc:
             self._failed(exc)
@@ -311,7 +317,7 @@ class RedisResponses:
             self._hold(key)  # written once Redis is back (`run`)
             return
         try:
-            async with cancellation_kept(), asyncio.timeout(self.timeout_s):
+            async with redis_deadline(self.timeout_s, self.lag, self.cap_s):
                 await self._redis.set(self.prefix + key, value, px=ttl_ms)
         except self._trouble as exc:
             self._failed(exc)
@@ -348,8 +354,7 @@ class RedisResponses:
             records = [(k, self.memory.stored(k)) for k in keys]
             try:
                 async with (
-                    cancellation_kept(),
-                    asyncio.timeout(max(self.timeout_s * 10, 1.0)),
+                    writer_deadline(self.timeout_s, self.lag, self.cap_s),
                     self._redis.pipeline(transaction=False) as pipe,
                 ):
                     for key, found in records:

@@ -144,7 +144,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         if redis is not None
         else MemoryStore(s.ownership_ttl_s)
     )
-    responses = _responses(s, redis)
+    responses = _responses(s, redis, lag)
 
     async def on_restart(name: str, since_s: float) -> None:
         await store.forget_backend(name, since_s)
@@ -235,7 +235,7 @@ def _limits(s: Settings) -> Limits:
     )
 
 
-def _responses(s: Settings, redis: Any) -> ResponseStore:
+def _responses(s: Settings, redis: Any, lag: LoopLag) -> ResponseStore:
     if redis is None:
         return MemoryResponses(
             s.responses_owner_ttl_s,
@@ -252,6 +252,7 @@ def _responses(s: Settings, redis: Any) -> ResponseStore:
         # is waited for longer than for prefix ownership.
         timeout_s=max(s.redis_timeout_s * 10, 0.5),
         retry_s=s.redis_retry_s,
+        lag=lag,
     )
 
 

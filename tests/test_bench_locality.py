@@ -94,6 +94,9 @@ def test_locality_bench_runs_each_capacity_with_one_backend_and_two_replicas(
             assert 0 < row["ideal_ratio"] <= 1
             assert 0 <= row["cached_ratio"] <= row["ideal_ratio"]
             assert sum(row["per_backend"]) == row["requests"]
+            # The backends' own TTFT (arrival there to first token) is inside the client's.
+            assert 0 < row["backend_ttft_p50_ms"] <= row["backend_ttft_p99_ms"]
+            assert row["backend_ttft_p99_ms"] <= row["ttft_p99_ms"]
             # Every conversation's follow-up turns reach the backend that holds it.
             assert row["outcomes"]["hit"] == row["requests"] - 6, row["outcomes"]
         assert one["per_backend"][1:] == [0, 0]

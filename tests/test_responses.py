@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from typing import Any
 
 import pytest
 import redis.asyncio as redis_asyncio
 
+from app.looplag import LoopLag
 from app.responses import (
     MAX_ENTRIES,
     MemoryResponses,
@@ -158,6 +160,27 @@ async def test_redis_shares_owners_and_history(redis_store: Any) -> None:
     keys = [k.decode() for k in await client.keys("kvroute:resp:h:*")]
     assert all(tenant_tag("t") in k for k in keys)  # the tenant is hashed, never in clear
     assert not any(":t:" in k for k in keys)
+
+
+async def test_a_stalled_loop_is_not_a_failed_redis(redis_url: str, lag: LoopLag) -> None:
+    # The records are awaited on the request path: a router whose loop stalls past the timeout
+    # (0.5 s by default) while Redis answers must keep sharing them, not go to memory for
+    # REDIS_RETRY_S and leave the other replicas unable to find this one's conversations.
+    client = redis_asyncio.Redis.from_url(redis_url)
+    store = RedisResponses(
+        client, redis_url, owner_ttl_s=60, history_ttl_s=60, timeout_s=0.5, retry_s=30, lag=lag
+    )
+    try:
+        calls = [
+            asyncio.create_task(store.remember(f"stall_{i}", "http://a")) for i in range(3)
+        ] + [asyncio.create_task(store.owner("stall_none"))]
+        await asyncio.sleep(0)  # each call is waiting for Redis now
+        time.sleep(0.8)  # noqa: ASYNC251 (the stall under test)
+        await asyncio.gather(*calls)
+        assert (store.errors, store.describe()["state"]) == (0, "up")
+        assert await client.exists(*(f"kvroute:resp:o:stall_{i}" for i in range(3))) == 3
+    finally:
+        await client.aclose()
 
 
 async def test_redis_down_serves_from_memory() -> None:
