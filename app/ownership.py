@@ -216,12 +216,12 @@ class RedisStore:
     cache.
 
     On the request path: a look-up is one pipelined round trip, or none when the key was read in
-    the last `cache_s` (off by default: a cached answer misses what another replica recorded since,
-    a spill it made or the tokens its turn added, and replicas then spill more). Records are written by one background task in pipelined batches. When Redis
-    errs, or leaves a look-up unanswered for `timeout_s` of a responsive event loop (our own
-    saturated loop is not Redis's fault: see `redis_deadline`), that request is served from
-    memory, the fallback is counted by cause, and Redis is tried again after `retry_s`. No
-    request ever fails because of Redis.
+    the last `cache_s` (off by default: a cached answer misses what another replica recorded
+    since, a spill it made or the tokens its turn added, and replicas then spill more). Records
+    are written by one background task in pipelined batches. When Redis errs, or leaves a look-up
+    unanswered for `timeout_s` of a responsive event loop (our own saturated loop is not Redis's
+    fault: see `redis_deadline`), that request is served from memory, the fallback is counted by
+    cause, and Redis is tried again after `retry_s`. No request ever fails because of Redis.
     """
 
     def __init__(
@@ -274,10 +274,9 @@ class RedisStore:
         self.peer_in_flight: dict[str, float] = {}
         self._stale_replicas: set[str] = set()
         self._topology_stale = asyncio.Event()
-        # The last look-ups' wall time, and the part of it Redis answers for (the wall time less
-        # this process's own loop lag meanwhile): what sharing ownership adds to each request.
+        # The last look-ups' wall time, Redis's round trip and this router's own queue for its
+        # loop: what sharing ownership adds to each request.
         self.lookup_ms: deque[float] = deque(maxlen=LOOKUP_SAMPLES)
-        self.lookup_redis_ms: deque[float] = deque(maxlen=LOOKUP_SAMPLES)
 
     @property
     def fallbacks(self) -> int:
@@ -339,8 +338,7 @@ class RedisStore:
             # system prompt opened here since): as for a fresh read, they are added.
             return self._with_local(keys, cached[1])
         conversation_key, system_key = self.redis_keys(keys)
-        loop = asyncio.get_running_loop()
-        started, lag_before = loop.time(), self.lag.lag_s(loop.time())
+        started = time.perf_counter()  # (uvloop's loop time moves in whole ms)
         try:
             async with (
                 redis_deadline(self.timeout_s, self.lag, self.cap_s),
@@ -354,10 +352,7 @@ class RedisStore:
         except self._trouble as exc:  # serve from memory
             self._failed(exc, "look-up")
             return self._from_memory(keys)
-        ended = loop.time()
-        wall_ms = (ended - started) * 1000
-        self.lookup_ms.append(wall_ms)
-        self.lookup_redis_ms.append(max(0.0, wall_ms - (self.lag.lag_s(ended) - lag_before) * 1000))
+        self.lookup_ms.append((time.perf_counter() - started) * 1000)
         self._succeeded()
         if load:
             self._read_peer_load(load[0])
@@ -568,7 +563,6 @@ class RedisStore:
             "records_queued": self._queue.qsize(),
             "records_dropped": self.records_dropped,
             "lookup_ms": percentiles(self.lookup_ms),
-            "lookup_redis_ms": percentiles(self.lookup_redis_ms),
             "local_keys": self.memory.describe()["keys"],
             "replica": self.replica,
             "peer_in_flight": self.peer_in_flight,

@@ -236,11 +236,11 @@ class RedisResponses:
     Writes are awaited (one SET, bounded by the Redis timeout, which like ownership's counts only
     the time our loop was free to read the answer: a saturated router is not a failed Redis): the
     record must exist before the client can send its next turn, maybe to another replica. When
-    Redis fails, memory serves this
-    replica, and Redis is not tried again for `retry_s` (a request would wait out the timeout on
-    each call). A record Redis refused or was not asked to keep meanwhile is written once it
-    answers (`run`), from memory, with the time it has left, so that the other replicas can
-    continue a conversation this one served alone. The failure is logged once per outage.
+    Redis fails, memory serves this replica, and Redis is not tried again for `retry_s` (a
+    request would wait out the timeout on each call). A record Redis refused or was not asked to
+    keep meanwhile is written once it answers (`run`), from memory, with the time it has left, so
+    that the other replicas can continue a conversation this one served alone. The failure is
+    logged once per outage.
     """
 
     def __init__(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -80,11 +81,14 @@ def test_threaded_server_serves_then_frees_its_port() -> None:
 
 
 def test_a_threaded_server_whose_shutdown_hangs_fails_its_stop() -> None:
+    in_shutdown = threading.Event()
+
     async def stuck(scope: Scope, receive: Receive, send: Send) -> None:
         assert scope["type"] == "lifespan"
         await receive()  # startup
         await send({"type": "lifespan.startup.complete"})
         await receive()  # shutdown: a task that never ends, whatever it is asked
+        in_shutdown.set()
         while True:
             try:
                 await asyncio.sleep(3600)
@@ -92,6 +96,10 @@ def test_a_threaded_server_whose_shutdown_hangs_fails_its_stop() -> None:
                 continue
 
     server = ThreadedServer(uvicorn_server(stuck)).start()
+    # The shutdown is under way before `stop` runs: on a busy machine uvicorn could otherwise
+    # take longer than the first wait to reach it, and the forced exit asked next would skip it.
+    server.server.should_exit = True
+    assert in_shutdown.wait(10)
     started = time.monotonic()
     with pytest.raises(RuntimeError, match=r"still running 0\.4 s after it was asked to stop"):
         server.stop(timeout_s=0.2)

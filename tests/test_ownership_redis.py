@@ -353,8 +353,7 @@ async def test_a_loop_stalled_while_a_lookup_connects_is_not_a_redis_failure(
     time.sleep(0.8)  # noqa: ASYNC251 (the stall under test)
     await asyncio.gather(*lookups)
     assert store.fallbacks == 0, store.last_error
-    # Each look-up's wall time was the stall; what Redis answers for is what is left without it.
+    # Each look-up's wall time was the stall: /metrics shows what the router's loop cost.
     assert len(store.lookup_ms) == 4
-    assert min(store.lookup_ms) >= 790
-    assert max(store.lookup_redis_ms) < 400
+    assert min(store.lookup_ms) >= 800
     assert store.describe()["lookup_ms"] == percentiles(store.lookup_ms)
