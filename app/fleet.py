@@ -232,8 +232,34 @@ class Fleet:
         if version == self._seen_version:
             return
         entries = await self.membership.entries()
+        if self._seen_version is None:
+            self._warn_if_configured_differently(entries)
         await self.apply(entries)
         self._seen_version = version
+
+    def _warn_if_configured_differently(self, entries: dict[str, Entry]) -> None:
+        """The shared membership wins over BACKEND_URLS (it holds what the admin API and the
+        other replicas changed since): say so loudly where they differ, since a Redis left
+        holding another fleet's membership would otherwise drain this one's backends quietly."""
+        differences = []
+        for backend in self.pool.backends:
+            entry = entries.get(backend.name)
+            if entry is None or entry.state != "serving":
+                differences.append(f"{backend.name} ({backend.url}) is not serving there: drained")
+            elif entry.url != backend.url:
+                differences.append(f"{backend.name} is {entry.url} there, {backend.url} here")
+        for name, entry in entries.items():
+            if entry.state == "serving" and self.pool.find(name) is None:
+                differences.append(f"{name} ({entry.url}) joins from there")
+        if differences:
+            assert self.membership is not None
+            log.warning(
+                "the fleet membership in Redis differs from BACKEND_URLS and wins: %s. If Redis "
+                "holds another fleet's, delete %s and %s to start again from BACKEND_URLS",
+                "; ".join(differences),
+                self.membership.members,
+                self.membership.version_key,
+            )
 
     async def _seed(self) -> None:
         """Redis lost the membership (flushed, restarted empty): ours seeds it again, rather

@@ -35,11 +35,14 @@ from app.redislink import (
     writer_deadline,
 )
 from app.redislink import redis_client as redis_client  # where callers have found it
+from app.resp import ClusterLinks
 from app.routing import Ownership
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.cluster import RedisCluster
+
+    from app.resp import Links, RespLink
 
 log = logging.getLogger("kvroute.ownership")
 
@@ -211,6 +214,13 @@ def _parse_owner(value: object) -> tuple[str, int, int] | None:
     return parts[0], int(parts[1]), int(parts[2])
 
 
+def _as_dict(flat: object) -> dict[object, object]:
+    """A RESP2 hash reply (`[field, value, ...]`) as redis-py gives it."""
+    if not isinstance(flat, list):
+        return {}
+    return dict(zip(flat[::2], flat[1::2], strict=False))
+
+
 class RedisStore:
     """Ownership shared through Redis, with memory as the fallback and an optional read-through
     cache.
@@ -235,11 +245,13 @@ class RedisStore:
         cache_s: float = 0.0,
         prefix: str = "kvroute:",
         lag: LoopLag | None = None,
+        links: Links | None = None,
         load_interval_s: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         self._redis = redis
+        self._links = links  # the request path's lean links (`resp`); redis-py's pipeline if None
         self.url = url
         self.ttl_ms = int(ttl_s * 1000)
         self.timeout_s = timeout_s
@@ -274,6 +286,8 @@ class RedisStore:
         self.peer_in_flight: dict[str, float] = {}
         self._stale_replicas: set[str] = set()
         self._topology_stale = asyncio.Event()
+        if isinstance(links, ClusterLinks):  # its redirections (rate checks' too) heal the map
+            links.on_redirect = self._topology_stale.set
         # The last look-ups' wall time, Redis's round trip and this router's own queue for its
         # loop: what sharing ownership adds to each request.
         self.lookup_ms: deque[float] = deque(maxlen=LOOKUP_SAMPLES)
@@ -339,17 +353,14 @@ class RedisStore:
             return self._with_local(keys, cached[1])
         conversation_key, system_key = self.redis_keys(keys)
         started = time.perf_counter()  # (uvloop's loop time moves in whole ms)
+        used: list[RespLink] = []
         try:
-            async with (
-                redis_deadline(self.timeout_s, self.lag, self.cap_s),
-                self._redis.pipeline(transaction=False) as pipe,
-            ):
-                pipe.get(conversation_key)
-                pipe.hgetall(system_key)
-                if self.local_in_flight is not None:  # the load shared by the replicas
-                    pipe.hgetall(self.load_key)
-                owner_value, homes, *load = await pipe.execute()
+            async with redis_deadline(self.timeout_s, self.lag, self.cap_s):
+                owner_value, homes, *load = await self._read(conversation_key, system_key, used)
         except self._trouble as exc:  # serve from memory
+            if isinstance(exc, TimeoutError):
+                for link in used:  # it may have gone silent: the next call opens another
+                    link.reset("a look-up timed out on this connection")
             self._failed(exc, "look-up")
             return self._from_memory(keys)
         self.lookup_ms.append((time.perf_counter() - started) * 1000)
@@ -359,6 +370,36 @@ class RedisStore:
         ownership = self._with_local(keys, self._ownership(owner_value, homes))
         self._remember(keys.conversation, ownership, now)
         return ownership
+
+    async def _read(
+        self, conversation_key: str, system_key: str, used: list[RespLink]
+    ) -> list[object]:
+        """The owner, the system prompt's homes and, with shared load, the replicas' load: one
+        round trip (two at once on a cluster, where the load lives on another node). The lean
+        links it used go in `used`."""
+        shared_load = self.local_in_flight is not None
+        if self._links is None:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.get(conversation_key)
+                pipe.hgetall(system_key)
+                if shared_load:
+                    pipe.hgetall(self.load_key)
+                return list(await pipe.execute())
+        here = await self._links.on(conversation_key)
+        used.append(here)
+        reads: list[tuple[str, str]] = [("GET", conversation_key), ("HGETALL", system_key)]
+        if not shared_load:
+            owner_value, homes = await here.execute(reads)
+            return [owner_value, _as_dict(homes)]
+        there = await self._links.on(self.load_key)
+        if there is here:
+            owner_value, homes, load = await here.execute([*reads, ("HGETALL", self.load_key)])
+        else:
+            used.append(there)
+            (owner_value, homes), (load,) = await asyncio.gather(
+                here.execute(reads), there.execute([("HGETALL", self.load_key)])
+            )
+        return [owner_value, _as_dict(homes), _as_dict(load)]
 
     def _with_local(self, keys: PrefixKeys, shared: Ownership) -> Ownership:
         """Redis's records plus what this replica recorded itself (memory holds every record it
@@ -554,6 +595,7 @@ class RedisStore:
             "kind": "redis",
             "url": redact_url(self.url),
             "cluster": type(self._redis).__name__ == "RedisCluster",
+            "lookup_client": "redis-py" if self._links is None else "lean",
             "state": self.state(),
             "fallbacks": self.fallbacks,
             "fallback_causes": dict(self.fallback_causes),

@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.metrics_core import CounterMetricFamily
 from prometheus_client.registry import Collector
@@ -26,10 +26,13 @@ from app.redislink import (
     wall_cap_s,
     writer_deadline,
 )
+from app.resp import LuaScript
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.cluster import RedisCluster
+
+    from app.resp import Links, RespLink
 
 
 class TokenBucket:
@@ -214,10 +217,13 @@ class RedisRateLimits:
         timeout_s: float,
         prefix: str = "kvroute:rate:",
         lag: LoopLag | None = None,
+        links: Links | None = None,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         self._redis = redis
         self._script = self._redis.register_script(_BUCKETS_SCRIPT)
+        self._links = links  # the request path's lean links (`resp`); redis-py's Script if None
+        self._lean_script = LuaScript.of(_BUCKETS_SCRIPT)
         self._trouble = redis_trouble()
         self.rpm, self.tpm = rpm, tpm
         self.timeout_s = timeout_s
@@ -244,12 +250,19 @@ class RedisRateLimits:
         if not self.enabled:
             return
         tokens = max(tokens, 0)
+        waits: Any  # the script's two waits in ms
+        link: RespLink | None = None
         try:
             async with redis_deadline(self.timeout_s, self.lag, self.cap_s):
-                waits = await self._script(
-                    keys=self.redis_keys(tenant), args=[self._wall_ms(), self.rpm, self.tpm, tokens]
-                )
-        except self._trouble:  # Redis failed: this process's buckets decide
+                keys, args = self.redis_keys(tenant), [self._wall_ms(), self.rpm, self.tpm, tokens]
+                if self._links is not None:
+                    link = await self._links.on(keys[0])
+                    waits = await link.run_script(self._lean_script, keys, args)
+                else:
+                    waits = await self._script(keys=keys, args=args)
+        except self._trouble as exc:  # Redis failed: this process's buckets decide
+            if link is not None and isinstance(exc, TimeoutError):
+                link.reset("a rate check timed out on this connection")
             self.fallbacks += 1
             self.local.check_now(tenant, tokens)
             return

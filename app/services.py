@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from app.admission import Admission, Limits
 from app.backends import BackendPool
 from app.bodies import BodiesCollector, BodyBudget
-from app.config import Settings
+from app.config import Settings, redact_url
 from app.dashboard import SeriesRecorder, TenantTags
 from app.fleet import Fleet, FleetCollector, RedisMembership
 from app.http1 import HttpToolsTransport
@@ -32,6 +32,7 @@ from app.ownership import MemoryStore, OwnershipStore, RedisStore
 from app.presentation import prom_gauges
 from app.rates import RateLimits, RatesCollector, RedisRateLimits
 from app.redislink import WARM_CONNECTIONS, is_cluster, redis_client, warm
+from app.resp import Links, links_for
 from app.responses import MemoryResponses, RedisResponses, ResponseStore
 from app.routing import CostWeights, LeastLoaded, Policy, make_policy
 from app.security import KeyRing
@@ -66,6 +67,7 @@ class Services:
     tenant_tags: TenantTags = field(default_factory=TenantTags)
     passthrough_policy: Policy = field(default_factory=LeastLoaded)
     redis: Any = None  # redis.asyncio.Redis or RedisCluster when REDIS_URL is set
+    links: Links | None = None  # the request path's Redis calls (`resp`)
     responses: ResponseStore = field(default_factory=lambda: MemoryResponses(86400, 86400))
     started_at: int = field(default_factory=lambda: int(time.time()))
     discovering: int = 0  # look-ups of unknown response ids running (`responses_path`)
@@ -131,6 +133,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         else None
     )
     lag = LoopLag()  # run for the app's lifetime; read by the deadlines of Redis and connects
+    links = _lean_links(s, redis)
     store: OwnershipStore = (
         RedisStore(
             redis,
@@ -140,6 +143,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
             retry_s=s.redis_retry_s,
             cache_s=s.ownership_cache_s,
             lag=lag,
+            links=links,
         )
         if redis is not None
         else MemoryStore(s.ownership_ttl_s)
@@ -179,7 +183,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
         policy=policy,
         admission=Admission(_limits(s)),
         bodies=BodyBudget(s.max_body_bytes_held),
-        rates=_rates(s, redis, lag),
+        rates=_rates(s, redis, lag, links),
         transport=transport,
         lag=lag,
         dispatcher=Dispatcher(
@@ -202,6 +206,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
             forget=store.forget_backend,
         ),
         redis=redis,
+        links=links,
         responses=responses,
     )
     services.registry.register(FleetCollector(services.fleet))
@@ -235,6 +240,21 @@ def _limits(s: Settings) -> Limits:
     )
 
 
+def _lean_links(s: Settings, redis: Any) -> Links | None:
+    """The lean links for the request path's Redis calls (ownership look-ups, rate checks), when
+    asked for and the client is one they can reproduce."""
+    if redis is None or s.redis_lookup_client != "lean":
+        return None
+    links = links_for(redis)
+    if links is None:  # said once, so that /metrics' `lookup_client` is no surprise
+        log.info(
+            "REDIS_LOOKUP_CLIENT=lean: %s needs redis-py (TLS or a credential provider); the "
+            "request path's Redis calls use it",
+            redact_url(s.redis_url),
+        )
+    return links
+
+
 def _responses(s: Settings, redis: Any, lag: LoopLag) -> ResponseStore:
     if redis is None:
         return MemoryResponses(
@@ -256,11 +276,18 @@ def _responses(s: Settings, redis: Any, lag: LoopLag) -> ResponseStore:
     )
 
 
-def _rates(s: Settings, redis: Any, lag: LoopLag) -> RateLimits | RedisRateLimits:
+def _rates(
+    s: Settings, redis: Any, lag: LoopLag, links: Links | None
+) -> RateLimits | RedisRateLimits:
     if redis is None:
         return RateLimits(s.tenant_rpm, s.tenant_tpm)
     return RedisRateLimits(
-        redis, s.tenant_rpm, s.tenant_tpm, timeout_s=max(s.redis_timeout_s, 0.05), lag=lag
+        redis,
+        s.tenant_rpm,
+        s.tenant_tpm,
+        timeout_s=max(s.redis_timeout_s, 0.05),
+        lag=lag,
+        links=links,
     )
 
 
@@ -282,6 +309,8 @@ async def running(services: Services) -> AsyncIterator[None]:
         pool = services.pool
         if services.redis is not None:
             await warm(services.redis, WARM_CONNECTIONS, max(s.redis_timeout_s * 20, 1.0))
+        if services.links is not None:
+            await services.links.warm(max(s.redis_timeout_s * 20, 1.0))
         await services.fleet.start()
         await pool.probe_health(transport, s.probe_timeout_s)
         await pool.probe_metrics(transport, s.probe_timeout_s)
@@ -307,6 +336,8 @@ async def running(services: Services) -> AsyncIterator[None]:
                 yield
         finally:
             services.tracing.shutdown()
+            if services.links is not None:
+                await services.links.aclose()
             if services.redis is not None:
                 await services.redis.aclose()
 

@@ -22,6 +22,23 @@ MODEL = "bench-model"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 
 
+def forget_fleet(redis_url: str) -> None:
+    """Delete the fleet membership an earlier bench run left in Redis. It wins over a router's
+    BACKEND_URLS (`Fleet`): another run's fleet there drained all backends but b0 of every Redis
+    row. (The benches' Redis is a database of their own; ownership needs no deleting, each run
+    tags its tenants.)"""
+    import redis
+
+    from app.fleet import RedisMembership
+
+    membership = RedisMembership(None)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.delete(membership.members, membership.version_key)
+    finally:
+        client.close()
+
+
 async def start_server(
     server: ChildServer,
     stack: contextlib.ExitStack | None = None,
@@ -31,6 +48,8 @@ async def start_server(
     closes; without a stack, by the caller."""
     if stack is not None:
         stack.callback(server.stop)
+    if isinstance(server, RouterProcess) and server.env.get("REDIS_URL"):
+        forget_fleet(server.env["REDIS_URL"])
     await asyncio.to_thread(server.start, 60.0)  # a router's start waits for its /health
     await wait_ready(server, headers or {})
     return server

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +19,34 @@ from harness.ports import free_port
 from harness.process import ChildServer
 
 
-def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
-    """Whether a Redis at ``redis://host:port/db`` answers PING."""
-    rest = url.split("://", 1)[-1].split("/", 1)[0]
+def redis_answers(url: str, timeout_s: float = 1.0, *, locked_ok: bool = False) -> bool:
+    """Whether a Redis at ``redis://host:port/db`` answers PING (or, `locked_ok`, asks for a
+    password: it is up)."""
+    rest = url.split("://", 1)[-1].split("/", 1)[0].rpartition("@")[2]
     host, _, port = rest.rpartition(":")
     try:
         with socket.create_connection((host or "127.0.0.1", int(port or 6379)), timeout_s) as sock:
             sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            reply = sock.recv(16)
     except (OSError, ValueError):
         return False
+    return reply.startswith(b"+PONG") or (locked_ok and reply.startswith(b"-NOAUTH"))
 
 
 class PrivateRedis(ChildServer):
-    """redis-server with no persistence; ``PrivateRedis(port=p)`` restarts one on the same port."""
+    """redis-server with no persistence; ``PrivateRedis(port=p)`` restarts one on the same port;
+    `extra` adds arguments (``--requirepass``, ``--unixsocket``, ...)."""
 
-    def __init__(self, port: int | None = None, *, log_dir: Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, *, log_dir: Path | None = None, extra: Sequence[str] = ()
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         port = port or free_port()
         folder = tempfile.mkdtemp(prefix="kvroute-redis-")
         argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-        argv += ["--appendonly", "no", "--dir", folder]
+        argv += ["--appendonly", "no", "--dir", folder, *extra]
         super().__init__("redis", argv, port=port, log_dir=log_dir)
 
     @property
@@ -49,7 +54,7 @@ class PrivateRedis(ChildServer):
         return f"redis://127.0.0.1:{self.port}/0"
 
     def is_ready(self) -> bool:
-        return redis_answers(self.url, 0.2)
+        return redis_answers(self.url, 0.2, locked_ok=True)
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from app.looplag import LoopLag
 from app.services import background
 from app.simulator.config import SimConfig
 from harness.asgi import ThreadedServer, uvicorn_server
-from harness.redis import PrivateRedisCluster
+from harness.redis import PrivateRedis, PrivateRedisCluster
 from harness.simulator import SimulatorThread
 
 
@@ -72,6 +72,13 @@ def missing_service(reason: str) -> None:
     if os.environ.get("KVROUTE_REQUIRE_SERVICES") == "1":
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+def private_redis(*extra: str) -> PrivateRedis:
+    """A redis-server of the test's own, started (`extra`: its arguments); the caller stops it."""
+    if shutil.which("redis-server") is None:
+        missing_service("redis-server is not installed (apt-get install redis-server)")
+    return PrivateRedis(extra=extra).start()
 
 
 def wait_for(condition: Any, timeout_s: float = 10.0, interval_s: float = 0.02) -> Any:

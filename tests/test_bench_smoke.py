@@ -50,3 +50,22 @@ def test_overhead_bench_smoke(tmp_path: Path) -> None:
     assert rows["kvroute"]["added_ttft_ms"] is not None
     assert result["scaling"] == []
     assert result["soak"] is None
+
+
+def test_lookup_bench_smoke(tmp_path: Path, redis_url: str) -> None:
+    out = tmp_path / "lookup.json"
+    argv = [sys.executable, "-m", "bench.lookup", "--redis-url", redis_url, "--rounds", "1"]
+    argv += ["--hogs", "2", "--lookups", "200", "--json", str(out)]
+    proc = subprocess.run(
+        argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "lean / redis-py:" in proc.stdout
+    result = json.loads(out.read_text())
+    rows = {row["client"]: row for row in result["rows"]}
+    assert set(rows) == {"lean", "redis-py"}
+    for row in rows.values():
+        assert row["fallbacks"] == 0  # a healthy Redis: every look-up answered by it
+        assert row["cpu_us_per_lookup"] > 0
+        assert 0 < row["burst32_p50_ms"] <= row["burst32_p99_ms"]
+        assert row["loop_turns"] > 0

@@ -3,6 +3,9 @@ a membership Redis lost is seeded again, never written as one entry that drains 
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 import redis
 
 from app.backends import BackendPool
@@ -53,3 +56,27 @@ async def test_changes_after_redis_lost_the_membership_drain_only_what_they_name
     entries = await a.membership.entries()
     assert entries["b0"].state == entries[added.name].state == "serving"
     assert "b1" not in entries or entries["b1"].state != "serving"  # leaving: not seeded back
+
+
+async def test_a_membership_that_differs_from_backend_urls_is_named_at_start(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis left holding another fleet's membership drains this one's backends: not quietly."""
+    await replica(redis_url)  # seeds b0, b1
+    other = Fleet(
+        BackendPool(["http://10.0.0.7:8000", *URLS], default_model="m"),
+        drain_timeout_s=10,
+        membership=RedisMembership(redis_client(redis_url, 0.5)),
+    )
+    with caplog.at_level(logging.WARNING, logger="kvroute.fleet"):
+        await other.start()
+    assert names(other) == {"b0", "b1"}
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "differs from BACKEND_URLS" in warning
+    assert "b0 is http://10.0.0.0:8000 there, http://10.0.0.7:8000 here" in warning
+    assert "b2 (http://10.0.0.1:8000) is not serving there: drained" in warning
+    assert "kvroute:{fleet}:members" in warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kvroute.fleet"):
+        await replica(redis_url)  # the same fleet: nothing to say
+    assert not caplog.records

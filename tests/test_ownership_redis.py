@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -15,9 +18,11 @@ from app.looplag import LoopLag
 from app.ownership import WRITE_ATTEMPTS, RedisStore, redis_client
 from app.percentile import percentiles
 from app.prefix import PrefixKeys
+from app.resp import RespLink, target_of
 from app.services import background, build_services
 from harness.ports import free_port
 from harness.redis import PrivateRedis
+from harness.tcpproxy import FreezingProxy
 from tests.conftest import cancel_midway, missing_service
 
 pytestmark = pytest.mark.redis
@@ -32,11 +37,25 @@ def keys(conv: str, system: str = "sys") -> PrefixKeys:
     return PrefixKeys(conversation=conv, system=system, prompt_chars=0, system_chars=0)
 
 
-def store_at(redis_url: str, *, load_interval_s: float = 0.05) -> RedisStore:
+@pytest.fixture(params=["lean", "redis-py"])
+def lookup(request: pytest.FixtureRequest) -> str:
+    """Each store test runs on both look-up clients (REDIS_LOOKUP_CLIENT)."""
+    return str(request.param)
+
+
+def new_store(url: str, client_timeout_s: float, lookup: str, **kwargs: Any) -> RedisStore:
+    client = redis_client(url, client_timeout_s)
+    target = target_of(client)
+    assert target is not None
+    return RedisStore(client, url, links=RespLink(target) if lookup == "lean" else None, **kwargs)
+
+
+def store_at(redis_url: str, lookup: str, *, load_interval_s: float = 0.05) -> RedisStore:
     """A store on its own client, as each router process has (no read-through cache)."""
-    return RedisStore(
-        redis_client(redis_url, 0.5),
+    return new_store(
         redis_url,
+        0.5,
+        lookup,
         ttl_s=60,
         timeout_s=0.5,
         retry_s=0.2,
@@ -46,8 +65,8 @@ def store_at(redis_url: str, *, load_interval_s: float = 0.05) -> RedisStore:
 
 
 @pytest.fixture
-async def replicas(redis_url: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
-    a, b = store_at(redis_url), store_at(redis_url)
+async def replicas(redis_url: str, lookup: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    a, b = store_at(redis_url, lookup), store_at(redis_url, lookup)
     async with writing(a, b):
         yield a, b
 
@@ -90,15 +109,12 @@ async def test_first_claim_is_atomic(replicas: tuple[RedisStore, RedisStore]) ->
 
 async def test_a_lookup_sees_this_replicas_records_before_they_are_written(
     redis_url: str,
+    lookup: str,
 ) -> None:
     """A home chosen a moment ago (its write still queued) counts for the next conversation on
     that system prompt, as in memory; a record Redis holds decides the owner."""
-    store = RedisStore(
-        redis_client(redis_url, 0.5), redis_url, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=0.0
-    )
-    other = RedisStore(
-        redis_client(redis_url, 0.5), redis_url, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=0.0
-    )
+    store = new_store(redis_url, 0.5, lookup, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=0.0)
+    other = new_store(redis_url, 0.5, lookup, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=0.0)
     # No writer runs yet: the records wait in the queue.
     await store.record(keys("first", system="s1"), "b2", 300, claim=True)
     assert not store._queue.empty()
@@ -117,14 +133,16 @@ async def test_a_lookup_sees_this_replicas_records_before_they_are_written(
         assert set(moved.system_holders) == {"b0", "b2"}
 
 
-async def test_the_router_reads_redis_on_every_lookup_by_default(redis_url: str) -> None:
+async def test_the_router_reads_redis_on_every_lookup_by_default(
+    redis_url: str, lookup: str
+) -> None:
     """OWNERSHIP_CACHE_S defaults to 0: as built by the router, a replica's look-up of a
     conversation it read a moment ago still sees what another replica recorded since."""
     settings = Settings(backend_urls=["http://127.0.0.1:9"], redis_url=redis_url)
     assert settings.ownership_cache_s == 0.0
     store = build_services(settings).store
     assert isinstance(store, RedisStore)
-    other = store_at(redis_url)
+    other = store_at(redis_url, lookup)
     k = keys("moved")
     async with writing(other):
         await other.record(k, "b0", 100, claim=True)
@@ -136,13 +154,13 @@ async def test_the_router_reads_redis_on_every_lookup_by_default(redis_url: str)
         assert (seen.owner, seen.owner_tokens) == ("b1", 200)
 
 
-async def test_a_cached_lookup_sees_homes_this_replica_opened_since(redis_url: str) -> None:
+async def test_a_cached_lookup_sees_homes_this_replica_opened_since(
+    redis_url: str, lookup: str
+) -> None:
     """The read-through cache answers a conversation's next turn without Redis; a home another
     conversation of the same system prompt opened on this replica since counts there too, as it
     would in memory (a spill then goes where the system prompt is cached)."""
-    store = RedisStore(
-        redis_client(redis_url, 0.5), redis_url, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=60
-    )
+    store = new_store(redis_url, 0.5, lookup, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=60)
     system = f"s-{free_port()}"
     await store.record(keys("first", system=system), "b0", 300, claim=True)
     assert (await store.lookup(keys("first", system=system))).system_holders == ("b0",)
@@ -152,10 +170,8 @@ async def test_a_cached_lookup_sees_homes_this_replica_opened_since(redis_url: s
     assert set(cached.system_holders) == {"b0", "b1"}
 
 
-async def test_takeover_and_ttl(redis_url: str) -> None:
-    store = RedisStore(
-        redis_client(redis_url, 0.5), redis_url, ttl_s=0.3, timeout_s=0.5, retry_s=0.2, cache_s=0.0
-    )
+async def test_takeover_and_ttl(redis_url: str, lookup: str) -> None:
+    store = new_store(redis_url, 0.5, lookup, ttl_s=0.3, timeout_s=0.5, retry_s=0.2, cache_s=0.0)
     async with writing(store):
         await store.record(keys("k"), "b0", 1, claim=True)
         await store.record(keys("k"), "b1", 2, claim=False)
@@ -176,10 +192,12 @@ async def test_restarted_backend_loses_its_keys(replicas: tuple[RedisStore, Redi
     assert found.system_holders == ()
 
 
-async def test_unreachable_redis_serves_from_memory_and_counts() -> None:
-    store = RedisStore(
-        redis_client(f"redis://127.0.0.1:{free_port()}/0", 0.5),
-        f"redis://127.0.0.1:{free_port()}/0",
+async def test_unreachable_redis_serves_from_memory_and_counts(lookup: str) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    store = new_store(
+        url,
+        0.5,
+        lookup,
         ttl_s=60,
         timeout_s=0.05,
         retry_s=30,
@@ -194,13 +212,11 @@ async def test_unreachable_redis_serves_from_memory_and_counts() -> None:
         assert str(store.describe()["state"]).startswith("down")
 
 
-async def test_redis_stopped_mid_run_then_back() -> None:
+async def test_redis_stopped_mid_run_then_back(lookup: str) -> None:
     if shutil.which("redis-server") is None:
         missing_service("redis-server is not installed (apt-get install redis-server)")
     server = PrivateRedis().start()
-    store = RedisStore(
-        redis_client(server.url, 0.5), server.url, ttl_s=60, timeout_s=0.2, retry_s=0.2, cache_s=0.0
-    )
+    store = new_store(server.url, 0.5, lookup, ttl_s=60, timeout_s=0.2, retry_s=0.2, cache_s=0.0)
     try:
         async with writing(store):
             await store.record(keys("k"), "b0", 1, claim=True)
@@ -220,7 +236,7 @@ async def test_redis_stopped_mid_run_then_back() -> None:
             assert store.describe()["state"] == "up"
             # What was served from memory meanwhile was held and written once Redis was back:
             # another replica sees it.
-            other = store_at(server.url)
+            other = store_at(server.url, lookup)
             for i in range(20):
                 assert (await other.lookup(keys(f"n{i}"))).owner == "b1", i
             assert store.describe()["records_dropped"] == 0
@@ -228,9 +244,9 @@ async def test_redis_stopped_mid_run_then_back() -> None:
         server.stop()
 
 
-async def test_records_redis_keeps_refusing_are_dropped_and_counted() -> None:
+async def test_records_redis_keeps_refusing_are_dropped_and_counted(lookup: str) -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
-    store = RedisStore(redis_client(url, 0.5), url, ttl_s=60, timeout_s=0.05, retry_s=0.05)
+    store = new_store(url, 0.5, lookup, ttl_s=60, timeout_s=0.05, retry_s=0.05)
     async with writing(store):
         await store.record(keys("k"), "b1", 7, claim=True)
         for _ in range(200):
@@ -270,8 +286,8 @@ def test_router_counts_fallbacks_by_cause_in_both_metrics_views() -> None:
         assert 'kvroute_ownership_fallbacks_total{cause="timeout"} 0.0' in prom
 
 
-async def test_replicas_share_in_flight_counts_under_a_lease(redis_url: str) -> None:
-    a, b = store_at(redis_url), store_at(redis_url)
+async def test_replicas_share_in_flight_counts_under_a_lease(redis_url: str, lookup: str) -> None:
+    a, b = store_at(redis_url, lookup), store_at(redis_url, lookup)
     a.local_in_flight = lambda: {"b0": 1}
     b.local_in_flight = lambda: {"b0": 3, "b1": 2, "b2": 0}
     seen: list[tuple[dict[str, float], float]] = []
@@ -323,11 +339,11 @@ def test_shared_load_is_wired_only_when_asked(redis_url: str, shared: bool) -> N
     assert (store.local_in_flight is not None, store.on_peer_load is not None) == (shared, shared)
 
 
-async def test_a_cancelled_lookup_or_store_always_stops(redis_url: str) -> None:
+async def test_a_cancelled_lookup_or_store_always_stops(redis_url: str, lookup: str) -> None:
     """redis-py on Python 3.11 lets most cancellations that reach a command pass unseen (1490 of
     2000 cancelled at random): a look-up whose client left must not go on to a backend, and
     the store's loops must stop with the app (a test here once hung at teardown on it)."""
-    store = store_at(redis_url, load_interval_s=0.001)  # the load publisher always mid-call
+    store = store_at(redis_url, lookup, load_interval_s=0.001)  # the load publisher always mid-call
     store.local_in_flight = lambda: {"b0": 1}
     await cancel_midway(lambda: store.lookup(keys("c")), 100)
 
@@ -340,14 +356,12 @@ async def test_a_cancelled_lookup_or_store_always_stops(redis_url: str) -> None:
 
 
 async def test_a_loop_stalled_while_a_lookup_connects_is_not_a_redis_failure(
-    redis_url: str, lag: LoopLag
+    redis_url: str, lag: LoopLag, lookup: str
 ) -> None:
     # A burst of new requests makes each look-up open its own connection; the loop then stalls
     # for longer than redis-py's own connect timeout once was (0.5 s: 8 such fallbacks in a
     # c=256 run of bench.overhead against a healthy, idle Redis). Redis answered in time.
-    store = RedisStore(
-        redis_client(redis_url, 0.05), redis_url, ttl_s=60, timeout_s=0.05, retry_s=5, lag=lag
-    )
+    store = new_store(redis_url, 0.05, lookup, ttl_s=60, timeout_s=0.05, retry_s=5, lag=lag)
     lookups = [asyncio.create_task(store.lookup(keys(f"stall{i}"))) for i in range(4)]
     await asyncio.sleep(0)  # each look-up is connecting now
     time.sleep(0.8)  # noqa: ASYNC251 (the stall under test)
@@ -357,3 +371,50 @@ async def test_a_loop_stalled_while_a_lookup_connects_is_not_a_redis_failure(
     assert len(store.lookup_ms) == 4
     assert min(store.lookup_ms) >= 800
     assert store.describe()["lookup_ms"] == percentiles(store.lookup_ms)
+
+
+async def test_a_connection_gone_silent_is_replaced_once_a_lookup_times_out_on_it(
+    redis_url: str,
+) -> None:
+    """A partition or a frozen host leaves the lean link's connection open and silent (no
+    error, no reset). The look-up that times out on it drops it, so when Redis is tried again a
+    new connection answers; kept, every later look-up would wait on the dead one."""
+    where = urlsplit(redis_url)
+    async with FreezingProxy(where.port or 6379) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}{where.path}"
+        store = new_store(url, 0.5, "lean", ttl_s=60, timeout_s=0.05, retry_s=0.1)
+        await store.lookup(keys("a"))
+        assert (store.fallbacks, proxy.connections) == (0, 1)
+        proxy.freeze()
+        await store.lookup(keys("a"))
+        assert store.fallback_causes["timeout"] == 1
+        proxy.thaw()
+        await asyncio.sleep(0.15)  # retry_s
+        for _ in range(3):
+            await store.lookup(keys("a"))
+        assert store.fallbacks == 1, store.last_error
+        assert store.describe()["state"] == "up"
+        assert proxy.connections == 2
+
+
+@pytest.mark.parametrize(
+    ("client", "scheme", "expected"),
+    [("lean", "redis", "lean"), ("redis-py", "redis", "redis-py"), ("lean", "rediss", "redis-py")],
+)
+def test_metrics_name_the_request_paths_redis_client(
+    redis_url: str, client: str, scheme: str, expected: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = redis_url.replace("redis://", f"{scheme}://", 1)
+    with caplog.at_level(logging.INFO, logger="kvroute.services"):
+        services = build_services(
+            Settings(
+                backend_urls=["http://127.0.0.1:1"],
+                redis_url=url,
+                redis_cluster="false",
+                redis_lookup_client=client,  # type: ignore[arg-type]
+                _env_file=None,  # type: ignore[call-arg]
+            )
+        )
+    assert services.store.describe()["lookup_client"] == expected
+    said = "needs redis-py" in caplog.text
+    assert said == (client == "lean" and expected == "redis-py")

@@ -12,12 +12,14 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from redis.asyncio.cluster import RedisCluster
 
 from app.errors import Overloaded
-from app.ownership import RedisStore
+from app.ownership import RedisStore, _parse_owner
 from app.prefix import PrefixKeys
 from app.rates import RedisRateLimits
 from app.redislink import is_cluster, redis_client
+from app.resp import ClusterLinks, links_for
 from app.services import background
 from harness.redis import PrivateRedisCluster
 from tests.conftest import missing_service, running_simulators, wait_for
@@ -31,14 +33,32 @@ def keys(conv: str, system: str) -> PrefixKeys:
     return PrefixKeys(conversation=conv, system=system, prompt_chars=0, system_chars=0)
 
 
-def cluster_store(url: str) -> RedisStore:
+@pytest.fixture(params=["lean", "redis-py"])
+def lookup(request: pytest.FixtureRequest) -> str:
+    """Each test runs on both request-path clients (REDIS_LOOKUP_CLIENT)."""
+    return str(request.param)
+
+
+def lean_links(client: RedisCluster, lookup: str) -> ClusterLinks | None:
+    if lookup != "lean":
+        return None
+    links = links_for(client)
+    assert isinstance(links, ClusterLinks)
+    return links
+
+
+def cluster_store(url: str, lookup: str) -> RedisStore:
     client = redis_client(url, 0.5, cluster=True)
-    return RedisStore(client, url, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=0.0)
+    assert isinstance(client, RedisCluster)
+    links = lean_links(client, lookup)
+    return RedisStore(client, url, ttl_s=60, timeout_s=0.5, retry_s=0.2, cache_s=0.0, links=links)
 
 
 @pytest.fixture
-async def replicas(redis_cluster_url: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
-    a, b = cluster_store(redis_cluster_url), cluster_store(redis_cluster_url)
+async def replicas(
+    redis_cluster_url: str, lookup: str
+) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    a, b = cluster_store(redis_cluster_url, lookup), cluster_store(redis_cluster_url, lookup)
     async with background([a.run(), b.run()]):
         yield a, b
 
@@ -73,17 +93,50 @@ async def test_two_stores_agree_on_owners_across_shards(
     # A race for one new key: both end up following the same winner.
     race = keys(f"{run}-race", f"{run}-s0")
     await asyncio.gather(a.record(race, "b0", 1, claim=True), b.record(race, "b1", 1, claim=True))
-    owner = await written(a, b, race)
-    await written(b, a, race)
-    assert (await a.lookup(race)).owner == (await b.lookup(race)).owner == owner
+    # Each sees its own claim until the writers have run; then both follow the one Redis kept.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while True:
+        kept = _parse_owner(await a._redis.get(a.redis_keys(race)[0]))
+        owners = ((await a.lookup(race)).owner, (await b.lookup(race)).owner)
+        if kept is not None and owners == (kept[0], kept[0]):
+            break
+        assert loop.time() < deadline, (kept, owners)
+        await asyncio.sleep(0.01)
     assert a.fallbacks == b.fallbacks == 0
     assert a.describe()["cluster"] is True
 
 
-async def test_two_rate_limiters_share_one_budget(redis_cluster_url: str) -> None:
+async def test_lean_links_reach_every_shard_and_share_load(redis_cluster_url: str) -> None:
+    """On a cluster the look-up's records and the replicas' load live on different nodes: the
+    lean links read both at once, one connection per node and no more."""
+    a, b = cluster_store(redis_cluster_url, "lean"), cluster_store(redis_cluster_url, "lean")
+    a.local_in_flight = lambda: {"b0": 2}
+    b.local_in_flight = lambda: {"b1": 5}
+    run = uuid.uuid4().hex[:8]
+    async with background([a.run(), b.run()]):
+        for i in range(12):
+            await a.record(keys(f"{run}-c{i}", f"{run}-s{i}"), f"b{i % 3}", 10, claim=True)
+        for i in range(12):
+            assert await written(a, b, keys(f"{run}-c{i}", f"{run}-s{i}")) == f"b{i % 3}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while b.peer_in_flight != {"b0": 2.0}:
+            assert loop.time() < deadline, b.peer_in_flight
+            await b.lookup(keys(f"{run}-c0", f"{run}-s0"))
+            await asyncio.sleep(0.02)
+    links = b._links
+    assert isinstance(links, ClusterLinks)
+    assert 1 < len(links._links) <= len(b._redis.get_nodes())  # type: ignore[union-attr]
+    assert a.fallbacks == b.fallbacks == 0
+
+
+async def test_two_rate_limiters_share_one_budget(redis_cluster_url: str, lookup: str) -> None:
+    clients = [redis_client(redis_cluster_url, 0.5, cluster=True) for _ in range(2)]
+    assert all(isinstance(c, RedisCluster) for c in clients)
     limits = [
-        RedisRateLimits(redis_client(redis_cluster_url, 0.5, cluster=True), 3, 0, timeout_s=0.5)
-        for _ in range(2)
+        RedisRateLimits(c, 3, 0, timeout_s=0.5, links=lean_links(c, lookup))  # type: ignore[arg-type]
+        for c in clients
     ]
     tenant = f"t-{uuid.uuid4().hex[:8]}"
     await limits[0].check(tenant, 1)
@@ -122,7 +175,9 @@ def alternating_turns_agree(routers: list[RouterProcess], run: str, conversation
         assert len(set(backends)) == 1, backends
 
 
-def test_two_router_processes_agree_and_share_a_tenant_budget(redis_cluster_url: str) -> None:
+def test_two_router_processes_agree_and_share_a_tenant_budget(
+    redis_cluster_url: str, lookup: str
+) -> None:
     run = uuid.uuid4().hex[:8]
     with running_simulators(3, **SIM) as sims:
         env = router_env(
@@ -130,6 +185,7 @@ def test_two_router_processes_agree_and_share_a_tenant_budget(redis_cluster_url:
             redis_cluster_url,
             TENANT_RPM="10",
             TRUST_TENANT_HEADERS="true",
+            REDIS_LOOKUP_CLIENT=lookup,
         )
         routers = [RouterProcess(env).start(), RouterProcess(env).start()]
         try:
@@ -184,7 +240,7 @@ def back_on_every_shard(routers: list[RouterProcess]) -> bool:
     return fallbacks() == before
 
 
-def test_a_master_stopped_under_load_costs_no_request() -> None:
+def test_a_master_stopped_under_load_costs_no_request(lookup: str) -> None:
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         missing_service("redis-server / redis-cli are not installed")
     statuses: Counter[int] = Counter()
@@ -214,7 +270,9 @@ def test_a_master_stopped_under_load_costs_no_request() -> None:
         wait_for(lambda: sum(statuses.values()) >= target, timeout_s=60, interval_s=0.05)
 
     with PrivateRedisCluster() as cluster, running_simulators(3, **SIM) as sims:
-        env = router_env([s.url for s in sims], cluster.url, REDIS_RETRY_S="0.5")
+        env = router_env(
+            [s.url for s in sims], cluster.url, REDIS_RETRY_S="0.5", REDIS_LOOKUP_CLIENT=lookup
+        )
         routers = [RouterProcess(env).start(), RouterProcess(env).start()]
         threads = [threading.Thread(target=load, args=(r, n)) for n, r in enumerate(routers * 2)]
         try:
