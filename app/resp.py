@@ -97,6 +97,15 @@ def links_for(client: Any) -> Links | None:
     return RespLink(target) if target is not None else None
 
 
+def moved_to(reply: Exception, host: str) -> tuple[str, int] | None:
+    """The node of a `MOVED <slot> <host>:<port>` error reply (an empty host: `host`'s)."""
+    parts = str(reply).split(" ")
+    if len(parts) != 3 or parts[0] != "MOVED":
+        return None
+    where, _, port = parts[2].rpartition(":")
+    return (where or host, int(port)) if port.isdigit() else None
+
+
 @dataclass(frozen=True, slots=True)
 class LuaScript:
     """A Lua script and its SHA1, for EVALSHA (EVAL once when the server does not know it)."""
@@ -203,9 +212,11 @@ class RespLink:
         stale_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         on_redirect: Callable[[], None] | None = None,
+        follow: Callable[[str, int], RespLink] | None = None,
     ) -> None:
         self.target = target
         self.on_redirect = on_redirect  # a cluster node answered MOVED or ASK
+        self.follow = follow  # a cluster's link to the node a MOVED names
         self.max_pending = max_pending
         self.stale_s = stale_s
         self._clock = clock
@@ -217,9 +228,12 @@ class RespLink:
     async def on(self, key: str) -> RespLink:
         return self  # a single node serves every key
 
-    async def execute(self, commands: Sequence[Command]) -> list[object]:
+    async def execute(
+        self, commands: Sequence[Command], *, redirected: bool = False
+    ) -> list[object]:
         """Send `commands` in one write and return their replies in order; the first error
-        reply is raised."""
+        reply is raised. On a cluster, a MOVED (the slot was resharded away) is followed once,
+        as redis-py follows it, while the slot map is re-read in the background."""
         from redis.exceptions import ConnectionError as RedisConnectionError
 
         protocol = await self._connected()
@@ -230,7 +244,10 @@ class RespLink:
             if isinstance(reply, Exception):
                 if self.on_redirect is not None and str(reply).startswith(("MOVED ", "ASK ")):
                     self.on_redirect()
-                raise reply
+                moved = moved_to(reply, self.target.host)
+                if moved is not None and self.follow is not None and not redirected:
+                    return await self.follow(*moved).execute(commands, redirected=True)
+                raise reply  # (ASK, mid-migration: the caller falls back; rare and brief)
         return replies
 
     async def run_script(
@@ -374,7 +391,9 @@ class ClusterLinks:
         if link is None:
             self._prune()
             link = self._links[(host, port)] = RespLink(
-                replace(self._template, host=host, port=port), on_redirect=self._redirected
+                replace(self._template, host=host, port=port),
+                on_redirect=self._redirected,
+                follow=self.on_node,
             )
         return link
 

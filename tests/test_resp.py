@@ -20,7 +20,7 @@ from app.ownership import RedisStore
 from app.prefix import PrefixKeys
 from app.rates import RedisRateLimits
 from app.redislink import redis_client
-from app.resp import ClusterLinks, RespLink, RespTarget, encode, target_of
+from app.resp import ClusterLinks, RespLink, RespTarget, encode, moved_to, target_of
 from tests.conftest import private_redis
 
 pytestmark = pytest.mark.redis
@@ -67,6 +67,21 @@ async def loopback_server(
         for handler in handlers:
             handler.cancel()
         await asyncio.gather(*handlers)
+
+
+@pytest.mark.parametrize(
+    ("reply", "node"),
+    [
+        ("MOVED 3999 10.0.0.5:7001", ("10.0.0.5", 7001)),
+        ("MOVED 3999 :7001", ("10.0.0.9", 7001)),  # the same host as the node asked
+        ("MOVED 3999 ::1:7001", ("::1", 7001)),
+        ("ASK 3999 10.0.0.5:7001", None),
+        ("WRONGTYPE Operation against a key", None),
+        ("MOVED 3999 10.0.0.5:port", None),
+    ],
+)
+def test_the_node_a_moved_names(reply: str, node: tuple[str, int] | None) -> None:
+    assert moved_to(ResponseError(reply), "10.0.0.9") == node
 
 
 def test_commands_are_encoded_as_resp_arrays_of_bulk_strings() -> None:
@@ -257,11 +272,14 @@ class OneNodeCluster:
 
 
 async def test_a_resharded_slot_has_the_slot_map_read_again(redis_url: str) -> None:
-    """A node that answers MOVED fails the call (memory or the local buckets answer it) and, from
-    a rate check too, triggers the ownership store's re-read of the slot map."""
+    """A MOVED is followed once; one that moves again fails the call (memory or the local
+    buckets answer it) and, from a rate check too, triggers the ownership store's re-read of the
+    slot map."""
 
-    def moved(writer: asyncio.StreamWriter, data: bytes) -> None:
-        writer.write(b"-MOVED 3999 127.0.0.1:7001\r\n" * data.count(b"*"))
+    port = 0
+
+    def moved(writer: asyncio.StreamWriter, data: bytes) -> None:  # to itself, again and again
+        writer.write(b"-MOVED 3999 127.0.0.1:%d\r\n" % port * data.count(b"*"))
 
     async with loopback_server(moved) as url:
         port = int(url.rsplit(":", 1)[1].split("/")[0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -302,3 +303,67 @@ def test_a_master_stopped_under_load_costs_no_request(lookup: str) -> None:
     assert set(statuses) == {200}, statuses
     # Whatever the routers saw while the shard was away was counted, under a named cause.
     assert all(set(c) == {"timeout", "connection", "cluster", "other"} for c in causes), causes
+
+
+def node_ids(url: str) -> dict[tuple[str, int], str]:
+    """The masters' addresses and ids (`CLUSTER NODES` from the node `url` names, as redis-py
+    parses it)."""
+    import redis
+
+    nodes: dict[str, dict[str, str]] = redis.Redis.from_url(url).execute_command(  # type: ignore[no-untyped-call]
+        "CLUSTER NODES"
+    )
+    out = {}
+    for address, node in nodes.items():
+        if "master" in node["flags"]:
+            host, _, port = address.split("@")[0].rpartition(":")
+            out[(host, int(port))] = node["node_id"]
+    return out
+
+
+def move_empty_slot(slot: int, source: tuple[str, int], target: tuple[str, int], url: str) -> None:
+    """Reshard one slot holding no keys: the four SETSLOT steps of a migration."""
+    import redis
+
+    ids = node_ids(url)
+    src, dst = redis.Redis(*source), redis.Redis(*target)
+    steps = [
+        (dst, "IMPORTING", ids[source]),
+        (src, "MIGRATING", ids[target]),
+        (dst, "NODE", ids[target]),
+        (src, "NODE", ids[target]),
+    ]
+    for node, state, node_id in steps:
+        node.execute_command("CLUSTER", "SETSLOT", slot, state, node_id)  # type: ignore[no-untyped-call]
+
+
+async def test_a_resharded_slot_is_followed_without_a_fallback(redis_cluster_url: str) -> None:
+    """A slot moved to another master after the router read the slot map: the lean links follow
+    the MOVED (look-up and rate check), count no fallback, and have the map re-read."""
+    import redis
+
+    store = cluster_store(redis_cluster_url, "lean")
+    client = store._redis
+    assert isinstance(client, RedisCluster)
+    limits = RedisRateLimits(client, 5, 0, timeout_s=0.5, links=store._links)
+    k = keys(f"moved-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex)
+    conversation_key = store.redis_keys(k)[0]
+    await store.lookup(k)  # the slot map and the link to the slot's node, as of now
+    slot = client.keyslot(conversation_key)
+    source = client.get_node_from_key(conversation_key)
+    assert source is not None
+    here = (source.host, int(source.port))
+    there = next(a for a in node_ids(redis_cluster_url) if a != here)
+    move_empty_slot(slot, here, there, redis_cluster_url)
+    moved = redis.Redis(*there)
+    try:
+        moved.set(conversation_key, f"b2|100|{int(time.time() * 1000)}")
+        found = await store.lookup(k)
+        assert (found.owner, found.owner_tokens) == ("b2", 100)
+        await limits.check(k.system, 1)  # the tenant's buckets: the same tag, the same slot
+        assert store.fallbacks == limits.fallbacks == 0, store.last_error
+        assert store._topology_stale.is_set()  # the slot map is to be read again
+    finally:
+        moved.delete(conversation_key, *limits.redis_keys(k.system))
+        move_empty_slot(slot, there, here, redis_cluster_url)
+        await store._links.aclose()  # type: ignore[union-attr]
