@@ -153,7 +153,7 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(default=0.05, gt=0)
     redis_retry_s: float = Field(default=5.0, gt=0)
     # The request path's Redis calls (look-ups, rate checks): `lean` (app/resp.py: one pipelined
-    # connection per node, a third of redis-py's loop turns and a fraction of its CPU) or
+    # connection per node, a third of redis-py's loop turns and under half its CPU) or
     # `redis-py`. TLS or a credential provider always use redis-py.
     redis_lookup_client: Literal["lean", "redis-py"] = "lean"
     # Replicas publish their per-backend in-flight counts in Redis and read each other's.

@@ -307,10 +307,11 @@ async def running(services: Services) -> AsyncIterator[None]:
     s = services.settings
     async with services.transport as transport:
         pool = services.pool
+        warm_s = max(s.redis_timeout_s * 20, 1.0)  # what start-up waits for Redis, at most
         if services.redis is not None:
-            await warm(services.redis, WARM_CONNECTIONS, max(s.redis_timeout_s * 20, 1.0))
+            await warm(services.redis, WARM_CONNECTIONS, warm_s)
         if services.links is not None:
-            await services.links.warm(max(s.redis_timeout_s * 20, 1.0))
+            await services.links.warm(warm_s)
         await services.fleet.start()
         await pool.probe_health(transport, s.probe_timeout_s)
         await pool.probe_metrics(transport, s.probe_timeout_s)

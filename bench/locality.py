@@ -36,6 +36,7 @@ from app.simulator.config import SimConfig
 from app.simulator.prompt import render_chat, tokenize
 from app.stream_stats import read_stats
 from bench.peers import INSTALL_HINT, missing_peers, peer_plans
+from bench.report import write_json
 from bench.servers import DEFAULT_REDIS_URL, MODEL, kvroute_server, peer_server, start_server
 from harness.ports import free_port
 from harness.process import ChildServer
@@ -594,11 +595,6 @@ async def main_async(args: argparse.Namespace) -> dict[int, list[RunResult]]:
     )
     print(f"\nJSON: {args.json}")
     return by_capacity
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

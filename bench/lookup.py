@@ -24,14 +24,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
 import uvloop
 
 from app.ownership import RedisStore
 from app.percentile import nearest_rank
 from app.prefix import PrefixKeys
 from app.redislink import redis_client
-from app.resp import RespLink, target_of
+from app.resp import links_for
+from bench.report import write_json
 from bench.servers import DEFAULT_REDIS_URL
 from harness.redis import redis_or_private
 
@@ -55,11 +55,10 @@ async def hog(stop: asyncio.Event, hold_s: float) -> None:
 
 async def measure(url: str, client: str, *, hogs: int, lookups: int) -> dict[str, Any]:
     redis = redis_client(url, 0.5)
-    target = target_of(redis)
-    if target is None:
-        raise SystemExit(f"{url}: not a single node the lean link can reach")
-    link = RespLink(target) if client == "lean" else None
-    store = RedisStore(redis, url, ttl_s=60, timeout_s=5.0, retry_s=5.0, links=link)
+    links = links_for(redis) if client == "lean" else None
+    if client == "lean" and links is None:
+        raise SystemExit(f"{url}: the lean link cannot reach it (TLS, a credential provider)")
+    store = RedisStore(redis, url, ttl_s=60, timeout_s=5.0, retry_s=5.0, links=links)
     try:
         # Records to read (as the background writer writes them), and warm connections.
         await store._write_batch([(keys(i), f"b{i % 3}", 100, True) for i in range(64)])
@@ -111,8 +110,8 @@ async def measure(url: str, client: str, *, hogs: int, lookups: int) -> dict[str
             "fallbacks": store.fallbacks,
         }
     finally:
-        if link is not None:
-            await link.aclose()
+        if links is not None:
+            await links.aclose()
         await redis.aclose()
 
 
@@ -163,7 +162,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"\nlean / redis-py: CPU x{ratios['cpu']}, 32 at once x{ratios['burst32_p50']}, "
         f"on a busy loop x{ratios['busy_lookup']} (medians of {args.rounds} alternating rounds)"
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "python": sys.version.split()[0],
         "redis_url": url,
@@ -172,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratios_lean_over_redis_py": ratios,
         "rows": rows,
     }
-    args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    write_json(args.json, result)
     print(f"\nresults: {args.json}")
     return 0
 

@@ -19,12 +19,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from app.config import Settings
 from app.logs import JsonFormatter, KeyValueFormatter, RequestLog
 from app.metrics import RequestRecord, RequestScope, RouterMetrics
 from app.tracing import tracing_from_settings
+from bench.report import write_json
 
 DEFAULT_JSON = "bench/results/observability.json"
 BACKENDS = ("b0", "b1", "b2", "b3")
@@ -178,8 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{result['label_sets']} histogram label sets"
     )
     path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    write_json(path, result)
     print(f"wrote {path}")
     return 0
 

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 
 from app.simulator.config import SimConfig
 from app.simulator.runner import event_loop_factory
 from bench.loadgen import LoadResult, LoadSpec, run_load
 from bench.peers import INSTALL_HINT, PEER_NAMES, missing_peers, peer_plans, peers_venv
+from bench.report import write_json
 from bench.servers import DEFAULT_REDIS_URL, MODEL, kvroute_server, peer_server, start_server
 from harness.ports import free_port
 from harness.process import ChildServer
@@ -646,8 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = report(result)
     print(text, flush=True)
     path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    write_json(path, result)
     print(f"\nresults: {path}", flush=True)
     return 0
 

@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 
 from app.simulator.config import SimConfig
-from bench.locality import write_json
+from bench.report import write_json
 from bench.servers import MODEL, kvroute_server, start_server
 from harness.simulator import SimulatorChild
 

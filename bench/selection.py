@@ -17,12 +17,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from app.backends import BackendPool, VllmMetrics
 from app.percentile import nearest_rank
 from app.prefix import PrefixKeys
 from app.routing import CostWeights, Ownership, RouteRequest, StickyBounded, scored_with_load
+from bench.report import write_json
 
 MODEL = "bench-model"
 RESULTS = Path(__file__).resolve().parent / "results" / "selection.json"
@@ -127,14 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{r['per_backend_ns']:>11.1f} {r['scored_mean']:>7.1f} {r['scored_max']:>4} "
             f"{r['vs_smallest']:>8.2f}x"
         )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "python": sys.version.split()[0],
         "seed": args.seed,
         "timed": "pool.candidates(model) + StickyBounded.choose, per decision",
         "rows": rows,
     }
-    args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    write_json(args.json, result)
     print(f"\nresults: {args.json}")
     return 0
 

@@ -18,7 +18,7 @@ from app.looplag import LoopLag
 from app.ownership import WRITE_ATTEMPTS, RedisStore, redis_client
 from app.percentile import percentiles
 from app.prefix import PrefixKeys
-from app.resp import RespLink, target_of
+from app.resp import links_for
 from app.services import background, build_services
 from harness.ports import free_port
 from harness.redis import PrivateRedis
@@ -45,9 +45,9 @@ def lookup(request: pytest.FixtureRequest) -> str:
 
 def new_store(url: str, client_timeout_s: float, lookup: str, **kwargs: Any) -> RedisStore:
     client = redis_client(url, client_timeout_s)
-    target = target_of(client)
-    assert target is not None
-    return RedisStore(client, url, links=RespLink(target) if lookup == "lean" else None, **kwargs)
+    links = links_for(client) if lookup == "lean" else None
+    assert links is not None or lookup != "lean"
+    return RedisStore(client, url, links=links, **kwargs)
 
 
 def store_at(redis_url: str, lookup: str, *, load_interval_s: float = 0.05) -> RedisStore:

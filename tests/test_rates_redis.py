@@ -16,7 +16,7 @@ import redis
 from app.errors import Overloaded
 from app.ownership import redis_client
 from app.rates import RedisRateLimits
-from app.resp import RespLink, target_of
+from app.resp import links_for
 from harness.ports import free_port
 from harness.tcpproxy import FreezingProxy
 from tests.conftest import cancel_midway, private_redis, running_router, running_simulators
@@ -30,10 +30,9 @@ def lookup(request: pytest.FixtureRequest) -> str:
 
 def new_limits(url: str, lookup: str, **kwargs: Any) -> RedisRateLimits:
     client = redis_client(url, 0.5)
-    target = target_of(client)
-    assert target is not None
-    link = RespLink(target) if lookup == "lean" else None
-    return RedisRateLimits(client, links=link, **kwargs)
+    links = links_for(client) if lookup == "lean" else None
+    assert links is not None or lookup != "lean"
+    return RedisRateLimits(client, links=links, **kwargs)
 
 
 async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
