@@ -376,7 +376,7 @@ class RedisStore:
     ) -> list[object]:
         """The owner, the system prompt's homes and, with shared load, the replicas' load: one
         round trip (two at once on a cluster, where the load lives on another node). The lean
-        links it used go in `used`."""
+        links it used go in `used`, a MOVED's too."""
         shared_load = self.local_in_flight is not None
         if self._links is None:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -389,15 +389,18 @@ class RedisStore:
         used.append(here)
         reads: list[tuple[str, str]] = [("GET", conversation_key), ("HGETALL", system_key)]
         if not shared_load:
-            owner_value, homes = await here.execute(reads)
+            owner_value, homes = await here.execute(reads, used=used)
             return [owner_value, _as_dict(homes)]
         there = await self._links.on(self.load_key)
         if there is here:
-            owner_value, homes, load = await here.execute([*reads, ("HGETALL", self.load_key)])
+            owner_value, homes, load = await here.execute(
+                [*reads, ("HGETALL", self.load_key)], used=used
+            )
         else:
             used.append(there)
             (owner_value, homes), (load,) = await asyncio.gather(
-                here.execute(reads), there.execute([("HGETALL", self.load_key)])
+                here.execute(reads, used=used),
+                there.execute([("HGETALL", self.load_key)], used=used),
             )
         return [owner_value, _as_dict(homes), _as_dict(load)]
 

@@ -251,18 +251,20 @@ class RedisRateLimits:
             return
         tokens = max(tokens, 0)
         waits: Any  # the script's two waits in ms
-        link: RespLink | None = None
+        used: list[RespLink] = []  # the lean links it waited on (a MOVED's too)
         try:
             async with redis_deadline(self.timeout_s, self.lag, self.cap_s):
                 keys, args = self.redis_keys(tenant), [self._wall_ms(), self.rpm, self.tpm, tokens]
                 if self._links is not None:
                     link = await self._links.on(keys[0])
-                    waits = await link.run_script(self._lean_script, keys, args)
+                    used.append(link)
+                    waits = await link.run_script(self._lean_script, keys, args, used=used)
                 else:
                     waits = await self._script(keys=keys, args=args)
         except self._trouble as exc:  # Redis failed: this process's buckets decide
-            if link is not None and isinstance(exc, TimeoutError):
-                link.reset("a rate check timed out on this connection")
+            if isinstance(exc, TimeoutError):
+                for link in used:  # it may have gone silent: the next call opens another
+                    link.reset("a rate check timed out on this connection")
             self.fallbacks += 1
             self.local.check_now(tenant, tokens)
             return

@@ -230,11 +230,16 @@ class RespLink:
         return self  # a single node serves every key
 
     async def execute(
-        self, commands: Sequence[Command], *, redirected: bool = False
+        self,
+        commands: Sequence[Command],
+        *,
+        redirected: bool = False,
+        used: list[RespLink] | None = None,
     ) -> list[object]:
         """Send `commands` in one write and return their replies in order; the first error
         reply is raised. On a cluster, a MOVED (the slot was resharded away) is followed once,
-        as redis-py follows it, while the slot map is re-read in the background."""
+        as redis-py follows it, while the slot map is re-read in the background; the link it
+        followed goes in `used`, for a caller whose deadline ends there to reset it."""
         from redis.exceptions import ConnectionError as RedisConnectionError
 
         protocol = await self._connected()
@@ -247,12 +252,20 @@ class RespLink:
                     self.on_redirect()
                 moved = moved_to(reply, self.target.host)
                 if moved is not None and self.follow is not None and not redirected:
-                    return await self.follow(*moved).execute(commands, redirected=True)
+                    there = self.follow(*moved)
+                    if used is not None:
+                        used.append(there)
+                    return await there.execute(commands, redirected=True)
                 raise reply  # (ASK, mid-migration: the caller falls back; rare and brief)
         return replies
 
     async def run_script(
-        self, script: LuaScript, keys: Sequence[str], args: Sequence[str | bytes | int | float]
+        self,
+        script: LuaScript,
+        keys: Sequence[str],
+        args: Sequence[str | bytes | int | float],
+        *,
+        used: list[RespLink] | None = None,
     ) -> object:
         """EVALSHA, or EVAL when the server does not have the script (a restart, a flush, a
         new node): what redis-py's `Script` does, in one round trip when it is known."""
@@ -260,11 +273,11 @@ class RespLink:
 
         tail = (len(keys), *keys, *args)
         try:
-            return (await self.execute([("EVALSHA", script.sha, *tail)]))[0]
+            return (await self.execute([("EVALSHA", script.sha, *tail)], used=used))[0]
         except ResponseError as exc:  # (hiredis gives every error reply this one class)
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-        return (await self.execute([("EVAL", script.text, *tail)]))[0]
+        return (await self.execute([("EVAL", script.text, *tail)], used=used))[0]
 
     def _send(
         self, protocol: _Protocol, commands: Sequence[Command]

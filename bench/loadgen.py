@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from app.percentile import nearest_rank
+from app.percentile import percentiles as quantiles
 
 CHAT_PATH = "/v1/chat/completions"
 EVENT_END = b"\n\n"
@@ -105,10 +105,9 @@ class LoadResult:
 
 
 def percentiles(sorted_values: Sequence[float]) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
-    for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
-        value = nearest_rank(sorted_values, q)
-        out[name] = None if value is None else round(value, 3)
+    """The router's own p50/p90/p99 (`app.percentile`), with the maximum instead of the count."""
+    out = quantiles(sorted_values)
+    del out["count"]
     out["max"] = round(sorted_values[-1], 3) if sorted_values else None
     return out
 

@@ -324,11 +324,13 @@ async def restart_sims(urls: list[str]) -> None:
 
 ONE_BACKEND = "one backend"
 ONE_PROCESS = "kvroute (both levels)"
+SAME_AGAIN = "kvroute again (A/A)"
 ONE_REDIS = "kvroute x1 + Redis"
 REPLICAS = "kvroute x2 + Redis"
 REPLICAS_4 = "kvroute x4 + Redis"
 REPLICAS_SHARED = "kvroute x2 + Redis + shared load"
 SHARED = (ONE_REDIS, REPLICAS, REPLICAS_4, REPLICAS_SHARED)  # the rows that need Redis
+COMPARED = (SAME_AGAIN, *SHARED)  # the rows set against one process
 # The router's own probes, fast enough for a short run.
 ROUTER_ENV = {"METRICS_INTERVAL_S": "0.25", "HEALTH_INTERVAL_S": "1", "REDIS_URL": ""}
 POLICIES: dict[str, dict[str, str]] = {
@@ -339,6 +341,9 @@ POLICIES: dict[str, dict[str, str]] = {
     "least_loaded": {"ROUTING_POLICY": "least_loaded"},
     "conversation_key_only": {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "false"},
     ONE_PROCESS: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true"},
+    # The same router again, a row of its own: how far two identical rows of one run land apart
+    # (the noise floor of every comparison with one process below).
+    SAME_AGAIN: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true"},
     # One process with its ownership in Redis: what Redis itself costs, apart from replicas.
     ONE_REDIS: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true", "WORKERS": "1"},
     # Two router processes (uvicorn workers on one port, the kernel spreads the connections)
@@ -362,16 +367,15 @@ async def run_policy(
     sims: list[str],
     conversations: list[Conversation],
     args: argparse.Namespace,
+    tag: str,
 ) -> RunResult:
-    """One policy: a cold fleet, one router (ours or a peer), the whole workload."""
+    """One policy: a cold fleet, one router (ours or a peer), the whole workload, its tenants
+    named with the round's `tag`."""
     await restart_sims(sims)
     with contextlib.ExitStack() as stack:
         await start_server(server, stack, headers)
         await restart_sims(sims)  # the readiness probe's request must not warm any cache
         await asyncio.sleep(0.6)  # let the router's metrics poll see that restart first
-        # Fresh tenant names per run: ownership kept in a shared Redis by an earlier run (whose
-        # backends were restarted since) must not count, and nothing needs deleting there.
-        tag = uuid.uuid4().hex[:8]
         tagged = [replace(c, tenant=f"{c.tenant}@{tag}") for c in conversations]
         start = time.monotonic()
         sent = await asyncio.wait_for(
@@ -448,7 +452,8 @@ def percent_change(value: float, base: float) -> str:
 def against_one_process(results: Sequence[RunResult]) -> list[str]:
     """What each Redis row keeps of one process's locality: share of ideal in points, TTFT p99
     in percent (the replicas' targets: within 0.5 points and 10 %), as the clients saw it and as
-    the backends did (the part routing decides)."""
+    the backends did (the part routing decides); and the same for the identical A/A row, the
+    noise those figures carry."""
     one = next((r for r in results if r.policy == ONE_PROCESS), None)
     if one is None or not one.ttft_p99_ms:
         return []
@@ -457,7 +462,7 @@ def against_one_process(results: Sequence[RunResult]) -> list[str]:
         f"points, ttft p99 {percent_change(r.ttft_p99_ms, one.ttft_p99_ms)} "
         f"(at the backends {percent_change(r.backend_ttft_p99_ms, one.backend_ttft_p99_ms)})"
         for r in results
-        if r.policy in SHARED
+        if r.policy in COMPARED
     ]
 
 
@@ -519,9 +524,13 @@ async def run_capacity(
                 print(f"  {missing}: not installed ({INSTALL_HINT})", file=sys.stderr)
         runs: dict[str, list[RunResult]] = {name: [] for name, _, _ in servers}
         for round_ in range(args.rounds):
+            # Every row of a round replays the same tenants, so the same keys and hashes: rows
+            # differ by their routing and the run's timing, not by which keys happened to tie or
+            # collide. Each round draws new ones.
+            tag = uuid.uuid4().hex[:8]
             # Odd rounds reverse the order, so no row always runs on a warmer or cooler machine.
             for name, server, headers in servers if round_ % 2 == 0 else servers[::-1]:
-                result = await run_policy(name, server, headers, urls, conversations, args)
+                result = await run_policy(name, server, headers, urls, conversations, args, tag)
                 runs[name].append(result)
                 print(
                     f"  done: {name}, {capacity_blocks} blocks, round {round_ + 1} "

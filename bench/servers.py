@@ -22,19 +22,19 @@ MODEL = "bench-model"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 
 
-def forget_fleet(redis_url: str) -> None:
-    """Delete the fleet membership an earlier bench run left in Redis. It wins over a router's
-    BACKEND_URLS (`Fleet`): another run's fleet there drained all backends but b0 of every Redis
-    row. (The benches' Redis is a database of their own; ownership needs no deleting, each run
-    tags its tenants.)"""
+def forget_router_state(redis_url: str) -> None:
+    """Delete what an earlier router left in the benches' Redis (a database of their own):
+    ownership, so that rows of one round can replay the same tenants and keys (a record of the
+    row before, whose backends were restarted since, would count as a hit), and the fleet
+    membership, which wins over a router's BACKEND_URLS (another run's fleet there drained all
+    backends but b0 of every Redis row)."""
     import redis
 
-    from app.fleet import RedisMembership
-
-    membership = RedisMembership(None)
     client = redis.Redis.from_url(redis_url)
     try:
-        client.delete(membership.members, membership.version_key)
+        stale = list(client.scan_iter(match="kvroute:*", count=1000))
+        for start in range(0, len(stale), 1000):
+            client.delete(*stale[start : start + 1000])
     finally:
         client.close()
 
@@ -49,7 +49,7 @@ async def start_server(
     if stack is not None:
         stack.callback(server.stop)
     if isinstance(server, RouterProcess) and server.env.get("REDIS_URL"):
-        forget_fleet(server.env["REDIS_URL"])
+        forget_router_state(server.env["REDIS_URL"])
     await asyncio.to_thread(server.start, 60.0)  # a router's start waits for its /health
     await wait_ready(server, headers or {})
     return server

@@ -76,7 +76,7 @@ class ChildServer:
         if self.proc is not None:
             raise RuntimeError(f"{self.name} already started")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("wb")
+        self._log = self.log_path.open("ab")  # every start of one server, kept in order
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
             self.argv,

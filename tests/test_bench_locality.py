@@ -69,10 +69,13 @@ def test_open_conversations_interleave_and_every_turn_extends_its_own_history() 
 def test_locality_bench_runs_each_capacity_with_one_backend_and_two_replicas(
     tmp_path: Path, redis_url: str
 ) -> None:
+    """Every row of a round replays the same tenants: the second Redis row starts from an empty
+    Redis (the first row's owners, on backends restarted since, would count as hits)."""
     out = tmp_path / "locality.json"
     argv = [sys.executable, "-m", "bench.locality", "--conversations", "6", "--concurrency", "2"]
     argv += ["--open-conversations", "3", "--capacity-blocks", "300,600", "--max-tokens", "4"]
-    argv += ["--policies", "one backend,kvroute (both levels),kvroute x2 + Redis"]
+    rows = "one backend,kvroute (both levels),kvroute x2 + Redis,kvroute x1 + Redis"
+    argv += ["--policies", f"{rows},kvroute again (A/A)"]
     argv += ["--redis-url", redis_url, "--json", str(out)]
     proc = subprocess.run(
         argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180, check=False
@@ -80,14 +83,19 @@ def test_locality_bench_runs_each_capacity_with_one_backend_and_two_replicas(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "(300 blocks x 16 tokens" in proc.stdout
     assert "(600 blocks x 16 tokens" in proc.stdout
+    # The Redis rows and the identical A/A row are set against one process, in both regimes.
+    for row in ("kvroute x2 + Redis", "kvroute x1 + Redis", "kvroute again (A/A)"):
+        assert proc.stdout.count(f"  {row} vs one process: share ") == 2, proc.stdout
 
     result = json.loads(out.read_text())
     assert set(result["by_capacity_blocks"]) == {"300", "600"}
     for rows in result["by_capacity_blocks"].values():
-        one, ours, replicas = rows
+        one, ours, replicas, one_on_redis, again = rows
         assert one["policy"] == "one backend"
         assert ours["policy"] == "kvroute (both levels)"
         assert replicas["policy"] == "kvroute x2 + Redis"
+        assert one_on_redis["policy"] == "kvroute x1 + Redis"
+        assert again["policy"] == "kvroute again (A/A)"
         for row in rows:
             assert row["failed"] == 0
             assert row["requests"] >= 12

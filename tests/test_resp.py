@@ -300,3 +300,34 @@ async def test_a_resharded_slot_has_the_slot_map_read_again(redis_url: str) -> N
         assert "MOVED 3999" in store.last_error
         assert store._topology_stale.is_set()
         await links.aclose()
+
+
+async def test_a_call_that_times_out_after_a_moved_drops_the_link_it_followed(
+    redis_url: str,
+) -> None:
+    """A MOVED to a node that then says nothing: the look-up and the rate check time out, and
+    drop the followed node's connection too, so the next call opens another one rather than
+    queue behind the silent one until `stale_s`."""
+
+    silent_port = 0
+
+    def moved(writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(b"-MOVED 3999 127.0.0.1:%d\r\n" % silent_port * data.count(b"*"))
+
+    async with loopback_server(lambda writer, data: None) as silent, loopback_server(moved) as url:
+        silent_port = int(silent.rsplit(":", 1)[1].split("/")[0])
+        moved_port = int(url.rsplit(":", 1)[1].split("/")[0])
+        links = ClusterLinks(OneNodeCluster(moved_port), RespTarget())  # type: ignore[arg-type]
+        client = redis_client(redis_url, 0.5)
+        store = RedisStore(client, redis_url, ttl_s=60, timeout_s=0.1, retry_s=0, links=links)
+        limits = RedisRateLimits(client, 10, 0, timeout_s=0.1, links=links)
+        keys = PrefixKeys(conversation="c", system="s", prompt_chars=0, system_chars=0)
+        for attempt in (1, 2):
+            assert (await store.lookup(keys)).owner is None  # (memory answered)
+            followed = links.on_node("127.0.0.1", silent_port)  # the link the MOVED led to
+            assert store.fallback_causes["timeout"] == attempt
+            assert followed.connects == 2 * attempt - 1  # a new connection for each call
+            await limits.check("t", 1)
+            assert limits.fallbacks == attempt
+            assert followed.connects == 2 * attempt
+        await links.aclose()
