@@ -386,7 +386,6 @@ class RedisStore:
                     pipe.hgetall(self.load_key)
                 return list(await pipe.execute())
         here = await self._links.on(conversation_key)
-        used.append(here)
         reads: list[tuple[str, str]] = [("GET", conversation_key), ("HGETALL", system_key)]
         if not shared_load:
             owner_value, homes = await here.execute(reads, used=used)
@@ -397,7 +396,6 @@ class RedisStore:
                 [*reads, ("HGETALL", self.load_key)], used=used
             )
         else:
-            used.append(there)
             (owner_value, homes), (load,) = await asyncio.gather(
                 here.execute(reads, used=used),
                 there.execute([("HGETALL", self.load_key)], used=used),

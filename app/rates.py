@@ -257,7 +257,6 @@ class RedisRateLimits:
                 keys, args = self.redis_keys(tenant), [self._wall_ms(), self.rpm, self.tpm, tokens]
                 if self._links is not None:
                     link = await self._links.on(keys[0])
-                    used.append(link)
                     waits = await link.run_script(self._lean_script, keys, args, used=used)
                 else:
                     waits = await self._script(keys=keys, args=args)

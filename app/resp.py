@@ -238,10 +238,13 @@ class RespLink:
     ) -> list[object]:
         """Send `commands` in one write and return their replies in order; the first error
         reply is raised. On a cluster, a MOVED (the slot was resharded away) is followed once,
-        as redis-py follows it, while the slot map is re-read in the background; the link it
-        followed goes in `used`, for a caller whose deadline ends there to reset it."""
+        as redis-py follows it, while the slot map is re-read in the background. Every link the
+        call waits on (this one, a MOVED's) goes in `used`, for a caller whose deadline ends
+        there to reset it."""
         from redis.exceptions import ConnectionError as RedisConnectionError
 
+        if used is not None and self not in used:
+            used.append(self)
         protocol = await self._connected()
         if len(protocol.calls) >= self.max_pending:
             raise RedisConnectionError(f"{self.max_pending} Redis calls already unanswered")
@@ -253,9 +256,7 @@ class RespLink:
                 moved = moved_to(reply, self.target.host)
                 if moved is not None and self.follow is not None and not redirected:
                     there = self.follow(*moved)
-                    if used is not None:
-                        used.append(there)
-                    return await there.execute(commands, redirected=True)
+                    return await there.execute(commands, redirected=True, used=used)
                 raise reply  # (ASK, mid-migration: the caller falls back; rare and brief)
         return replies
 
