@@ -11,11 +11,22 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from app.config import Settings, SettingsError, load_settings
 
+if TYPE_CHECKING:
+    from types import FrameType
+
+    import uvicorn
+
 DEMO_MODEL = "demo-model"
+
+
+# A SIGINT this soon after the first is the same Ctrl-C delivered twice (see `_Server`).
+DUPLICATE_SIGINT_S = 1.0
 
 
 def _run_uvicorn(settings: Settings) -> None:
@@ -26,20 +37,11 @@ def _run_uvicorn(settings: Settings) -> None:
     from app.listener import protocol_for
 
     loop = "uvloop" if sys.platform != "win32" else "asyncio"
-    if settings.workers > 1:
-        # Each worker process builds its app from the same environment.
-        os.environ.update(settings.environment())
-        target: object = "app.api:create_app_from_env"
-    else:
-        target = create_app(settings)
-    uvicorn.run(
-        target,  # type: ignore[arg-type]
-        factory=settings.workers > 1,
-        workers=settings.workers,
+    options: dict[str, object] = dict(
         host=settings.host,
         port=settings.port,
         loop=loop,
-        http=protocol_for(settings),  # type: ignore[arg-type]
+        http=protocol_for(settings),
         ws="none",  # no WebSocket route: an Upgrade is a plain HTTP request, held to its limits
         log_level=settings.log_level,
         access_log=False,
@@ -47,6 +49,44 @@ def _run_uvicorn(settings: Settings) -> None:
         # JSON logs: uvicorn's own lines go through the root handler too (LOG_FORMAT).
         log_config=None if settings.log_format == "json" else LOGGING_CONFIG,
     )
+    if settings.workers > 1:
+        # Each worker process builds its app from the same environment.
+        os.environ.update(settings.environment())
+        uvicorn.run(
+            "app.api:create_app_from_env",
+            factory=True,
+            workers=settings.workers,
+            **options,  # type: ignore[arg-type]
+        )
+        return
+    config = uvicorn.Config(create_app(settings), **options)  # type: ignore[arg-type]
+    server = server_class()(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        sys.exit(3)  # uvicorn's own code for a failed start-up, as `uvicorn.run` exits
+
+
+def server_class() -> type[uvicorn.Server]:
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn's server, but a SIGINT within DUPLICATE_SIGINT_S of the first is that same
+        Ctrl-C: through `uv run` it arrives twice (the terminal signals the process group, uv
+        passes its own on), and uvicorn takes a second SIGINT for "skip the graceful shutdown",
+        so the app's own shutdown (draining streams, closing stores) was cut, at random."""
+
+        first_exit_s: float | None = None
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            now = time.monotonic()
+            if self.first_exit_s is None:
+                self.first_exit_s = now
+            elif sig == signal.SIGINT and now - self.first_exit_s < DUPLICATE_SIGINT_S:
+                return
+            super().handle_exit(sig, frame)
+
+    return _Server
 
 
 def _configure_logging(settings: Settings) -> None:

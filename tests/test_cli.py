@@ -98,3 +98,24 @@ def test_malformed_setting_is_one_line() -> None:
     assert time.monotonic() - start < 30
     assert result.stderr.strip().startswith("kvroute: invalid setting PORT:")
     assert "Traceback" not in result.stderr
+
+
+def test_a_ctrl_c_delivered_twice_at_once_keeps_the_graceful_shutdown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Through `uv run`, one Ctrl-C reaches the router twice (from the terminal's process group
+    and from uv): uvicorn alone took the second for "force exit" and skipped the app's shutdown,
+    which is how the demo test above failed once on CI with a lifespan traceback. A second
+    SIGINT after DUPLICATE_SIGINT_S is a second Ctrl-C and still forces the exit."""
+    import uvicorn
+
+    from app import cli
+
+    server = cli.server_class()(uvicorn.Config(app=lambda: None))
+    server.handle_exit(signal.SIGINT, None)
+    server.handle_exit(signal.SIGINT, None)  # the same Ctrl-C, passed on by uv
+    assert server.should_exit
+    assert not server.force_exit
+    monkeypatch.setattr(cli, "DUPLICATE_SIGINT_S", 0.0)
+    server.handle_exit(signal.SIGINT, None)  # a deliberate second Ctrl-C
+    assert server.force_exit
