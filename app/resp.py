@@ -98,13 +98,14 @@ def links_for(client: Any) -> Links | None:
     return RespLink(target) if target is not None else None
 
 
-def moved_to(reply: Exception, host: str) -> tuple[str, int] | None:
-    """The node of a `MOVED <slot> <host>:<port>` error reply (an empty host: `host`'s)."""
+def redirect_of(reply: Exception, host: str) -> tuple[str, str, int] | None:
+    """`MOVED` or `ASK` and the node of a `MOVED|ASK <slot> <host>:<port>` error reply (an
+    empty host: `host`'s)."""
     parts = str(reply).split(" ")
-    if len(parts) != 3 or parts[0] != "MOVED":
+    if len(parts) != 3 or parts[0] not in ("MOVED", "ASK"):
         return None
     where, _, port = parts[2].rpartition(":")
-    return (where or host, int(port)) if port.isdigit() else None
+    return (parts[0], where or host, int(port)) if port.isdigit() else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,9 +238,10 @@ class RespLink:
         used: list[RespLink] | None = None,
     ) -> list[object]:
         """Send `commands` in one write and return their replies in order; the first error
-        reply is raised. On a cluster, a MOVED (the slot was resharded away) is followed once,
-        as redis-py follows it, while the slot map is re-read in the background. Every link the
-        call waits on (this one, a MOVED's) goes in `used`, for a caller whose deadline ends
+        reply is raised. On a cluster a redirection is followed once, as redis-py follows it:
+        a MOVED (the slot was resharded away; the slot map is re-read in the background) and an
+        ASK (the slot is migrating and these keys have left: each command again there, after an
+        ASKING). Every link the call waits on goes in `used`, for a caller whose deadline ends
         there to reset it."""
         from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -249,15 +251,30 @@ class RespLink:
         if len(protocol.calls) >= self.max_pending:
             raise RedisConnectionError(f"{self.max_pending} Redis calls already unanswered")
         replies = await self._send(protocol, commands)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                if self.on_redirect is not None and str(reply).startswith(("MOVED ", "ASK ")):
-                    self.on_redirect()
-                moved = moved_to(reply, self.target.host)
-                if moved is not None and self.follow is not None and not redirected:
-                    there = self.follow(*moved)
-                    return await there.execute(commands, redirected=True, used=used)
-                raise reply  # (ASK, mid-migration: the caller falls back; rare and brief)
+        redirects: dict[tuple[str, str, int], list[int]] = {}  # (MOVED|ASK, node) -> commands
+        for index, reply in enumerate(replies):
+            if not isinstance(reply, Exception):
+                continue
+            redirect = redirect_of(reply, self.target.host)
+            if redirect is not None and self.on_redirect is not None:
+                self.on_redirect()
+            if redirect is None or self.follow is None or redirected:
+                raise reply
+            redirects.setdefault(redirect, []).append(index)
+        for (kind, host, port), indexes in redirects.items():
+            # Only the commands redirected go there: in a migrating slot the keys still here
+            # are answered here. ASKING admits only the command after it. (A multi-key command
+            # whose keys the migration split gets TRYAGAIN, raised: the caller falls back.)
+            wanted = [commands[index] for index in indexes]
+            assert self.follow is not None  # (a redirection is kept only with one)
+            there = self.follow(host, port)
+            if kind == "ASK":
+                asked = [part for command in wanted for part in (("ASKING",), command)]
+                answers = (await there.execute(asked, redirected=True, used=used))[1::2]
+            else:
+                answers = await there.execute(wanted, redirected=True, used=used)
+            for index, answer in zip(indexes, answers, strict=True):
+                replies[index] = answer
         return replies
 
     async def run_script(
@@ -376,7 +393,7 @@ class RespLink:
 class ClusterLinks:
     """One lean link per Redis Cluster node. Which node serves a key comes from redis-py's slot
     map, which the ownership store re-reads after a cluster failure or a redirection
-    (`RedisStore.heal`). A MOVED is followed once (`RespLink.execute`); an ASK or a lost node
+    (`RedisStore.heal`). A MOVED or an ASK is followed once (`RespLink.execute`); a lost node
     fails the call like any Redis error: memory answers for `REDIS_RETRY_S` meanwhile."""
 
     def __init__(self, cluster: RedisCluster, template: RespTarget) -> None:

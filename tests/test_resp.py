@@ -20,7 +20,7 @@ from app.ownership import RedisStore
 from app.prefix import PrefixKeys
 from app.rates import RedisRateLimits
 from app.redislink import redis_client
-from app.resp import ClusterLinks, RespLink, RespTarget, encode, moved_to, target_of
+from app.resp import ClusterLinks, RespLink, RespTarget, encode, redirect_of, target_of
 from tests.conftest import private_redis
 
 pytestmark = pytest.mark.redis
@@ -72,16 +72,17 @@ async def loopback_server(
 @pytest.mark.parametrize(
     ("reply", "node"),
     [
-        ("MOVED 3999 10.0.0.5:7001", ("10.0.0.5", 7001)),
-        ("MOVED 3999 :7001", ("10.0.0.9", 7001)),  # the same host as the node asked
-        ("MOVED 3999 ::1:7001", ("::1", 7001)),
-        ("ASK 3999 10.0.0.5:7001", None),
+        ("MOVED 3999 10.0.0.5:7001", ("MOVED", "10.0.0.5", 7001)),
+        ("MOVED 3999 :7001", ("MOVED", "10.0.0.9", 7001)),  # the same host as the node asked
+        ("MOVED 3999 ::1:7001", ("MOVED", "::1", 7001)),
+        ("ASK 3999 10.0.0.5:7001", ("ASK", "10.0.0.5", 7001)),
+        ("TRYAGAIN Multiple keys request during rehashing of slot", None),
         ("WRONGTYPE Operation against a key", None),
         ("MOVED 3999 10.0.0.5:port", None),
     ],
 )
-def test_the_node_a_moved_names(reply: str, node: tuple[str, int] | None) -> None:
-    assert moved_to(ResponseError(reply), "10.0.0.9") == node
+def test_the_node_a_redirection_names(reply: str, node: tuple[str, str, int] | None) -> None:
+    assert redirect_of(ResponseError(reply), "10.0.0.9") == node
 
 
 def test_commands_are_encoded_as_resp_arrays_of_bulk_strings() -> None:
@@ -299,6 +300,48 @@ async def test_a_resharded_slot_has_the_slot_map_read_again(redis_url: str) -> N
         assert store.fallback_causes["cluster"] == 1
         assert "MOVED 3999" in store.last_error
         assert store._topology_stale.is_set()
+        await links.aclose()
+
+
+async def test_an_ask_is_followed_for_the_commands_it_names_with_asking_before_each() -> None:
+    """A slot mid-migration: the keys that have left are answered ASK, those still here are
+    answered here. Only the former go to the importing node, each after an ASKING (it admits only
+    the next command); the replies come back in order, and a second redirection fails the call."""
+    importing_port = 0
+    received = bytearray()
+
+    def migrating(writer: asyncio.StreamWriter, data: bytes) -> None:
+        for line in data.split(b"\r\n"):
+            if line == b"GET":  # gone: ask the importing node
+                writer.write(b"-ASK 3999 127.0.0.1:%d\r\n" % importing_port)
+            elif line == b"HGETALL":  # still here
+                writer.write(b"*2\r\n$2\r\nb2\r\n$1\r\n7\r\n")
+            elif line == b"SET":
+                writer.write(b"-ASK 3999 127.0.0.1:%d\r\n" % importing_port)
+
+    def importing(writer: asyncio.StreamWriter, data: bytes) -> None:
+        received.extend(data)
+        for line in data.split(b"\r\n"):
+            if line == b"ASKING":
+                writer.write(b"+OK\r\n")
+            elif line == b"GET":
+                writer.write(b"$2\r\nv1\r\n")
+            elif line == b"SET":  # redirected again
+                writer.write(b"-ASK 3999 127.0.0.1:1\r\n")
+
+    async with loopback_server(importing) as there, loopback_server(migrating) as here:
+        importing_port = int(there.rsplit(":", 1)[1].split("/")[0])
+        here_port = int(here.rsplit(":", 1)[1].split("/")[0])
+        links = ClusterLinks(OneNodeCluster(here_port), RespTarget())  # type: ignore[arg-type]
+        redirections: list[None] = []
+        links.on_redirect = lambda: redirections.append(None)
+        link = await links.on("k")
+        replies = await link.execute([("GET", "k"), ("HGETALL", "s"), ("GET", "j")])
+        assert replies == [b"v1", [b"b2", b"7"], b"v1"]
+        assert received == encode([("ASKING",), ("GET", "k"), ("ASKING",), ("GET", "j")])
+        assert redirections  # (an ASK, too, has the slot map read again)
+        with pytest.raises(ResponseError, match=r"^ASK 3999 127\.0\.0\.1:1$"):  # followed once
+            await link.execute([("SET", "k", "v")])
         await links.aclose()
 
 

@@ -337,6 +337,22 @@ def move_empty_slot(slot: int, source: tuple[str, int], target: tuple[str, int],
         node.execute_command("CLUSTER", "SETSLOT", slot, state, node_id)  # type: ignore[no-untyped-call]
 
 
+async def slot_and_another_master(
+    store: RedisStore, k: PrefixKeys, url: str
+) -> tuple[int, tuple[str, int], tuple[str, int]]:
+    """The slot of `k`'s records, the master serving it and another one, after a look-up that
+    has the store read the slot map and open its link to that master."""
+    await store.lookup(k)
+    client = store._redis
+    assert isinstance(client, RedisCluster)
+    conversation_key = store.redis_keys(k)[0]
+    source = client.get_node_from_key(conversation_key)
+    assert source is not None
+    here = (source.host, int(source.port))
+    there = next(a for a in node_ids(url) if a != here)
+    return client.keyslot(conversation_key), here, there
+
+
 async def test_a_resharded_slot_is_followed_without_a_fallback(redis_cluster_url: str) -> None:
     """A slot moved to another master after the router read the slot map: the lean links follow
     the MOVED (look-up and rate check), count no fallback, and have the map re-read."""
@@ -348,12 +364,7 @@ async def test_a_resharded_slot_is_followed_without_a_fallback(redis_cluster_url
     limits = RedisRateLimits(client, 5, 0, timeout_s=0.5, links=store._links)
     k = keys(f"moved-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex)
     conversation_key = store.redis_keys(k)[0]
-    await store.lookup(k)  # the slot map and the link to the slot's node, as of now
-    slot = client.keyslot(conversation_key)
-    source = client.get_node_from_key(conversation_key)
-    assert source is not None
-    here = (source.host, int(source.port))
-    there = next(a for a in node_ids(redis_cluster_url) if a != here)
+    slot, here, there = await slot_and_another_master(store, k, redis_cluster_url)
     move_empty_slot(slot, here, there, redis_cluster_url)
     moved = redis.Redis(*there)
     try:
@@ -366,4 +377,44 @@ async def test_a_resharded_slot_is_followed_without_a_fallback(redis_cluster_url
     finally:
         moved.delete(conversation_key, *limits.redis_keys(k.system))
         move_empty_slot(slot, there, here, redis_cluster_url)
+        await store._links.aclose()  # type: ignore[union-attr]
+
+
+async def test_a_migrating_slot_is_read_where_each_key_is(redis_cluster_url: str) -> None:
+    """A slot mid-migration (the steps of `redis-cli --cluster reshard`): the conversation's
+    record has moved to the importing master, its system prompt's homes not yet. The lean
+    look-up reads each where it is (following the ASK for the one that left) and falls back for
+    neither that conversation nor a new one."""
+    import redis
+
+    store = cluster_store(redis_cluster_url, "lean")
+    system = uuid.uuid4().hex
+    k = keys(f"ask-{uuid.uuid4().hex[:8]}", system)
+    conversation_key, system_key = store.redis_keys(k)
+    slot, here, there = await slot_and_another_master(store, k, redis_cluster_url)
+    ids = node_ids(redis_cluster_url)
+    src, dst = redis.Redis(*here), redis.Redis(*there)
+    now_ms = int(time.time() * 1000)
+    src.set(conversation_key, f"b2|100|{now_ms}")
+    src.hset(system_key, "b1", now_ms)
+    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[here])  # type: ignore[no-untyped-call]
+    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[there])  # type: ignore[no-untyped-call]
+    try:
+        assert src.migrate(there[0], there[1], [conversation_key], 0, 5000) == b"OK"
+        assert src.exists(system_key) == 1  # (asking for the key that left: an ASK)
+        found = await store.lookup(k)
+        assert (found.owner, found.owner_tokens) == ("b2", 100)
+        assert "b1" in found.system_holders
+        new = await store.lookup(keys("a-new-one", system))
+        assert new.owner is None
+        assert "b1" in new.system_holders
+        assert store.fallbacks == 0, store.last_error
+    finally:
+        with dst.pipeline(transaction=False) as pipe:  # a key in an importing slot: ASKING
+            pipe.execute_command("ASKING")  # type: ignore[no-untyped-call]
+            pipe.delete(conversation_key)
+            pipe.execute()
+        for node in (src, dst):
+            node.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")  # type: ignore[no-untyped-call]
+        src.delete(system_key)
         await store._links.aclose()  # type: ignore[union-attr]
