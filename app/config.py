@@ -156,8 +156,9 @@ class Settings(BaseSettings):
     # connection per node, a third of redis-py's loop turns and under half its CPU) or
     # `redis-py`. TLS or a credential provider always use redis-py.
     redis_lookup_client: Literal["lean", "redis-py"] = "lean"
-    # Replicas publish their per-backend in-flight counts in Redis and read each other's.
-    shared_load: bool = False
+    # With Redis: replicas publish their per-backend in-flight counts and read each other's with
+    # every look-up (no extra round trip), instead of the last vLLM scrape. Ignored without Redis.
+    shared_load: bool = True
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     prefix_window_chars: int = Field(default=2048, ge=16)
     # Second level of affinity: a new conversation prefers a backend holding its system prompt.

@@ -608,5 +608,6 @@ class RedisStore:
             "lookup_ms": percentiles(self.lookup_ms),
             "local_keys": self.memory.describe()["keys"],
             "replica": self.replica,
+            "shared_load": self.local_in_flight is not None,
             "peer_in_flight": self.peer_in_flight,
         }

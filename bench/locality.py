@@ -328,8 +328,8 @@ SAME_AGAIN = "kvroute again (A/A)"
 ONE_REDIS = "kvroute x1 + Redis"
 REPLICAS = "kvroute x2 + Redis"
 REPLICAS_4 = "kvroute x4 + Redis"
-REPLICAS_SHARED = "kvroute x2 + Redis + shared load"
-SHARED = (ONE_REDIS, REPLICAS, REPLICAS_4, REPLICAS_SHARED)  # the rows that need Redis
+REPLICAS_PRIVATE = "kvroute x2 + Redis without shared load"
+SHARED = (ONE_REDIS, REPLICAS, REPLICAS_4, REPLICAS_PRIVATE)  # the rows that need Redis
 COMPARED = (SAME_AGAIN, *SHARED)  # the rows set against one process
 # The router's own probes, fast enough for a short run.
 ROUTER_ENV = {"METRICS_INTERVAL_S": "0.25", "HEALTH_INTERVAL_S": "1", "REDIS_URL": ""}
@@ -347,15 +347,17 @@ POLICIES: dict[str, dict[str, str]] = {
     # One process with its ownership in Redis: what Redis itself costs, apart from replicas.
     ONE_REDIS: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true", "WORKERS": "1"},
     # Two router processes (uvicorn workers on one port, the kernel spreads the connections)
-    # agreeing on owners through Redis: what several replicas keep of the locality.
+    # agreeing on owners and sharing in-flight counts through Redis (the defaults): what several
+    # replicas keep of the locality.
     REPLICAS: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true", "WORKERS": "2"},
     REPLICAS_4: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true", "WORKERS": "4"},
-    # The same two, each seeing the other's in-flight counts through Redis (SHARED_LOAD).
-    REPLICAS_SHARED: {
+    # The same two, each counting only its own in-flight requests exactly and the other's as of
+    # the last vLLM scrape (SHARED_LOAD=false): what sharing the counts buys.
+    REPLICAS_PRIVATE: {
         "ROUTING_POLICY": "sticky",
         "SYSTEM_AFFINITY": "true",
         "WORKERS": "2",
-        "SHARED_LOAD": "true",
+        "SHARED_LOAD": "false",
     },
 }
 

@@ -321,22 +321,29 @@ async def test_replicas_share_in_flight_counts_under_a_lease(redis_url: str, loo
         sync.close()
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_shared_load_is_wired_only_when_asked(redis_url: str, shared: bool) -> None:
+@pytest.mark.parametrize("shared", [None, False, True])
+def test_shared_load_is_on_with_redis_unless_turned_off(
+    redis_url: str, shared: bool | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """None: the default (nothing set), on whenever REDIS_URL is."""
     from app.config import Settings
     from app.services import build_services
 
+    monkeypatch.delenv("SHARED_LOAD", raising=False)
+    asked = {} if shared is None else {"shared_load": shared}
     services = build_services(
         Settings(
             backend_urls=["http://127.0.0.1:1"],
             redis_url=redis_url,
-            shared_load=shared,
             _env_file=None,  # type: ignore[call-arg]
+            **asked,  # type: ignore[arg-type]
         )
     )
     store = services.store
     assert isinstance(store, RedisStore)
-    assert (store.local_in_flight is not None, store.on_peer_load is not None) == (shared, shared)
+    wired = shared is not False
+    assert (store.local_in_flight is not None, store.on_peer_load is not None) == (wired, wired)
+    assert store.describe()["shared_load"] is wired  # (shown in /metrics)
 
 
 async def test_a_cancelled_lookup_or_store_always_stops(redis_url: str, lookup: str) -> None:
