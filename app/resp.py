@@ -251,23 +251,23 @@ class RespLink:
         if len(protocol.calls) >= self.max_pending:
             raise RedisConnectionError(f"{self.max_pending} Redis calls already unanswered")
         replies = await self._send(protocol, commands)
-        redirects: dict[tuple[str, str, int], list[int]] = {}  # (MOVED|ASK, node) -> commands
+        follow = None if redirected else self.follow  # (a redirection is followed once)
+        redirects: dict[tuple[str, RespLink], list[int]] = {}  # (MOVED|ASK, link) -> commands
         for index, reply in enumerate(replies):
             if not isinstance(reply, Exception):
                 continue
             redirect = redirect_of(reply, self.target.host)
             if redirect is not None and self.on_redirect is not None:
                 self.on_redirect()
-            if redirect is None or self.follow is None or redirected:
+            if redirect is None or follow is None:
                 raise reply
-            redirects.setdefault(redirect, []).append(index)
-        for (kind, host, port), indexes in redirects.items():
+            kind, host, port = redirect
+            redirects.setdefault((kind, follow(host, port)), []).append(index)
+        for (kind, there), indexes in redirects.items():
             # Only the commands redirected go there: in a migrating slot the keys still here
             # are answered here. ASKING admits only the command after it. (A multi-key command
             # whose keys the migration split gets TRYAGAIN, raised: the caller falls back.)
             wanted = [commands[index] for index in indexes]
-            assert self.follow is not None  # (a redirection is kept only with one)
-            there = self.follow(host, port)
             if kind == "ASK":
                 asked = [part for command in wanted for part in (("ASKING",), command)]
                 answers = (await there.execute(asked, redirected=True, used=used))[1::2]

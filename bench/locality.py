@@ -347,10 +347,21 @@ POLICIES: dict[str, dict[str, str]] = {
     # One process with its ownership in Redis: what Redis itself costs, apart from replicas.
     ONE_REDIS: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true", "WORKERS": "1"},
     # Two router processes (uvicorn workers on one port, the kernel spreads the connections)
-    # agreeing on owners and sharing in-flight counts through Redis (the defaults): what several
-    # replicas keep of the locality.
-    REPLICAS: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true", "WORKERS": "2"},
-    REPLICAS_4: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true", "WORKERS": "4"},
+    # agreeing on owners and sharing in-flight counts through Redis (the defaults, set here so
+    # that a SHARED_LOAD in the caller's environment or .env cannot turn the row into the next
+    # one): what several replicas keep of the locality.
+    REPLICAS: {
+        "ROUTING_POLICY": "sticky",
+        "SYSTEM_AFFINITY": "true",
+        "WORKERS": "2",
+        "SHARED_LOAD": "true",
+    },
+    REPLICAS_4: {
+        "ROUTING_POLICY": "sticky",
+        "SYSTEM_AFFINITY": "true",
+        "WORKERS": "4",
+        "SHARED_LOAD": "true",
+    },
     # The same two, each counting only its own in-flight requests exactly and the other's as of
     # the last vLLM scrape (SHARED_LOAD=false): what sharing the counts buys.
     REPLICAS_PRIVATE: {
