@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import random
 import statistics
 import sys
@@ -470,13 +471,63 @@ def against_one_process(results: Sequence[RunResult]) -> list[str]:
     one = next((r for r in results if r.policy == ONE_PROCESS), None)
     if one is None or not one.ttft_p99_ms:
         return []
-    return [
-        f"  {r.policy} vs one process: share {100 * (r.share_of_ideal - one.share_of_ideal):+.2f} "
-        f"points, ttft p99 {percent_change(r.ttft_p99_ms, one.ttft_p99_ms)} "
-        f"(at the backends {percent_change(r.backend_ttft_p99_ms, one.backend_ttft_p99_ms)})"
-        for r in results
-        if r.policy in COMPARED
-    ]
+    lines = []
+    for r in results:
+        if r.policy not in COMPARED:
+            continue
+        lines.append(
+            f"  {r.policy} vs one process: share {100 * (r.share_of_ideal - one.share_of_ideal):+.2f} "
+            f"points, ttft p99 {percent_change(r.ttft_p99_ms, one.ttft_p99_ms)} "
+            f"(at the backends {percent_change(r.backend_ttft_p99_ms, one.backend_ttft_p99_ms)})"
+        )
+        if len(r.rounds) == len(one.rounds) > 1:
+            lines.append("    " + paired_rounds(one.rounds, r.rounds))
+    return lines
+
+
+# Student's t, two-sided 95 %, by degrees of freedom: a handful of rounds is a small sample.
+T_975: tuple[float, ...] = (
+    *(12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179),
+    *(2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064),
+    *(2.060, 2.056, 2.052, 2.048, 2.045, 2.042),
+)
+
+
+def paired_interval(differences: Sequence[float]) -> tuple[float, float]:
+    """The mean of per-round differences and the half-width of its 95 % interval. Rounds are
+    paired: every row of a round replays the same tenants, one after the other, so a round's
+    own luck (which conversations thrash, the machine's load then) cancels out."""
+    n = len(differences)
+    mean = statistics.fmean(differences)
+    if n < 2:
+        return mean, math.inf
+    t = T_975[n - 2] if n - 2 < len(T_975) else 2.0
+    return mean, t * statistics.stdev(differences) / math.sqrt(n)
+
+
+def paired_rounds(one: Sequence[dict[str, Any]], other: Sequence[dict[str, Any]]) -> str:
+    """A row against one process round by round: the mean difference in share of ideal with its
+    95 % interval, and the TTFT p99 ratios' geometric mean with theirs. Medians of a few rounds
+    hide how far apart rounds land; an interval that straddles a target says the run cannot
+    tell, where a median alone would read as a pass or a miss."""
+    pairs = list(zip(one, other, strict=True))
+    share, share_half = paired_interval(
+        [100 * (b["share_of_ideal"] - a["share_of_ideal"]) for a, b in pairs]
+    )
+
+    def ratio(field: str) -> str:
+        logs = [math.log(b[field] / a[field]) for a, b in pairs if a[field] and b[field]]
+        if len(logs) < 2:
+            return "n/a"
+        mean, half = paired_interval(logs)
+        low, mid, high = (100 * (math.exp(x) - 1) for x in (mean - half, mean, mean + half))
+        return f"{mid:+.1f} % ({low:+.1f} to {high:+.1f})"
+
+    return (
+        f"paired over {len(pairs)} rounds, mean (95 % interval): share {share:+.2f} "
+        f"({share - share_half:+.2f} to {share + share_half:+.2f}) points, ttft p99 "
+        f"{ratio('ttft_p99_ms')}, at the backends {ratio('backend_ttft_p99_ms')}"
+    )
 
 
 async def run_capacity(
@@ -667,11 +718,42 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also run SGLang's and vLLM's routers (cache_aware) from KVROUTE_PEERS_VENV",
     )
+    p.add_argument(
+        "--pool",
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: read these results files and print each row against one process, "
+        "round by round, pooled over the files (e.g. one per seed)",
+    )
     return p.parse_args(argv)
 
 
+def pooled(paths: Sequence[Path]) -> list[str]:
+    """Earlier runs' results files read together: each row against one process, its rounds
+    paired within each run and each regime, pooled over all of them (several seeds' files make
+    one estimate per row, with an interval a single seed's handful of rounds cannot give)."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    paired: dict[str, list[dict[str, Any]]] = {}
+    for path in paths:
+        for results in orjson.loads(path.read_bytes())["by_capacity_blocks"].values():
+            by_name = {r["policy"]: r for r in results}
+            one = by_name.get(ONE_PROCESS)
+            if one is None:
+                continue
+            for name, r in by_name.items():
+                if name in COMPARED and len(r["rounds"]) == len(one["rounds"]) > 1:
+                    paired.setdefault(name, []).extend(one["rounds"])
+                    rows.setdefault(name, []).extend(r["rounds"])
+    return [f"  {name} vs one process, {paired_rounds(paired[name], rows[name])}" for name in rows]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    asyncio.run(main_async(parse_args(argv)))
+    args = parse_args(argv)
+    if args.pool:
+        for line in pooled([Path(p) for p in args.pool]):
+            print(line)
+        return 0
+    asyncio.run(main_async(args))
     return 0
 
 

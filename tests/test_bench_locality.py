@@ -9,7 +9,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from bench.locality import Workload, build_conversations, drive
+from bench.locality import (
+    Workload,
+    build_conversations,
+    drive,
+    paired_interval,
+    paired_rounds,
+    pooled,
+)
 from tests.conftest import running_simulators
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -108,3 +115,48 @@ def test_locality_bench_runs_each_capacity_with_one_backend_and_two_replicas(
             # Every conversation's follow-up turns reach the backend that holds it.
             assert row["outcomes"]["hit"] == row["requests"] - 6, row["outcomes"]
         assert one["per_backend"][1:] == [0, 0]
+
+
+def test_rounds_are_compared_in_pairs_with_a_t_interval() -> None:
+    mean, half = paired_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert abs(half - 4.303 / 3**0.5) < 1e-9  # t(0.975, 2 df) * stdev 1 / sqrt(3)
+    assert paired_interval([0.5]) == (0.5, float("inf"))
+
+    def round_(share: float, p99: float) -> dict[str, float]:
+        return {"share_of_ideal": share, "ttft_p99_ms": p99, "backend_ttft_p99_ms": p99 / 2}
+
+    one = [round_(0.97, 200.0), round_(0.98, 100.0), round_(0.96, 150.0)]
+    # Every round 1 point lower and 10 % slower: no spread, so the interval is the mean itself.
+    other = [round_(r["share_of_ideal"] - 0.01, r["ttft_p99_ms"] * 1.1) for r in one]
+    line = paired_rounds(one, other)
+    assert "paired over 3 rounds" in line
+    assert "share -1.00 (-1.00 to -1.00) points" in line
+    assert "ttft p99 +10.0 % (+10.0 to +10.0)" in line
+    assert "at the backends +10.0 % (+10.0 to +10.0)" in line
+
+
+def test_results_files_pool_each_rows_rounds_against_one_process(tmp_path: Path) -> None:
+    """Two runs (say two seeds), each pairing its own rounds: pooled, the row is 0.5 points
+    down in every one of its four rounds; a row with one round only has nothing to pair."""
+
+    def round_(share: float) -> dict[str, float]:
+        return {"share_of_ideal": share, "ttft_p99_ms": 100.0, "backend_ttft_p99_ms": 90.0}
+
+    def row(policy: str, shares: list[float]) -> dict[str, object]:
+        return {"policy": policy, "rounds": [round_(s) for s in shares]}
+
+    paths = []
+    for i, base in enumerate((0.97, 0.99)):
+        results = [
+            row("kvroute (both levels)", [base, base - 0.01]),
+            row("kvroute x2 + Redis", [base - 0.005, base - 0.015]),
+            row("kvroute x4 + Redis", [base]),
+        ]
+        paths.append(tmp_path / f"seed{i}.json")
+        paths[-1].write_text(json.dumps({"by_capacity_blocks": {"1400": results}}))
+    lines = pooled(paths)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("  kvroute x2 + Redis vs one process, paired over 4 rounds")
+    assert "share -0.50 (-0.50 to -0.50) points" in lines[0]
+    assert "ttft p99 +0.0 % (+0.0 to +0.0)" in lines[0]
