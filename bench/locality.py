@@ -334,6 +334,17 @@ SHARED = (ONE_REDIS, REPLICAS, REPLICAS_4, REPLICAS_PRIVATE)  # the rows that ne
 COMPARED = (SAME_AGAIN, *SHARED)  # the rows set against one process
 # The router's own probes, fast enough for a short run.
 ROUTER_ENV = {"METRICS_INTERVAL_S": "0.25", "HEALTH_INTERVAL_S": "1", "REDIS_URL": ""}
+# Our router with both levels of affinity, as deployed by default.
+STICKY = {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true"}
+
+
+def replicas(workers: int, *, shared_load: bool = True) -> dict[str, str]:
+    """Router processes (uvicorn workers on one port, the kernel spreads the connections)
+    agreeing on owners through Redis. SHARED_LOAD is always set, default or not, so that one in
+    the caller's environment or .env cannot turn one row into another."""
+    return {**STICKY, "WORKERS": str(workers), "SHARED_LOAD": str(shared_load).lower()}
+
+
 POLICIES: dict[str, dict[str, str]] = {
     # Every request to the first backend: what one backend's finite KV cache keeps of the workload
     # (the KV pressure the other rows relieve by spreading, or lose by hot-spotting).
@@ -341,36 +352,19 @@ POLICIES: dict[str, dict[str, str]] = {
     "round_robin": {"ROUTING_POLICY": "round_robin"},
     "least_loaded": {"ROUTING_POLICY": "least_loaded"},
     "conversation_key_only": {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "false"},
-    ONE_PROCESS: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true"},
+    ONE_PROCESS: STICKY,
     # The same router again, a row of its own: how far two identical rows of one run land apart
     # (the noise floor of every comparison with one process below).
-    SAME_AGAIN: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true"},
+    SAME_AGAIN: STICKY,
     # One process with its ownership in Redis: what Redis itself costs, apart from replicas.
-    ONE_REDIS: {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true", "WORKERS": "1"},
-    # Two router processes (uvicorn workers on one port, the kernel spreads the connections)
-    # agreeing on owners and sharing in-flight counts through Redis (the defaults, set here so
-    # that a SHARED_LOAD in the caller's environment or .env cannot turn the row into the next
-    # one): what several replicas keep of the locality.
-    REPLICAS: {
-        "ROUTING_POLICY": "sticky",
-        "SYSTEM_AFFINITY": "true",
-        "WORKERS": "2",
-        "SHARED_LOAD": "true",
-    },
-    REPLICAS_4: {
-        "ROUTING_POLICY": "sticky",
-        "SYSTEM_AFFINITY": "true",
-        "WORKERS": "4",
-        "SHARED_LOAD": "true",
-    },
+    ONE_REDIS: {**STICKY, "WORKERS": "1"},
+    # Two and four processes sharing in-flight counts through Redis (the defaults): what several
+    # replicas keep of the locality.
+    REPLICAS: replicas(2),
+    REPLICAS_4: replicas(4),
     # The same two, each counting only its own in-flight requests exactly and the other's as of
     # the last vLLM scrape (SHARED_LOAD=false): what sharing the counts buys.
-    REPLICAS_PRIVATE: {
-        "ROUTING_POLICY": "sticky",
-        "SYSTEM_AFFINITY": "true",
-        "WORKERS": "2",
-        "SHARED_LOAD": "false",
-    },
+    REPLICAS_PRIVATE: replicas(2, shared_load=False),
 }
 
 
@@ -480,7 +474,7 @@ def against_one_process(results: Sequence[RunResult]) -> list[str]:
             f"points, ttft p99 {percent_change(r.ttft_p99_ms, one.ttft_p99_ms)} "
             f"(at the backends {percent_change(r.backend_ttft_p99_ms, one.backend_ttft_p99_ms)})"
         )
-        if len(r.rounds) == len(one.rounds) > 1:
+        if pairable(one.rounds, r.rounds):
             lines.append("    " + paired_rounds(one.rounds, r.rounds))
     return lines
 
@@ -491,6 +485,11 @@ T_975: tuple[float, ...] = (
     *(2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064),
     *(2.060, 2.056, 2.052, 2.048, 2.045, 2.042),
 )
+
+
+def pairable(one: Sequence[object], other: Sequence[object]) -> bool:
+    """Whether two rows' rounds can be compared round by round: as many, and more than one."""
+    return len(one) == len(other) > 1
 
 
 def paired_interval(differences: Sequence[float]) -> tuple[float, float]:
@@ -732,19 +731,20 @@ def pooled(paths: Sequence[Path]) -> list[str]:
     """Earlier runs' results files read together: each row against one process, its rounds
     paired within each run and each regime, pooled over all of them (several seeds' files make
     one estimate per row, with an interval a single seed's handful of rounds cannot give)."""
-    rows: dict[str, list[dict[str, Any]]] = {}
-    paired: dict[str, list[dict[str, Any]]] = {}
+    pairs: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
     for path in paths:
         for results in orjson.loads(path.read_bytes())["by_capacity_blocks"].values():
             by_name = {r["policy"]: r for r in results}
             one = by_name.get(ONE_PROCESS)
-            if one is None:
-                continue
             for name, r in by_name.items():
-                if name in COMPARED and len(r["rounds"]) == len(one["rounds"]) > 1:
-                    paired.setdefault(name, []).extend(one["rounds"])
-                    rows.setdefault(name, []).extend(r["rounds"])
-    return [f"  {name} vs one process, {paired_rounds(paired[name], rows[name])}" for name in rows]
+                if one is not None and name in COMPARED and pairable(one["rounds"], r["rounds"]):
+                    ones, others = pairs.setdefault(name, ([], []))
+                    ones.extend(one["rounds"])
+                    others.extend(r["rounds"])
+    return [
+        f"  {name} vs one process, {paired_rounds(ones, others)}"
+        for name, (ones, others) in pairs.items()
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
