@@ -93,6 +93,19 @@ def parse_vllm_metrics(text: str) -> VllmMetrics:
     )
 
 
+# Weight of one answer in a backend's retention: about the last 20 answers to owned
+# conversations count, so an evicting backend shows within a second under load.
+RETENTION_WEIGHT = 0.05
+
+
+def retained(retention: float, expected: int, cached: int) -> float:
+    """The retention after one answer: moved toward the share of `expected` tokens found cached
+    (vLLM caches whole blocks, so a backend that kept everything reads a little under 1). A
+    figure out of range (a broken backend's) counts as none or all of it."""
+    sample = min(max(cached / expected, 0.0), 1.0)
+    return retention + RETENTION_WEIGHT * (sample - retention)
+
+
 def is_restart(before: VllmMetrics | None, after: VllmMetrics) -> bool:
     """vLLM restarted (so its KV cache is empty) when its start time moved or counters went back."""
     if before is None:
@@ -124,6 +137,9 @@ class BackendView:
     # Requests vLLM held at the last scrape beyond this router's own (other replicas, direct
     # clients): sampled, so it lags, but this router's own share is counted exactly.
     others: float = 0.0
+    # Share of a conversation's earlier tokens the backend still held when the conversation came
+    # back (measured, see `BackendPool.note_cached`); 1.0 until measured.
+    retention: float = 1.0
 
     def serves(self, model: str) -> bool:
         return model in self.models
@@ -161,6 +177,8 @@ class Backend:
     capacity: int | None = None
     others: float = 0.0
     peers_until_s: float = 0.0  # `others` holds the other replicas' shared counts until then
+    retention: float = 1.0
+    reports_cached: bool = False  # its answers were seen to carry usage's cached_tokens
     max_model_len: dict[str, int] = field(default_factory=dict)
     # Its own key (else BACKEND_API_KEY's) sent as its bearer; never shown.
     api_key: str = field(default="", repr=False)
@@ -210,6 +228,7 @@ class Backend:
             kv_usage=metrics.kv_usage,
             capacity=self.capacity,
             others=self.others,
+            retention=self.retention,
         )
 
 
@@ -375,6 +394,19 @@ class BackendPool:
             if roster.holds(backend):
                 roster.in_flight += delta
 
+    def note_cached(self, name: str, expected: int, cached: int | None) -> None:
+        """An answer from `name` to a conversation it owns: `expected` tokens it had seen of the
+        conversation, `cached` what it reported finding in its prefix cache (None: its usage
+        had no cached_tokens). Updates the backend's measured retention."""
+        backend = self._by_name.get(name)
+        if backend is None or expected <= 0:
+            return
+        if cached is not None:
+            backend.reports_cached = True
+        elif not backend.reports_cached:
+            return  # vLLM without --enable-prompt-tokens-details: nothing to learn
+        backend.retention = retained(backend.retention, expected, cached or 0)
+
     def mark_failed(self, name: str, reason: str) -> None:
         """A live request could not reach the backend: suspect it at once, probe it soon."""
         backend = self._by_name.get(name)
@@ -489,6 +521,7 @@ class BackendPool:
         if is_restart(backend.metrics, metrics):
             backend.generation += 1
             backend.capacity = None
+            backend.retention, backend.reports_cached = 1.0, False
             log.warning("backend %s restarted: its KV cache is empty", backend.name)
             if self._on_restart is not None:
                 # The old process answered the scrape sent at `scraped_s`: it restarted since.

@@ -163,6 +163,10 @@ class Settings(BaseSettings):
     prefix_window_chars: int = Field(default=2048, ge=16)
     # Second level of affinity: a new conversation prefers a backend holding its system prompt.
     system_affinity: bool = True
+    # Weigh a conversation's owner by the share of its conversations' earlier tokens it still
+    # held when they came back (measured from vLLM's cached_tokens, which needs
+    # --enable-prompt-tokens-details; without it nothing is measured and nothing changes).
+    kv_retention: bool = True
     ownership_ttl_s: float = Field(default=600.0, gt=0)
     # With Redis: answer a conversation's look-up from this process's last read for this long.
     # 0 (default): every look-up reads Redis, so replicas never route on each other's old records.

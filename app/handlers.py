@@ -37,6 +37,7 @@ from app.stream_stats import (
     figures,
     render_error_event,
     render_stats_event,
+    reported_cached,
     stats_format,
     usage_figures,
 )
@@ -257,7 +258,7 @@ async def answer_whole(
     decision = attempt.decision
     if response.status == 200:
         rec.outcome, rec.affinity = decision.outcome, decision.affinity
-        _note_usage(rec, data)
+        _note_retention(svc, attempt, _note_usage(rec, data))
         if rec.prompt_tokens:
             tokens = rec.prompt_tokens + rec.completion_tokens
             await svc.store.record(req.route.keys, decision.backend, tokens, claim=False)
@@ -293,6 +294,7 @@ async def answer_stream(
         _note_stream(rec, attempt, fig, scanner.bytes_in, error)
     tail = b""
     if error is None:
+        _note_retention(svc, attempt, scanner.usage)
         tokens = fig.prompt_tokens + fig.completion_tokens
         await svc.store.record(req.route.keys, attempt.decision.backend, tokens, claim=False)
     else:
@@ -478,11 +480,25 @@ def _note_attempt(rec: RequestRecord, attempt: Attempt) -> None:
     rec.backend, rec.retries = attempt.decision.backend, attempt.retries
 
 
-def _note_usage(rec: RequestRecord, data: bytes) -> None:
+def _note_usage(rec: RequestRecord, data: bytes) -> dict[str, Any] | None:
+    """The answer's usage, noted in the record (None when it has none)."""
     with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
         usage = orjson.loads(data).get("usage")
         if isinstance(usage, dict):
             rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens = usage_figures(usage)
+            return usage
+    return None
+
+
+def _note_retention(svc: Services, attempt: Attempt, usage: dict[str, Any] | None) -> None:
+    """An answer to a conversation its backend owns tells how much of it the backend kept."""
+    decision = attempt.decision
+    if usage is None or not decision.owner_tokens:
+        return
+    prompt = usage.get("prompt_tokens")
+    if isinstance(prompt, int) and prompt > 0:
+        expected = min(decision.owner_tokens, prompt)
+        svc.pool.note_cached(decision.backend, expected, reported_cached(usage))
 
 
 def _note_stream(

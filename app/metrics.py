@@ -265,6 +265,8 @@ GAUGE_HELP = {
     "backend_waiting_requests": "Requests waiting in the backend's vLLM queue (its /metrics)",
     "backend_running_requests": "Requests running in the backend's vLLM engine (its /metrics)",
     "backend_kv_cache_usage_ratio": "Fraction of the backend's KV cache in use, 0..1 (its /metrics)",
+    "backend_kv_retention_ratio": "Share of its conversations' earlier tokens the backend still "
+    "held when they came back, 0..1 (measured from its answers' cached_tokens)",
 }
 HISTOGRAM_LABELS = ["backend", "model", "cache_outcome"]
 

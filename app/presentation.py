@@ -48,6 +48,8 @@ def backend_status(pool: BackendPool, store: OwnershipStore) -> list[dict[str, A
                 "in_flight": b.in_flight,
                 "dispatched": b.dispatched,
                 "owned_keys": owned.get(b.name, 0),
+                # Measured from its answers' cached_tokens (None until it reports them).
+                "kv_retention": round(b.retention, 4) if b.reports_cached else None,
                 "last_error": b.last_error or None,
                 "vllm": None
                 if metrics is None
@@ -107,6 +109,7 @@ def prom_gauges(pool: BackendPool, store: OwnershipStore) -> dict[str, dict[str,
         "backend_kv_cache_usage_ratio": {
             b.name: b.metrics.kv_usage for b in backends if b.metrics is not None
         },
+        "backend_kv_retention_ratio": {b.name: b.retention for b in backends if b.reports_cached},
     }
 
 
@@ -123,6 +126,9 @@ def architecture_body(
             "capacity, or vLLM's num_requests_waiting until the capacity is known",
             "cap": "in_flight(b) + 1 <= "
             "max(load_cap_factor * (total_in_flight + 1) / n, load_cap_floor)",
+            "cached": "the owner's tokens of the conversation"
+            + (" * its measured retention" if settings.kv_retention else "")
+            + ", else the system prompt's if b holds it, else 0",
         },
         "ownership": store.describe(),
         "backends": [{"name": b.name, "url": b.url, "state": b.state} for b in pool.backends],

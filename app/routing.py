@@ -7,8 +7,10 @@
               (in flight there, ours exact plus others' as last scraped, past b's learned
               capacity; vLLM's waiting count until that capacity is known)
 
-where cached(b) is what b is believed to hold (the conversation's previous prompt if b owns the
-conversation, else the system prompt if b holds it). A backend whose load would pass
+where cached(b) is what b is believed to hold: the conversation's previous prompt if b owns the
+conversation, scaled by b's measured retention (the share of its conversations' earlier tokens it
+still held when they came back: an owner evicting under KV pressure keeps less than it saw, so it
+is not worth as long a queue), else the system prompt if b holds it. A backend whose load would pass
 max(load_cap_factor * mean in-flight, load_cap_floor) is not a candidate (bounded loads), and ties go to the
 highest rendezvous hash of the placement key, so adding or removing a backend moves few keys. The
 placement key is the conversation key, except for the first conversations on a system prompt
@@ -61,6 +63,9 @@ class Decision:
     outcome: CacheOutcome
     affinity: Affinity
     cached_tokens: int  # the router's estimate of what `backend` holds for this request
+    # Tokens of the conversation `backend` has seen (it owns it), else 0: what its answer's
+    # cached_tokens is measured against (`BackendPool.note_cached`).
+    owner_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +125,7 @@ def _decision(
         outcome=outcome_for(ownership, chosen, candidates),
         affinity=_affinity(ownership, chosen),
         cached_tokens=_cached(request, ownership, chosen),
+        owner_tokens=ownership.owner_tokens if ownership.owner == chosen else 0,
     )
 
 
@@ -166,8 +172,9 @@ def scored_with_load(
 
 
 class StickyBounded:
-    def __init__(self, weights: CostWeights) -> None:
+    def __init__(self, weights: CostWeights, *, retention: bool = True) -> None:
         self.weights = weights
+        self.retention = retention  # scale the owner's estimate by its measured retention
 
     def load(self, backend: Candidate) -> float:
         """In-flight requests plus a weight per request queued ahead of a newcomer.
@@ -210,7 +217,10 @@ class StickyBounded:
         """The backends of least cost: only the owner and the system's homes hold anything, so
         every other backend's cost is the full prefill plus its load."""
         w = self.weights
-        holders = {name: _cached(request, ownership, name) for name in ownership.system_holders}
+        holders: dict[str, float] = {
+            name: _cached(request, ownership, name) for name in ownership.system_holders
+        }
+        owner = ownership.owner if self.retention else None
         if ownership.owner is not None:
             holders[ownership.owner] = _cached(request, ownership, ownership.owner)
         full = w.w_prefill * request.prompt_tokens
@@ -227,7 +237,10 @@ class StickyBounded:
             load = backend.in_flight + w_waiting * queued
             cost = full + w_load * load
             if holders:
-                cost -= w_prefill * holders.get(backend.name, 0)
+                held = holders.get(backend.name, 0)
+                if backend.name == owner:
+                    held *= backend.retention
+                cost -= w_prefill * held
             if cost < best_cost:
                 best_cost, best = cost, [backend]
             elif cost == best_cost:
@@ -261,9 +274,9 @@ class RoundRobin:
         return _decision(request, ownership, chosen, as_candidates(candidates))
 
 
-def make_policy(name: str, weights: CostWeights) -> Policy:
+def make_policy(name: str, weights: CostWeights, *, retention: bool = True) -> Policy:
     if name == "sticky":
-        return StickyBounded(weights)
+        return StickyBounded(weights, retention=retention)
     if name == "least_loaded":
         return LeastLoaded()
     if name == "round_robin":

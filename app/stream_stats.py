@@ -245,15 +245,21 @@ class StreamFigures:
 
 def usage_figures(usage: dict[str, Any]) -> tuple[int, int, int]:
     """(prompt, completion, cached) from an OpenAI usage object; missing details mean 0 cached."""
-    details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
     prompt = usage.get("prompt_tokens")
     completion = usage.get("completion_tokens")
     return (
         prompt if isinstance(prompt, int) else 0,
         completion if isinstance(completion, int) else 0,
-        cached if isinstance(cached, int) else 0,
+        reported_cached(usage) or 0,
     )
+
+
+def reported_cached(usage: dict[str, Any]) -> int | None:
+    """`prompt_tokens_details.cached_tokens`, or None when the usage has none: vLLM fills it
+    only with --enable-prompt-tokens-details, and some versions leave it out when it is 0."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and not isinstance(cached, bool) else None
 
 
 def figures(

@@ -330,19 +330,27 @@ ONE_REDIS = "kvroute x1 + Redis"
 REPLICAS = "kvroute x2 + Redis"
 REPLICAS_4 = "kvroute x4 + Redis"
 REPLICAS_PRIVATE = "kvroute x2 + Redis without shared load"
-SHARED = (ONE_REDIS, REPLICAS, REPLICAS_4, REPLICAS_PRIVATE)  # the rows that need Redis
-COMPARED = (SAME_AGAIN, *SHARED)  # the rows set against one process
+NO_RETENTION = "kvroute without retention"
+REPLICAS_NO_RETENTION = "kvroute x2 + Redis without retention"
+# The rows that need Redis.
+SHARED = (ONE_REDIS, REPLICAS, REPLICAS_4, REPLICAS_PRIVATE, REPLICAS_NO_RETENTION)
+COMPARED = (SAME_AGAIN, NO_RETENTION, *SHARED)  # the rows set against one process
 # The router's own probes, fast enough for a short run.
 ROUTER_ENV = {"METRICS_INTERVAL_S": "0.25", "HEALTH_INTERVAL_S": "1", "REDIS_URL": ""}
-# Our router with both levels of affinity, as deployed by default.
-STICKY = {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true"}
+# Our router with both levels of affinity, as deployed by default. Defaults are set all the
+# same, so that a setting in the caller's environment or .env cannot turn one row into another.
+STICKY = {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true", "KV_RETENTION": "true"}
 
 
-def replicas(workers: int, *, shared_load: bool = True) -> dict[str, str]:
+def replicas(workers: int, *, shared_load: bool = True, retention: bool = True) -> dict[str, str]:
     """Router processes (uvicorn workers on one port, the kernel spreads the connections)
-    agreeing on owners through Redis. SHARED_LOAD is always set, default or not, so that one in
-    the caller's environment or .env cannot turn one row into another."""
-    return {**STICKY, "WORKERS": str(workers), "SHARED_LOAD": str(shared_load).lower()}
+    agreeing on owners through Redis."""
+    return {
+        **STICKY,
+        "WORKERS": str(workers),
+        "SHARED_LOAD": str(shared_load).lower(),
+        "KV_RETENTION": str(retention).lower(),
+    }
 
 
 POLICIES: dict[str, dict[str, str]] = {
@@ -365,6 +373,10 @@ POLICIES: dict[str, dict[str, str]] = {
     # The same two, each counting only its own in-flight requests exactly and the other's as of
     # the last vLLM scrape (SHARED_LOAD=false): what sharing the counts buys.
     REPLICAS_PRIVATE: replicas(2, shared_load=False),
+    # One and two processes that count an owner's cache in full, however much of it the owner
+    # was measured to keep (KV_RETENTION=false): what retention buys, and what it buys replicas.
+    NO_RETENTION: {**STICKY, "KV_RETENTION": "false"},
+    REPLICAS_NO_RETENTION: replicas(2, retention=False),
 }
 
 

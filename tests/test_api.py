@@ -273,6 +273,8 @@ def test_unknown_path_and_method_are_openai_shaped(router: RouterServer) -> None
 
 
 def test_health_metrics_architecture(router: RouterServer) -> None:
+    # Twice: the second is a hit, whose answer's cached_tokens measures its backend's retention.
+    stream_raw(router, {**CHAT, "stream": True})
     stream_raw(router, {**CHAT, "stream": True})
     health = httpx.get(f"{router.url}/health")
     assert health.status_code == 200
@@ -286,7 +288,14 @@ def test_health_metrics_architecture(router: RouterServer) -> None:
     assert prom.headers["content-type"].startswith("text/plain")
     names = {f.name for f in text_string_to_metric_families(prom.text)}
     assert {"kvroute_requests", "kvroute_backend_in_flight", "kvroute_cache_outcomes"} <= names
+    measured = [
+        b["kv_retention"] for b in health.json()["backends"] if b["kv_retention"] is not None
+    ]
+    assert measured
+    assert all(0.0 <= r <= 1.0 for r in measured)
+    assert "kvroute_backend_kv_retention_ratio" in names
     arch = httpx.get(f"{router.url}/architecture").json()
+    assert "retention" in arch["policy"]["cached"]
     assert [s["stage"] for s in arch["pipeline"]][:2] == ["client", "admission"]
     assert len(arch["backends"]) == 3
 

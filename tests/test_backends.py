@@ -5,7 +5,14 @@ from collections.abc import Callable
 
 import pytest
 
-from app.backends import BackendPool, VllmMetrics, is_restart, parse_vllm_metrics
+from app.backends import (
+    RETENTION_WEIGHT,
+    BackendPool,
+    VllmMetrics,
+    is_restart,
+    parse_vllm_metrics,
+    retained,
+)
 from app.transport import MockRequest, MockResponse, MockTransport
 
 REAL = """# HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -179,3 +186,49 @@ async def test_a_restart_is_dated_from_the_last_scrape_of_the_old_process() -> N
     await pool.probe_metrics(MockTransport(metrics), 1.0)  # a new one, answers at 113.5
     assert seen == [("b0", 3.5)]  # since the scrape sent at 110, which the old one answered
     assert pool.get("b0").generation == 1
+
+
+def test_retention_moves_toward_the_share_found_cached() -> None:
+    assert retained(1.0, 1000, 1000) == 1.0
+    assert retained(1.0, 1000, 1200) == 1.0  # more than expected (another's prefix) is all of it
+    assert retained(1.0, 1000, 0) == pytest.approx(1.0 - RETENTION_WEIGHT)
+    assert retained(1.0, 1000, -5000) == retained(1.0, 1000, 0)  # a broken backend's figure
+    level = 1.0
+    for _ in range(200):  # a backend keeping 60 % of what it saw settles there
+        level = retained(level, 1000, 600)
+    assert level == pytest.approx(0.6, abs=1e-3)
+
+
+def test_retention_is_learnt_only_from_backends_that_report_cached_tokens() -> None:
+    pool = BackendPool(["http://a", "http://b"])
+    a, b = pool.get("b0"), pool.get("b1")
+    pool.note_cached("b0", 1000, None)  # vLLM without --enable-prompt-tokens-details
+    assert (a.retention, a.reports_cached) == (1.0, False)
+    pool.note_cached("b0", 1000, 500)
+    assert a.reports_cached
+    assert a.retention == pytest.approx(retained(1.0, 1000, 500))
+    before = a.retention
+    pool.note_cached("b0", 1000, None)  # once it reports, a missing figure is 0 cached
+    assert a.retention == pytest.approx(retained(before, 1000, 0))
+    pool.note_cached("b0", 0, 0)  # nothing expected: nothing learnt
+    pool.note_cached("gone", 1000, 0)  # removed meanwhile
+    assert a.retention == pytest.approx(retained(before, 1000, 0))
+    assert (b.retention, b.view().retention) == (1.0, 1.0)
+    assert a.view().retention == a.retention
+
+
+async def test_a_restart_forgets_the_measured_retention() -> None:
+    started = [1.0]
+
+    async def metrics(request: MockRequest) -> MockResponse:
+        return MockResponse(chunks=[f"process_start_time_seconds {started[0]}\n".encode()])
+
+    pool = BackendPool(["http://a"])
+    backend = pool.get("b0")
+    backend.healthy = True
+    await pool.probe_metrics(MockTransport(metrics), 1.0)
+    pool.note_cached("b0", 1000, 100)
+    assert backend.retention < 1.0
+    started[0] = 2.0  # a new process: an empty cache, maybe other flags
+    await pool.probe_metrics(MockTransport(metrics), 1.0)
+    assert (backend.retention, backend.reports_cached) == (1.0, False)

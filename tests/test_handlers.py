@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from app.api import create_app
+from app.backends import retained
 from app.config import Settings
 from app.errors import UpstreamBroken, UpstreamUnavailable
 from app.handlers import tokens_used
@@ -353,3 +354,51 @@ async def test_tpm_gives_back_what_a_request_did_not_use() -> None:
         assert services.rates.describe()["refunded_tokens"] == services.rates.refunded
         prom = (await client.get("/metrics", headers={"accept": "text/plain"})).text
         assert f"\nkvroute_tpm_refunded_tokens_total {float(services.rates.refunded)}\n" in prom
+
+
+def usage_answer(cached: list[int | None]) -> Answer:
+    """A fake vLLM whose n-th answer (stream or whole) reports `cached[n]` cached tokens of
+    a 100-token prompt (None: no prompt_tokens_details, as without the vLLM flag)."""
+
+    async def generate(request: MockRequest) -> MockResponse:
+        figure = cached.pop(0)
+        usage: dict[str, Any] = {"prompt_tokens": 100, "completion_tokens": 3}
+        if figure is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": figure}
+        if orjson.loads(request.body or b"{}").get("stream"):
+            events = [*chat_chunks(3, "m")[:-1], orjson.dumps({"choices": [], "usage": usage})]
+            return MockResponse(
+                200, {"content-type": "text/event-stream"}, sse_body([*events, b"[DONE]"])
+            )
+        body = {"choices": [{"message": {"content": "ok"}}], "usage": usage}
+        return MockResponse(200, chunks=[orjson.dumps(body)])
+
+    return generate
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_answers_to_an_owned_conversation_measure_what_its_backend_kept(
+    stream: bool,
+) -> None:
+    # The first turn has no owner (nothing to measure); the next two expect the 100 of their
+    # prompt that the backend saw (of the first's 103, prompt and answer) and find 50, then 103
+    # (more than expected: counted as all of it).
+    async with app_with(usage_answer([0, 50, 103])) as (client, services, _):
+        for _ in range(3):
+            resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+            assert resp.status_code == 200
+        backend = services.pool.get("b0")
+        expected = retained(retained(1.0, 100, 50), 100, 103)
+        assert backend.retention == pytest.approx(expected)
+        health = (await client.get("/health")).json()
+        assert health["backends"][0]["kv_retention"] == round(expected, 4)
+        assert idle(services)
+
+
+async def test_a_backend_that_reports_no_cached_tokens_is_not_judged() -> None:
+    async with app_with(usage_answer([None, None, None])) as (client, services, _):
+        for stream in (True, False, True):
+            resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+            assert resp.status_code == 200
+        assert services.pool.get("b0").retention == 1.0
+        assert (await client.get("/health")).json()["backends"][0]["kv_retention"] is None

@@ -142,6 +142,28 @@ def test_removing_a_backend_moves_only_its_keys() -> None:
     assert all(before[i] == "b1" for i in moved)
 
 
+def test_an_owner_that_keeps_less_is_worth_a_shorter_queue() -> None:
+    """The owner's estimate is scaled by what it was measured to keep: an owner evicting its
+    conversations loses one to an idle backend that a fully keeping one would hold."""
+    policy = StickyBounded(CostWeights(w_load=32.0, cap_floor=100.0))
+    heeding, ignoring = policy, StickyBounded(policy.weights, retention=False)
+    owned = Ownership(owner="b0", owner_tokens=900, system_holders=("b0", "b1"))
+    req = request(prompt=1000, system=300)
+    # b0 is 10 requests busier than b1: 320 of cost against 900 - 300 tokens more cached.
+    keeping = [replace(view("b0", 10), retention=0.99), view("b1", 0)]
+    evicting = [replace(view("b0", 10), retention=0.6), view("b1", 0)]
+    kept = heeding.choose(req, keeping, owned)
+    # (what its answer's cached_tokens will be measured against: the tokens the owner saw)
+    assert (kept.outcome, kept.cached_tokens, kept.owner_tokens) == ("hit", 900, 900)
+    d = heeding.choose(req, evicting, owned)  # 900 * 0.6 = 540: 240 more than b1, under 320
+    assert (d.backend, d.outcome, d.affinity, d.owner_tokens) == ("b1", "spill", "system", 0)
+    assert ignoring.choose(req, evicting, owned).outcome == "hit"
+    # Only the owner's estimate is scaled: a system prompt's holders are hot, kept blocks.
+    new = Ownership(system_holders=("b0",))
+    shunned = [replace(view("b0", 5), retention=0.1), view("b1", 0)]
+    assert heeding.choose(request(prompt=1000, system=300), shunned, new).backend == "b0"
+
+
 def test_waiting_queue_counts_as_load() -> None:
     backends = [view("b0", 0, waiting=5), view("b1", 1)]
     d = POLICY.choose(request(key="x"), backends, Ownership())
@@ -220,6 +242,7 @@ class Counted:
     waiting: float = 0.0
     capacity: int | None = None
     others: float = 0.0
+    retention: float = 1.0
 
     @property
     def in_flight(self) -> int:

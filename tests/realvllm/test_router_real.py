@@ -367,6 +367,8 @@ def test_sticky_routing_caches_more_than_round_robin(real_vllm_servers: RealVllm
     urls, model, turns = real_vllm_servers.urls, real_vllm_servers.model, 4
     with running_router(urls, served_model=model) as sticky:
         kept = converse(sticky.url, model, "sticky-tenant", turns)
+        health = httpx.get(f"{sticky.url}/health", timeout=10).json()
+    retention = {b["name"]: b["kv_retention"] for b in health["backends"]}
     with running_router(urls, served_model=model, routing_policy="round_robin") as spread:
         spread_stats = converse(spread.url, model, "round-robin-tenant", turns)
     kept_total = sum(s["cached_tokens"] for s in kept)
@@ -394,6 +396,13 @@ def test_sticky_routing_caches_more_than_round_robin(real_vllm_servers: RealVllm
         assert turn["cached_tokens"] >= before["prompt_tokens"] // BLOCK_TOKENS * BLOCK_TOKENS, (
             report
         )
+
+    # The owner kept every whole block, and its answers' cached_tokens said so: its measured
+    # retention stays near 1 (a block short of each turn's prompt and answer). The other
+    # backend answered no conversation it owned: nothing measured.
+    other = "b1" if first["backend"] == "b0" else "b0"
+    assert retention[other] is None, retention
+    assert 0.99 < retention[first["backend"]] <= 1.0, retention
 
     backends = [s["backend"] for s in spread_stats]
     assert backends == ["b0", "b1"] * (turns // 2), report
