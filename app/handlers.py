@@ -495,10 +495,9 @@ def _note_retention(svc: Services, attempt: Attempt, usage: dict[str, Any] | Non
     decision = attempt.decision
     if usage is None or not decision.owner_tokens:
         return
-    prompt = usage.get("prompt_tokens")
-    if isinstance(prompt, int) and prompt > 0:
-        expected = min(decision.owner_tokens, prompt)
-        svc.pool.note_cached(decision.backend, expected, reported_cached(usage))
+    prompt, _, _ = usage_figures(usage)
+    expected = min(decision.owner_tokens, prompt)
+    svc.pool.note_cached(decision.backend, expected, reported_cached(usage))
 
 
 def _note_stream(

@@ -220,7 +220,8 @@ class StickyBounded:
         holders: dict[str, float] = {
             name: _cached(request, ownership, name) for name in ownership.system_holders
         }
-        owner = ownership.owner if self.retention else None
+        # The holder whose estimate is scaled by its measured retention (none when that is off).
+        discounted = ownership.owner if self.retention else None
         if ownership.owner is not None:
             holders[ownership.owner] = _cached(request, ownership, ownership.owner)
         full = w.w_prefill * request.prompt_tokens
@@ -238,7 +239,7 @@ class StickyBounded:
             cost = full + w_load * load
             if holders:
                 held = holders.get(backend.name, 0)
-                if backend.name == owner:
+                if backend.name == discounted:
                     held *= backend.retention
                 cost -= w_prefill * held
             if cost < best_cost:
