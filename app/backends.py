@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class VllmMetrics:
     prefix_queries: float = 0.0
     prefix_hits: float = 0.0
     start_time_s: float | None = None
+    kv_tokens: int = 0  # KV cache size in tokens (cache_config_info: num_gpu_blocks x block_size)
 
 
 # Gauges and counters we read. Newer vLLM names first; `gpu_` names are the pre-0.10 spelling.
@@ -61,9 +63,23 @@ _METRIC_FIELDS: dict[str, str] = {
 }
 
 
+_CACHE_INFO = "vllm:cache_config_info"
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def cache_tokens(line: str) -> int:
+    """The KV cache size, in tokens, that a `vllm:cache_config_info` line's labels give."""
+    labels = dict(_LABEL.findall(line[: line.rfind("}") + 1]))
+    try:
+        return max(int(labels["num_gpu_blocks"]) * int(labels["block_size"]), 0)
+    except (KeyError, ValueError):
+        return 0
+
+
 def parse_vllm_metrics(text: str) -> VllmMetrics:
     """Read the load signals out of vLLM's Prometheus text, summing over engines (data parallel)."""
     sums: dict[str, float] = {}
+    kv_tokens = 0
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
@@ -72,6 +88,9 @@ def parse_vllm_metrics(text: str) -> VllmMetrics:
             pos = line.find(stop)
             if 0 <= pos < name_end:
                 name_end = pos
+        if line[:name_end] == _CACHE_INFO:
+            kv_tokens += cache_tokens(line)
+            continue
         field_name = _METRIC_FIELDS.get(line[:name_end])
         if field_name is None:
             continue
@@ -90,6 +109,7 @@ def parse_vllm_metrics(text: str) -> VllmMetrics:
         prefix_queries=sums.get("prefix_queries", sums.get("prefix_queries_old", 0.0)),
         prefix_hits=sums.get("prefix_hits", sums.get("prefix_hits_old", 0.0)),
         start_time_s=sums.get("start_time_s"),
+        kv_tokens=kv_tokens,
     )
 
 

@@ -267,6 +267,7 @@ GAUGE_HELP = {
     "backend_kv_cache_usage_ratio": "Fraction of the backend's KV cache in use, 0..1 (its /metrics)",
     "backend_kv_retention_ratio": "Share of its conversations' earlier tokens the backend still "
     "held when they came back, 0..1 (measured from its answers' cached_tokens)",
+    "backend_kv_cache_tokens": "The backend's KV cache size in tokens (vLLM's cache_config_info)",
 }
 HISTOGRAM_LABELS = ["backend", "model", "cache_outcome"]
 

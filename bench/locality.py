@@ -736,33 +736,46 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="run nothing: read these results files and print each row against one process, "
         "round by round, pooled over the files (e.g. one per seed)",
     )
+    p.add_argument(
+        "--baseline",
+        default=ONE_PROCESS,
+        metavar="ROW",
+        help="with --pool: the row the others are compared with (default: one process, "
+        "against the rows compared with it in a run; another row: against every other row)",
+    )
     return p.parse_args(argv)
 
 
-def pooled(paths: Sequence[Path]) -> list[str]:
-    """Earlier runs' results files read together: each row against one process, its rounds
-    paired within each run and each regime, pooled over all of them (several seeds' files make
-    one estimate per row, with an interval a single seed's handful of rounds cannot give)."""
+def pooled(paths: Sequence[Path], baseline: str = ONE_PROCESS) -> list[str]:
+    """Earlier runs' results files read together: each row against `baseline` (one process by
+    default, against which the rows it is compared with are COMPARED's; any other row is
+    compared with every other row), its rounds paired within each run and each regime, pooled
+    over all of them (several seeds' files make one estimate per row, with an interval a single
+    seed's handful of rounds cannot give)."""
     pairs: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
     for path in paths:
         for results in orjson.loads(path.read_bytes())["by_capacity_blocks"].values():
             by_name = {r["policy"]: r for r in results}
-            one = by_name.get(ONE_PROCESS)
+            base = by_name.get(baseline)
+            if base is None:
+                continue
             for name, r in by_name.items():
-                if one is not None and name in COMPARED and pairable(one["rounds"], r["rounds"]):
-                    ones, others = pairs.setdefault(name, ([], []))
-                    ones.extend(one["rounds"])
+                wanted = name in COMPARED if baseline == ONE_PROCESS else name != baseline
+                if wanted and pairable(base["rounds"], r["rounds"]):
+                    bases, others = pairs.setdefault(name, ([], []))
+                    bases.extend(base["rounds"])
                     others.extend(r["rounds"])
+    against = "one process" if baseline == ONE_PROCESS else baseline
     return [
-        f"  {name} vs one process, {paired_rounds(ones, others)}"
-        for name, (ones, others) in pairs.items()
+        f"  {name} vs {against}, {paired_rounds(bases, others)}"
+        for name, (bases, others) in pairs.items()
     ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.pool:
-        for line in pooled([Path(p) for p in args.pool]):
+        for line in pooled([Path(p) for p in args.pool], args.baseline):
             print(line)
         return 0
     asyncio.run(main_async(args))

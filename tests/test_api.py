@@ -294,6 +294,17 @@ def test_health_metrics_architecture(router: RouterServer) -> None:
     assert measured
     assert all(0.0 <= r <= 1.0 for r in measured)
     assert "kvroute_backend_kv_retention_ratio" in names
+    # Each backend's KV cache size, from its cache_config_info (the simulator's default 4096
+    # blocks of 16 tokens).
+    backends = health.json()["backends"]
+    assert [b["kv_cache_tokens"] for b in backends] == [4096 * 16] * 3
+    sizes = {
+        sample.labels["backend"]: sample.value
+        for family in text_string_to_metric_families(prom.text)
+        if family.name == "kvroute_backend_kv_cache_tokens"
+        for sample in family.samples
+    }
+    assert sizes == {f"b{i}": 4096.0 * 16 for i in range(3)}
     arch = httpx.get(f"{router.url}/architecture").json()
     assert "retention" in arch["policy"]["cached"]
     assert [s["stage"] for s in arch["pipeline"]][:2] == ["client", "admission"]

@@ -24,6 +24,8 @@ vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.25
 vllm:prefix_cache_queries_total{engine="0",model_name="tiny"} 11613.0
 vllm:prefix_cache_hits_total{engine="0",model_name="tiny"} 6656.0
 vllm:prefix_cache_hits_created{engine="0",model_name="tiny"} 1.7e9
+vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",engine="0",gpu_memory_utilization="0.9",num_cpu_blocks="None",num_gpu_blocks="27648",num_gpu_blocks_override="None"} 1.0
+vllm:cache_config_info{block_size="16",engine="1",num_gpu_blocks="27648"} 1.0
 process_start_time_seconds 1.7956e+09
 """
 
@@ -37,7 +39,21 @@ def test_parses_real_names_and_sums_engines() -> None:
         prefix_queries=11613.0,
         prefix_hits=6656.0,
         start_time_s=1.7956e9,
+        kv_tokens=2 * 27648 * 16,
     )
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        'vllm:cache_config_info{block_size="16",num_gpu_blocks="None"} 1.0',  # before profiling
+        'vllm:cache_config_info{block_size="16"} 1.0',
+        "vllm:cache_config_info 1.0",
+        'vllm:cache_config_info{block_size="x",num_gpu_blocks="-5"} 1.0',
+    ],
+)
+def test_a_cache_size_it_cannot_read_is_unknown(line: str) -> None:
+    assert parse_vllm_metrics(line + "\n").kv_tokens == 0
 
 
 def test_old_gpu_names_are_a_fallback() -> None:

@@ -160,3 +160,9 @@ def test_results_files_pool_each_rows_rounds_against_one_process(tmp_path: Path)
     assert lines[0].startswith("  kvroute x2 + Redis vs one process, paired over 4 rounds")
     assert "share -0.50 (-0.50 to -0.50) points" in lines[0]
     assert "ttft p99 +0.0 % (+0.0 to +0.0)" in lines[0]
+    # Against another row: every other pairable row, one process included (turned around).
+    lines = pooled(paths, baseline="kvroute x2 + Redis")
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("  kvroute (both levels) vs kvroute x2 + Redis, paired over 4")
+    assert "share +0.50 (+0.50 to +0.50) points" in lines[0]
+    assert pooled(paths, baseline="no such row") == []

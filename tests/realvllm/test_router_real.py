@@ -25,7 +25,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.backends import VllmMetrics
+from app.backends import VllmMetrics, parse_vllm_metrics
 from app.handlers import route_for
 from app.routing import Ownership
 from tests.conftest import RouterServer, running_router, wait_for
@@ -369,6 +369,8 @@ def test_sticky_routing_caches_more_than_round_robin(real_vllm_servers: RealVllm
         kept = converse(sticky.url, model, "sticky-tenant", turns)
         health = httpx.get(f"{sticky.url}/health", timeout=10).json()
     retention = {b["name"]: b["kv_retention"] for b in health["backends"]}
+    kv_sizes = [b["kv_cache_tokens"] for b in health["backends"]]
+    sizes = [parse_vllm_metrics(httpx.get(f"{u}/metrics", timeout=10).text).kv_tokens for u in urls]
     with running_router(urls, served_model=model, routing_policy="round_robin") as spread:
         spread_stats = converse(spread.url, model, "round-robin-tenant", turns)
     kept_total = sum(s["cached_tokens"] for s in kept)
@@ -403,6 +405,10 @@ def test_sticky_routing_caches_more_than_round_robin(real_vllm_servers: RealVllm
     other = "b1" if first["backend"] == "b0" else "b0"
     assert retention[other] is None, retention
     assert 0.99 < retention[first["backend"]] <= 1.0, retention
+    # Each server's KV cache size as its own cache_config_info gives it (num_gpu_blocks x
+    # block_size), shown by the router.
+    assert all(size > 0 for size in sizes), sizes
+    assert kv_sizes == sizes, (kv_sizes, sizes)
 
     backends = [s["backend"] for s in spread_stats]
     assert backends == ["b0", "b1"] * (turns // 2), report
