@@ -708,4 +708,7 @@ async def test_client_disconnect_aborts_request(real_vllm_servers: RealVllmServe
     took_s = await wait_metric(url, "vllm:num_requests_running", 0.0, timeout_s=10)
     generated = await metric(url, "vllm:generation_tokens_total") - generated_before
     assert took_s < 3.0, f"request still running {took_s:.1f} s after the client left"
-    assert generated < max_tokens / 2, f"generation went on after the disconnect: {generated}"
+    # With ignore_eos a request that ran on would generate all max_tokens. How many come before
+    # vLLM notices the disconnect depends on the machine's load: 4 on an idle one, 1029 (still
+    # within the 3 s) on a busy CI one, so beyond the time only "not to the end" is asserted.
+    assert generated < max_tokens, f"generation ran on to the end after the disconnect: {generated}"
