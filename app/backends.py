@@ -88,10 +88,11 @@ def parse_vllm_metrics(text: str) -> VllmMetrics:
             pos = line.find(stop)
             if 0 <= pos < name_end:
                 name_end = pos
-        if line[:name_end] == _CACHE_INFO:
+        name = line[:name_end]
+        if name == _CACHE_INFO:
             kv_tokens += cache_tokens(line)
             continue
-        field_name = _METRIC_FIELDS.get(line[:name_end])
+        field_name = _METRIC_FIELDS.get(name)
         if field_name is None:
             continue
         try:
@@ -221,6 +222,11 @@ class Backend:
     def waiting(self) -> float:
         """vLLM's waiting count at the last scrape."""
         return (self.metrics or NO_METRICS).waiting
+
+    @property
+    def kv_tokens(self) -> int:
+        """Its KV cache size in tokens at the last scrape (0: unknown)."""
+        return (self.metrics or NO_METRICS).kv_tokens
 
     @property
     def state(self) -> BackendState:

@@ -51,7 +51,7 @@ def backend_status(pool: BackendPool, store: OwnershipStore) -> list[dict[str, A
                 # Measured from its answers' cached_tokens (None until it reports them).
                 "kv_retention": round(b.retention, 4) if b.reports_cached else None,
                 # Its KV cache in tokens (vLLM's cache_config_info; None until scraped).
-                "kv_cache_tokens": (metrics.kv_tokens or None) if metrics is not None else None,
+                "kv_cache_tokens": b.kv_tokens or None,
                 "last_error": b.last_error or None,
                 "vllm": None
                 if metrics is None
@@ -112,11 +112,7 @@ def prom_gauges(pool: BackendPool, store: OwnershipStore) -> dict[str, dict[str,
             b.name: b.metrics.kv_usage for b in backends if b.metrics is not None
         },
         "backend_kv_retention_ratio": {b.name: b.retention for b in backends if b.reports_cached},
-        "backend_kv_cache_tokens": {
-            b.name: float(b.metrics.kv_tokens)
-            for b in backends
-            if b.metrics and b.metrics.kv_tokens
-        },
+        "backend_kv_cache_tokens": {b.name: float(b.kv_tokens) for b in backends if b.kv_tokens},
     }
 
 
