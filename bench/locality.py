@@ -136,6 +136,7 @@ class Sent:
     """One request as sent, in send order, and what came back."""
 
     messages: list[dict[str, str]]
+    url: str = ""  # where it went (with several router replicas, which one)
     answer: str = ""
     ttft_s: float | None = None
     status: int = 0
@@ -249,50 +250,58 @@ async def stream_chat(
 
 
 async def drive(
-    url: str,
+    url: str | Sequence[str],
     conversations: list[Conversation],
     concurrency: int,
     max_tokens: int,
     open_conversations: int = 0,
+    *,
+    pinned: bool = False,
 ) -> list[Sent]:
     """Replay `conversations` with `concurrency` requests in flight.
 
     `open_conversations` (at least `concurrency`; 0 means equal) conversations are open at once
     and take turns in FIFO order, so a user "thinks" while other conversations' turns run, and
     their prefixes must stay cached meanwhile, as with real chat users. A conversation that ends
-    makes room for the next one; a failed turn ends its conversation."""
+    makes room for the next one; a failed turn ends its conversation.
+
+    Several URLs (router replicas): each of the `concurrency` client workers sends to one, in
+    turn, as a load balancer spreads connections evenly; `pinned`, every turn of a conversation goes
+    to the same one, its conversations dealt out in turn, as a load balancer with session
+    affinity does."""
+    urls = [url] if isinstance(url, str) else list(url)
     sent: list[Sent] = []
-    pending = list(reversed(conversations))
-    ready: asyncio.Queue[tuple[Conversation, list[dict[str, str]], int]] = asyncio.Queue()
+    pending = list(reversed(list(enumerate(conversations))))
+    ready: asyncio.Queue[tuple[int, Conversation, list[dict[str, str]], int]] = asyncio.Queue()
 
     def open_next() -> None:
         if pending:
-            conv = pending.pop()
-            ready.put_nowait((conv, [{"role": "system", "content": conv.system}], 0))
+            number, conv = pending.pop()
+            ready.put_nowait((number, conv, [{"role": "system", "content": conv.system}], 0))
 
     for _ in range(max(open_conversations, concurrency)):
         open_next()
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(timeout=timeout) as session:
 
-        async def worker() -> None:
+        async def worker(connection: int) -> None:
             while not ready.empty():
-                conv, history, turn = ready.get_nowait()
+                number, conv, history, turn = ready.get_nowait()
                 messages = [*history, {"role": "user", "content": conv.user_turns[turn]}]
-                record = Sent(messages=messages)
+                record = Sent(messages, urls[(number if pinned else connection) % len(urls)])
                 sent.append(record)
                 status, answer, ttft, stats = await stream_chat(
-                    session, url, conv.tenant, messages, max_tokens
+                    session, record.url, conv.tenant, messages, max_tokens
                 )
                 record.status, record.answer, record.ttft_s = status, answer, ttft
                 record.stats = stats
                 if status == 200 and turn + 1 < len(conv.user_turns):
                     history = [*messages, {"role": "assistant", "content": answer}]
-                    ready.put_nowait((conv, history, turn + 1))
+                    ready.put_nowait((number, conv, history, turn + 1))
                 else:
                     open_next()
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return sent
 
 
@@ -332,8 +341,18 @@ REPLICAS_4 = "kvroute x4 + Redis"
 REPLICAS_PRIVATE = "kvroute x2 + Redis without shared load"
 NO_RETENTION = "kvroute without retention"
 REPLICAS_NO_RETENTION = "kvroute x2 + Redis without retention"
+SPLIT = "kvroute 2 replicas + Redis"
+SPLIT_AFFINITY = "kvroute 2 replicas + Redis with session affinity"
+SPLIT_4 = "kvroute 4 replicas + Redis"
+# Rows run as router processes on ports of their own (not uvicorn workers sharing one, which the
+# kernel hands connections unevenly): how many, and whether each conversation sticks to one.
+SEPARATE: dict[str, tuple[int, bool]] = {
+    SPLIT: (2, False),
+    SPLIT_AFFINITY: (2, True),
+    SPLIT_4: (4, False),
+}
 # The rows that need Redis.
-SHARED = (ONE_REDIS, REPLICAS, REPLICAS_4, REPLICAS_PRIVATE, REPLICAS_NO_RETENTION)
+SHARED = (ONE_REDIS, REPLICAS, REPLICAS_4, REPLICAS_PRIVATE, REPLICAS_NO_RETENTION, *SEPARATE)
 COMPARED = (SAME_AGAIN, NO_RETENTION, *SHARED)  # the rows set against one process
 # The router's own probes, fast enough for a short run.
 ROUTER_ENV = {"METRICS_INTERVAL_S": "0.25", "HEALTH_INTERVAL_S": "1", "REDIS_URL": ""}
@@ -377,34 +396,40 @@ POLICIES: dict[str, dict[str, str]] = {
     # was measured to keep (KV_RETENTION=false): what retention buys, and what it buys replicas.
     NO_RETENTION: {**STICKY, "KV_RETENTION": "false"},
     REPLICAS_NO_RETENTION: replicas(2, retention=False),
+    # Two and four processes behind an even spread of the client's connections, as behind a
+    # load balancer; and two behind one with session affinity, which sends every turn of a
+    # conversation to the same replica.
+    **dict.fromkeys(SEPARATE, replicas(1)),
 }
 
 
 async def run_policy(
     name: str,
-    server: ChildServer,
+    servers: Sequence[ChildServer],
     headers: dict[str, str],
     sims: list[str],
     conversations: list[Conversation],
     args: argparse.Namespace,
     tag: str,
 ) -> RunResult:
-    """One policy: a cold fleet, one router (ours or a peer), the whole workload, its tenants
-    named with the round's `tag`."""
+    """One policy: a cold fleet, its router (ours or a peer; or several replicas of ours, see
+    SEPARATE), the whole workload, its tenants named with the round's `tag`."""
     await restart_sims(sims)
     with contextlib.ExitStack() as stack:
-        await start_server(server, stack, headers)
+        for i, server in enumerate(servers):
+            await start_server(server, stack, headers, forget=i == 0)
         await restart_sims(sims)  # the readiness probe's request must not warm any cache
         await asyncio.sleep(0.6)  # let the router's metrics poll see that restart first
         tagged = [replace(c, tenant=f"{c.tenant}@{tag}") for c in conversations]
         start = time.monotonic()
         sent = await asyncio.wait_for(
             drive(
-                f"{server.url}/v1/chat/completions",
+                [f"{server.url}/v1/chat/completions" for server in servers],
                 tagged,
                 args.concurrency,
                 args.max_tokens,
                 args.open_conversations,
+                pinned=SEPARATE.get(name, (1, False))[1],
             ),
             timeout=args.timeout_s,
         )
@@ -573,18 +598,21 @@ async def run_capacity(
                     if name in wanted:
                         print(f"  {name}: not run (no Redis at {args.redis_url})", file=sys.stderr)
                         wanted.remove(name)
-        servers: list[tuple[str, ChildServer, dict[str, str]]] = [
+        servers: list[tuple[str, list[ChildServer], dict[str, str]]] = [
             (
                 name,
-                kvroute_server(
-                    urls[:1] if name == ONE_BACKEND else urls,
-                    log_dir,
-                    {
-                        **POLICIES[name],
-                        **ROUTER_ENV,
-                        **({"REDIS_URL": redis_url or ""} if name in SHARED else {}),
-                    },
-                ),
+                [
+                    kvroute_server(
+                        urls[:1] if name == ONE_BACKEND else urls,
+                        log_dir,
+                        {
+                            **POLICIES[name],
+                            **ROUTER_ENV,
+                            **({"REDIS_URL": redis_url or ""} if name in SHARED else {}),
+                        },
+                    )
+                    for _ in range(SEPARATE.get(name, (1, False))[0])
+                ],
                 {},
             )
             for name in wanted
@@ -592,7 +620,7 @@ async def run_capacity(
         if args.peers:
             plans = peer_plans(urls, MODEL, free_port, only=("sglang-router", "vllm-router"))
             servers += [
-                (f"{p.name} ({p.note.split(' (')[0]})", peer_server(p, log_dir), p.headers)
+                (f"{p.name} ({p.note.split(' (')[0]})", [peer_server(p, log_dir)], p.headers)
                 for p in plans
             ]
             for missing in missing_peers(only=("sglang-router", "vllm-router")):
@@ -604,8 +632,8 @@ async def run_capacity(
             # collide. Each round draws new ones.
             tag = uuid.uuid4().hex[:8]
             # Odd rounds reverse the order, so no row always runs on a warmer or cooler machine.
-            for name, server, headers in servers if round_ % 2 == 0 else servers[::-1]:
-                result = await run_policy(name, server, headers, urls, conversations, args, tag)
+            for name, processes, headers in servers if round_ % 2 == 0 else servers[::-1]:
+                result = await run_policy(name, processes, headers, urls, conversations, args, tag)
                 runs[name].append(result)
                 print(
                     f"  done: {name}, {capacity_blocks} blocks, round {round_ + 1} "

@@ -43,12 +43,15 @@ async def start_server(
     server: ChildServer,
     stack: contextlib.ExitStack | None = None,
     headers: Mapping[str, str] | None = None,
+    *,
+    forget: bool = True,
 ) -> ChildServer:
     """Start ``server`` and wait until it streams a chat answer. It is stopped when ``stack``
-    closes; without a stack, by the caller."""
+    closes; without a stack, by the caller. A router on Redis starts on a Redis cleared of
+    earlier routers' state, unless ``forget`` is false (a second replica of the same row)."""
     if stack is not None:
         stack.callback(server.stop)
-    if isinstance(server, RouterProcess) and server.env.get("REDIS_URL"):
+    if forget and isinstance(server, RouterProcess) and server.env.get("REDIS_URL"):
         forget_router_state(server.env["REDIS_URL"])
     await asyncio.to_thread(server.start, 60.0)  # a router's start waits for its /health
     await wait_ready(server, headers or {})

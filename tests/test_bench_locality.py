@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.locality import (
+    Sent,
     Workload,
     build_conversations,
     drive,
@@ -73,6 +74,39 @@ def test_open_conversations_interleave_and_every_turn_extends_its_own_history() 
     assert last_of_first > 3
 
 
+def test_replicas_get_the_connections_in_turn_or_with_session_affinity_whole_conversations() -> (
+    None
+):
+    conversations = build_conversations(workload(conversations=12, min_turns=3, max_turns=3))
+    with running_simulators(2, model="bench-model", decode_tokens_per_s=5000.0) as sims:
+        urls = [f"{sim.url}/v1/chat/completions" for sim in sims]
+        spread = asyncio.run(drive(urls, conversations, 4, 4, open_conversations=8))
+        pinned = asyncio.run(drive(urls, conversations, 4, 4, open_conversations=8, pinned=True))
+    for sent in (spread, pinned):
+        assert len(sent) == 36
+        assert all(r.status == 200 for r in sent)
+
+    def replicas_by_conversation(sent: list[Sent]) -> dict[str, set[str]]:
+        seen: dict[str, set[str]] = {}
+        for r in sent:
+            seen.setdefault(r.messages[1]["content"], set()).add(r.url)
+        return seen
+
+    # Affinity: each conversation's turns all at one replica, conversations dealt out in turn.
+    homes = replicas_by_conversation(pinned)
+    assert all(len(replicas) == 1 for replicas in homes.values())
+    assert Counter(next(iter(replicas)) for replicas in homes.values()) == {urls[0]: 6, urls[1]: 6}
+    # Without it, a client's four workers send to the two replicas in turn: both get a share,
+    # and a conversation's turns land on both (the next turn goes with whichever worker is free).
+    per_replica = Counter(r.url for r in spread)
+    assert set(per_replica) == set(urls)
+    assert min(per_replica.values()) >= 9
+    assert any(len(replicas) == 2 for replicas in replicas_by_conversation(spread).values())
+
+
+AFFINITY = "kvroute 2 replicas + Redis with session affinity"
+
+
 def test_locality_bench_runs_each_capacity_with_one_backend_and_two_replicas(
     tmp_path: Path, redis_url: str
 ) -> None:
@@ -82,7 +116,7 @@ def test_locality_bench_runs_each_capacity_with_one_backend_and_two_replicas(
     argv = [sys.executable, "-m", "bench.locality", "--conversations", "6", "--concurrency", "2"]
     argv += ["--open-conversations", "3", "--capacity-blocks", "300,600", "--max-tokens", "4"]
     rows = "one backend,kvroute (both levels),kvroute x2 + Redis,kvroute x1 + Redis"
-    argv += ["--policies", f"{rows},kvroute again (A/A)"]
+    argv += ["--policies", f"{rows},kvroute again (A/A),{AFFINITY}"]
     argv += ["--redis-url", redis_url, "--json", str(out)]
     proc = subprocess.run(
         argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180, check=False
@@ -91,18 +125,19 @@ def test_locality_bench_runs_each_capacity_with_one_backend_and_two_replicas(
     assert "(300 blocks x 16 tokens" in proc.stdout
     assert "(600 blocks x 16 tokens" in proc.stdout
     # The Redis rows and the identical A/A row are set against one process, in both regimes.
-    for row in ("kvroute x2 + Redis", "kvroute x1 + Redis", "kvroute again (A/A)"):
+    for row in ("kvroute x2 + Redis", "kvroute x1 + Redis", "kvroute again (A/A)", AFFINITY):
         assert proc.stdout.count(f"  {row} vs one process: share ") == 2, proc.stdout
 
     result = json.loads(out.read_text())
     assert set(result["by_capacity_blocks"]) == {"300", "600"}
     for rows in result["by_capacity_blocks"].values():
-        one, ours, replicas, one_on_redis, again = rows
+        one, ours, replicas, one_on_redis, again, pinned = rows
         assert one["policy"] == "one backend"
         assert ours["policy"] == "kvroute (both levels)"
         assert replicas["policy"] == "kvroute x2 + Redis"
         assert one_on_redis["policy"] == "kvroute x1 + Redis"
         assert again["policy"] == "kvroute again (A/A)"
+        assert pinned["policy"] == AFFINITY  # two processes, on two ports
         for row in rows:
             assert row["failed"] == 0
             assert row["requests"] >= 12
