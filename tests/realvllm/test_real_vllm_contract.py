@@ -686,11 +686,16 @@ async def test_small_max_num_seqs_queues(real_vllm_servers: RealVllmServers) -> 
 
 async def test_client_disconnect_aborts_request(real_vllm_servers: RealVllmServers) -> None:
     url = real_vllm_servers.urls[0]
-    max_tokens = 1900
+    # 64 parallel samples of 1900 tokens: about 15 s of generation on an idle machine (one
+    # sample takes 1.9 s), so that a disconnect noticed late on a loaded machine still lands
+    # before the end. With one sample, a CI box generated all 1900 before vLLM's API server
+    # got to the disconnect, and the test could not tell an abort from none.
+    max_tokens, samples = 1900, 64
     body = {
         "model": real_vllm_servers.model,
         "messages": MESSAGES,
         "max_tokens": max_tokens,
+        "n": samples,
         "ignore_eos": True,
         "stream": True,
     }
@@ -708,7 +713,8 @@ async def test_client_disconnect_aborts_request(real_vllm_servers: RealVllmServe
     took_s = await wait_metric(url, "vllm:num_requests_running", 0.0, timeout_s=10)
     generated = await metric(url, "vllm:generation_tokens_total") - generated_before
     assert took_s < 3.0, f"request still running {took_s:.1f} s after the client left"
-    # With ignore_eos a request that ran on would generate all max_tokens. How many come before
-    # vLLM notices the disconnect depends on the machine's load: 4 on an idle one, 1029 (still
-    # within the 3 s) on a busy CI one, so beyond the time only "not to the end" is asserted.
-    assert generated < max_tokens, f"generation ran on to the end after the disconnect: {generated}"
+    # With ignore_eos a request that ran on would generate all of its samples' tokens. How many
+    # come before vLLM notices the disconnect depends on the machine's load (3 on an idle one),
+    # so beyond the time only "not to the end" is asserted.
+    total = max_tokens * samples
+    assert generated < total, f"generation ran on to the end after the disconnect: {generated}"

@@ -423,6 +423,11 @@ def test_sticky_routing_caches_more_than_round_robin(real_vllm_servers: RealVllm
 
 # Decisions judged while B queues, out of at most this many new conversations.
 QUEUE_DECISIONS, MAX_QUEUE_DECISIONS = 4, 16
+# Clients holding B's queue. Each answer (1500 tokens, about 2 s with 4 running) must be followed
+# by that client's next request from this process, which two vLLM servers on two cores starve at
+# times: with 40, B's log showed its queue falling to 0-4 waiting between surges and a CI run
+# went 30 s without a scrape of B queueing. 100 hold about 48 s of work queued at any moment.
+FLOOD = 100
 
 
 async def hold_load(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> None:
@@ -487,7 +492,7 @@ async def test_router_reads_real_metrics_and_avoids_a_queueing_server(
             stats = await routed_stats(router, control, tenant)
             assert (stats["backend"], stats["cache_outcome"]) == ("b1", "miss"), stats
 
-            # Server B queues: 40 clients sending straight to it, 4 run at a time; each client
+            # Server B queues: FLOOD clients sending straight to it, 4 run at a time; each client
             # sends again when its answer comes, so B queues until the checks below are done.
             long_body = chat_body(
                 model,
@@ -495,11 +500,11 @@ async def test_router_reads_real_metrics_and_avoids_a_queueing_server(
                 stream=False,
                 max_tokens=1500,
             )
-            limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
+            limits = httpx.Limits(max_connections=FLOOD + 8, max_keepalive_connections=0)
             async with httpx.AsyncClient(timeout=None, limits=limits) as flood:
                 tasks = [
                     asyncio.create_task(hold_load(flood, servers.queued_url, long_body))
-                    for _ in range(40)
+                    for _ in range(FLOOD)
                 ]
                 try:
                     b = pool.backends[1]
@@ -543,7 +548,7 @@ async def test_router_reads_real_metrics_and_avoids_a_queueing_server(
                                 f"{views}; B's vLLM now: running "
                                 f"{truth['vllm:num_requests_running']}, waiting "
                                 f"{truth['vllm:num_requests_waiting']}; flood clients alive "
-                                f"{flood_alive}/40 {died}"
+                                f"{flood_alive}/{FLOOD} {died}"
                             )
                         judged += 1
                         if judged == QUEUE_DECISIONS:
@@ -553,7 +558,7 @@ async def test_router_reads_real_metrics_and_avoids_a_queueing_server(
                     await until(queueing, "B queueing to the end of the check", timeout_s=5)
                 finally:
                     for task in tasks:
-                        task.cancel()  # the clients leave: vLLM aborts all 40
+                        task.cancel()  # the clients leave: vLLM aborts them all
                     await asyncio.gather(*tasks, return_exceptions=True)
     await asyncio.to_thread(wait_idle, servers.queued_url)
 
