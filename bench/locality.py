@@ -271,7 +271,7 @@ async def drive(
     affinity does."""
     urls = [url] if isinstance(url, str) else list(url)
     sent: list[Sent] = []
-    pending = list(reversed(list(enumerate(conversations))))
+    pending = list(enumerate(conversations))[::-1]
     ready: asyncio.Queue[tuple[int, Conversation, list[dict[str, str]], int]] = asyncio.Queue()
 
     def open_next() -> None:
@@ -351,6 +351,13 @@ SEPARATE: dict[str, tuple[int, bool]] = {
     SPLIT_AFFINITY: (2, True),
     SPLIT_4: (4, False),
 }
+
+
+def layout(row: str) -> tuple[int, bool]:
+    """A row's router processes on ports of their own, and whether conversations stick to one."""
+    return SEPARATE.get(row, (1, False))
+
+
 # The rows that need Redis.
 SHARED = (ONE_REDIS, REPLICAS, REPLICAS_4, REPLICAS_PRIVATE, REPLICAS_NO_RETENTION, *SEPARATE)
 COMPARED = (SAME_AGAIN, NO_RETENTION, *SHARED)  # the rows set against one process
@@ -429,7 +436,7 @@ async def run_policy(
                 args.concurrency,
                 args.max_tokens,
                 args.open_conversations,
-                pinned=SEPARATE.get(name, (1, False))[1],
+                pinned=layout(name)[1],
             ),
             timeout=args.timeout_s,
         )
@@ -611,7 +618,7 @@ async def run_capacity(
                             **({"REDIS_URL": redis_url or ""} if name in SHARED else {}),
                         },
                     )
-                    for _ in range(SEPARATE.get(name, (1, False))[0])
+                    for _ in range(layout(name)[0])
                 ],
                 {},
             )
