@@ -158,6 +158,9 @@ class BackendView:
     # Requests vLLM held at the last scrape beyond this router's own (other replicas, direct
     # clients): sampled, so it lags, but this router's own share is counted exactly.
     others: float = 0.0
+    # In flight there from the other router replicas (their shared counts while current, else 0):
+    # it weighs in the load as this router's own do, as one process would count them all.
+    peers: float = 0.0
     # Share of a conversation's earlier tokens the backend still held when the conversation came
     # back (measured, see `BackendPool.note_cached`); 1.0 until measured.
     retention: float = 1.0
@@ -197,7 +200,8 @@ class Backend:
     breaker_until_s: float = 0.0
     capacity: int | None = None
     others: float = 0.0
-    peers_until_s: float = 0.0  # `others` holds the other replicas' shared counts until then
+    peers: float = 0.0  # the other replicas' in-flight requests here while their counts are current
+    peers_until_s: float = 0.0  # `others` and `peers` hold the other replicas' counts until then
     retention: float = 1.0
     reports_cached: bool = False  # its answers were seen to carry usage's cached_tokens
     max_model_len: dict[str, int] = field(default_factory=dict)
@@ -254,6 +258,7 @@ class Backend:
             kv_usage=metrics.kv_usage,
             capacity=self.capacity,
             others=self.others,
+            peers=self.peers,
             retention=self.retention,
         )
 
@@ -283,6 +288,7 @@ class BackendPool:
         self._breaker_failures = breaker_failures
         self._breaker_cooldown_s = breaker_cooldown_s
         self._on_restart = on_restart
+        self.on_load_change: Callable[[], None] | None = None  # after every lease and release
         self._clock = clock
         self._probe_soon = asyncio.Event()  # a backend was added: probe it now, not later
         self._epoch = Epoch()
@@ -353,7 +359,7 @@ class BackendPool:
         stand for `others` instead of the last vLLM scrape (older, and blind between scrapes)."""
         until = self._clock() + fresh_s
         for backend in self.backends:
-            backend.others = counts.get(backend.name, 0.0)
+            backend.others = backend.peers = counts.get(backend.name, 0.0)
             backend.peers_until_s = until
 
     def snapshot(self) -> tuple[BackendView, ...]:
@@ -405,11 +411,15 @@ class BackendPool:
         backend.in_flight += 1
         backend.dispatched += 1
         self._count(backend, 1)
+        if self.on_load_change is not None:
+            self.on_load_change()
         try:
             yield backend
         finally:
             backend.in_flight -= 1
             self._count(backend, -1)
+            if self.on_load_change is not None:
+                self.on_load_change()
             if backend.idle is not None and not backend.in_flight:
                 backend.idle.set()
 
@@ -555,6 +565,7 @@ class BackendPool:
         backend.metrics, backend.scraped_s = metrics, sent_s
         if self._clock() >= backend.peers_until_s:  # no current counts from the other replicas
             backend.others = max(0.0, metrics.running + metrics.waiting - backend.in_flight)
+            backend.peers = 0.0
         if metrics.waiting > 0 and metrics.running >= 1:
             # Queueing: what runs now is (about) all it can run at once.
             backend.capacity = max(backend.capacity or 0, int(metrics.running))

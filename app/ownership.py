@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.cluster import RedisCluster
 
-    from app.resp import Links, RespLink
+    from app.resp import Command, Links, RespLink
 
 log = logging.getLogger("kvroute.ownership")
 
@@ -52,6 +52,8 @@ MAX_SYSTEM_HOMES = 4
 # seconds, then `REDIS_RETRY_S`) is ridden out, a key Redis always refuses does not stall the rest.
 WRITE_ATTEMPTS = 3
 LOOKUP_SAMPLES = 4096  # look-up timings kept for /metrics
+# A replica's published in-flight counts stand this long unless renewed: a dead replica's expire.
+LOAD_LEASE_S = 1.0
 
 
 class OwnershipStore(Protocol):
@@ -246,7 +248,7 @@ class RedisStore:
         prefix: str = "kvroute:",
         lag: LoopLag | None = None,
         links: Links | None = None,
-        load_interval_s: float = 0.05,
+        load_interval_s: float = 0.005,
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
@@ -275,12 +277,13 @@ class RedisStore:
         self.errors = 0
         self.last_error = ""
         self.records_dropped = 0  # never written to Redis (the queue full, or Redis refusing)
-        # Shared load: this replica's in-flight counts per backend, published every
-        # `load_interval_s` under a lease; the others' read with every look-up.
+        # Shared load: this replica's in-flight counts per backend, published when they change
+        # (at most every `load_interval_s`) under a lease; the others' read with every look-up.
         self.replica = uuid.uuid4().hex[:12]
         self.load_key = f"{prefix}{{load}}"
         self.load_interval_s = load_interval_s
-        self.load_lease_ms = int(max(load_interval_s * 20, 1.0) * 1000)
+        self.load_lease_s = LOAD_LEASE_S
+        self.load_changed = asyncio.Event()  # set by the pool's leases (`services`)
         self.local_in_flight: Callable[[], Mapping[str, int]] | None = None
         self.on_peer_load: Callable[[Mapping[str, float], float], None] | None = None
         self.peer_in_flight: dict[str, float] = {}
@@ -435,7 +438,7 @@ class RedisStore:
                     total[backend] = total.get(backend, 0.0) + int(n)
         self.peer_in_flight = total
         if self.on_peer_load is not None:
-            self.on_peer_load(total, self.load_interval_s * 20)
+            self.on_peer_load(total, self.load_lease_s)
 
     def _ownership(self, owner_value: object, homes: object) -> Ownership:
         holders: list[tuple[int, str]] = []
@@ -507,26 +510,48 @@ class RedisStore:
 
     async def share_load(self) -> None:
         """Publish this replica's in-flight counts under a lease, so that a dead replica's
-        counts expire on their own; drop the entries of replicas whose lease ran out."""
+        counts expire on their own; drop the entries of replicas whose lease ran out.
+
+        An update follows a change of the counts within `load_interval_s` (the others' view of
+        this replica lags by that and a round trip, not by a fixed period: a stale count reads
+        as load that is not there, and each replica then spills more than one process would),
+        and renews the lease four times per lease when nothing changes."""
         while True:
-            await asyncio.sleep(self.load_interval_s)
-            if self.local_in_flight is None or not self.is_up():
-                continue
-            counts = ",".join(f"{b}:{n}" for b, n in self.local_in_flight().items() if n > 0)
-            value = f"{self._wall_ms() + self.load_lease_ms}|{counts}"
-            stale, self._stale_replicas = self._stale_replicas, set()
-            try:
-                async with (
-                    redis_deadline(max(self.timeout_s * 10, 1.0), self.lag, self.cap_s),
-                    self._redis.pipeline(transaction=False) as pipe,
-                ):
-                    pipe.hset(self.load_key, self.replica, value)
-                    pipe.pexpire(self.load_key, self.load_lease_ms * 10)
-                    if stale:
-                        pipe.hdel(self.load_key, *stale)
-                    await pipe.execute()
-            except self._trouble as exc:  # the others go on with the last scrape
-                self._failed(exc, "load update")
+            if self.local_in_flight is not None and self.is_up():
+                await self._publish_load(self.local_in_flight())
+            await asyncio.sleep(self.load_interval_s)  # changes meanwhile go in one update
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.load_lease_s / 4):
+                    await self.load_changed.wait()
+            self.load_changed.clear()
+
+    async def _publish_load(self, in_flight: Mapping[str, int]) -> None:
+        counts = ",".join(f"{b}:{n}" for b, n in in_flight.items() if n > 0)
+        lease_ms = int(self.load_lease_s * 1000)
+        value = f"{self._wall_ms() + lease_ms}|{counts}"
+        stale, self._stale_replicas = self._stale_replicas, set()
+        commands: list[Command] = [
+            ("HSET", self.load_key, self.replica, value),
+            ("PEXPIRE", self.load_key, lease_ms * 10),
+        ]
+        if stale:
+            commands.append(("HDEL", self.load_key, *stale))
+        used: list[RespLink] = []
+        try:
+            async with redis_deadline(max(self.timeout_s * 10, 1.0), self.lag, self.cap_s):
+                if self._links is not None:  # (an update a change may ask for every few ms)
+                    link = await self._links.on(self.load_key)
+                    await link.execute(commands, used=used)
+                else:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for command in commands:
+                            pipe.execute_command(*command)
+                        await pipe.execute()
+        except self._trouble as exc:  # the others go on with the last scrape
+            if isinstance(exc, TimeoutError):
+                for link in used:  # it may have gone silent: the next call opens another
+                    link.reset("a load update timed out on this connection")
+            self._failed(exc, "load update")
 
     async def write(self) -> None:
         """The writer: records go to Redis in pipelined batches, off the request path. While

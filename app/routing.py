@@ -3,7 +3,8 @@
 `StickyBounded` is the default: one cost for every candidate, no mode switches,
 
     cost(b) = w_prefill * (prompt_tokens - cached(b)) + w_load * load(b)
-    load(b) = in-flight dispatched by this router + w_waiting * requests queued at b
+    load(b) = in-flight at b (this router's, exact, plus other replicas' shared counts)
+              + w_waiting * requests queued at b
               (in flight there, ours exact plus others' as last scraped, past b's learned
               capacity; vLLM's waiting count until that capacity is known)
 
@@ -186,7 +187,7 @@ class StickyBounded:
             queued = max(0.0, backend.in_flight + backend.others - backend.capacity)
         else:
             queued = int(backend.waiting)
-        return backend.in_flight + self.weights.w_waiting * queued
+        return backend.in_flight + backend.peers + self.weights.w_waiting * queued
 
     def choose(
         self, request: RouteRequest, candidates: Sequence[Candidate], ownership: Ownership
@@ -235,7 +236,7 @@ class StickyBounded:
                 queued = queued if queued > 0 else 0.0
             else:
                 queued = int(backend.waiting)
-            load = backend.in_flight + w_waiting * queued
+            load = backend.in_flight + backend.peers + w_waiting * queued
             cost = full + w_load * load
             if holders:
                 held = holders.get(backend.name, 0)

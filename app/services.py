@@ -166,6 +166,7 @@ def build_services(settings: Settings, *, transport: Transport | None = None) ->
     if s.shared_load and isinstance(store, RedisStore):  # replicas share in-flight counts
         store.local_in_flight = lambda: {b.name: b.in_flight for b in pool.backends}
         store.on_peer_load = pool.share_peer_load
+        pool.on_load_change = store.load_changed.set
     policy = make_policy(s.routing_policy, _weights(s), retention=s.kv_retention)
     transport = transport or upstream_transport(s, lag)
     request_log = RequestLog()

@@ -76,12 +76,33 @@ def test_restart_detection() -> None:
     assert is_restart(a, VllmMetrics(prefix_queries=10, start_time_s=None))
 
 
-def test_shared_peer_load_stands_for_others_while_fresh() -> None:
+async def test_shared_peer_load_stands_for_others_while_fresh() -> None:
     now = [100.0]
+
+    async def metrics(request: MockRequest) -> MockResponse:
+        return MockResponse(chunks=[b"vllm:num_requests_running 5\nvllm:num_requests_waiting 2\n"])
+
     pool = BackendPool(["http://a:1", "http://b:1"], clock=lambda: now[0])
+    for backend in pool.backends:
+        backend.healthy = True
     pool.share_peer_load({"b1": 4.0}, fresh_s=1.0)
     assert [v.others for v in pool.snapshot()] == [0.0, 4.0]
+    assert [v.peers for v in pool.snapshot()] == [0.0, 4.0]
     assert pool.get("b1").peers_until_s == 101.0
+    await pool.probe_metrics(MockTransport(metrics), 1.0)  # the shared counts are current
+    assert [(v.others, v.peers) for v in pool.snapshot()] == [(0.0, 0.0), (4.0, 4.0)]
+    now[0] = 101.0  # no counts read since: a dead Redis does not leave them standing
+    await pool.probe_metrics(MockTransport(metrics), 1.0)
+    assert [(v.others, v.peers) for v in pool.snapshot()] == [(7.0, 0.0), (7.0, 0.0)]
+
+
+def test_every_lease_and_release_tells_the_load_publisher() -> None:
+    pool = BackendPool(["http://a:1"])
+    told: list[int] = []
+    pool.on_load_change = lambda: told.append(pool.get("b0").in_flight)
+    with pool.lease("b0"), pool.lease("b0"):
+        pass
+    assert told == [1, 2, 1, 0]
 
 
 def serving_pool(n: int) -> BackendPool:

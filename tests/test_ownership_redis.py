@@ -343,7 +343,34 @@ def test_shared_load_is_on_with_redis_unless_turned_off(
     assert isinstance(store, RedisStore)
     wired = shared is not False
     assert (store.local_in_flight is not None, store.on_peer_load is not None) == (wired, wired)
+    # Every lease and release tells the publisher, so the others' view follows within ms.
+    assert (services.pool.on_load_change is not None) is wired
     assert store.describe()["shared_load"] is wired  # (shown in /metrics)
+
+
+async def test_a_change_of_the_counts_is_published_at_once_not_at_the_renewal(
+    redis_url: str, lookup: str
+) -> None:
+    """The others see a replica's counts a few ms after they change: read 50 ms old (a fixed
+    period before), they showed load that had left, and two replicas spilled more than one."""
+    a, b = store_at(redis_url, lookup), store_at(redis_url, lookup)
+    b.load_lease_s = 120.0  # renewed every 30 s: only a change can publish within the test
+    counts = {"b0": 3}
+    b.local_in_flight = lambda: counts
+    a.local_in_flight = dict  # (a replica sharing load reads the others' with every look-up)
+
+    async def a_sees(expected: dict[str, float]) -> None:
+        deadline = asyncio.get_running_loop().time() + 5
+        while a.peer_in_flight != expected:
+            assert asyncio.get_running_loop().time() < deadline, a.peer_in_flight
+            await a.lookup(keys("any"))
+            await asyncio.sleep(0.01)
+
+    async with writing(b):
+        await a_sees({"b0": 3.0})  # published when it started
+        counts = {"b0": 1, "b1": 4}
+        b.load_changed.set()  # as the pool's leases do (`services`)
+        await a_sees({"b0": 1.0, "b1": 4.0})
 
 
 async def test_a_cancelled_lookup_or_store_always_stops(redis_url: str, lookup: str) -> None:

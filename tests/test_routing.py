@@ -231,6 +231,17 @@ def test_other_clients_load_counts_once_capacity_is_known() -> None:
     assert d.backend == "b0"
 
 
+def test_other_replicas_in_flight_weigh_as_our_own() -> None:
+    """Below capacity too: two replicas each sending 3 to b0 must see b0 as one process would,
+    6 in flight, and send a new conversation to b1 with 4 (before, each saw only its own 3)."""
+    b0 = replace(view("b0", 3, capacity=8), others=3.0, peers=3.0)
+    b1 = view("b1", 4, capacity=8)
+    assert (POLICY.load(b0), POLICY.load(b1)) == (6, 4)
+    assert POLICY.choose(request(key="new"), [b0, b1], Ownership()).backend == "b1"
+    # Past capacity, the queue counts the peers' requests once more, as it does our own.
+    assert POLICY.load(replace(b0, in_flight=7)) == 7 + 3 + 2 * 2
+
+
 @dataclass
 class Counted:
     """A backend that notes when a decision reads its load."""
@@ -242,6 +253,7 @@ class Counted:
     waiting: float = 0.0
     capacity: int | None = None
     others: float = 0.0
+    peers: float = 0.0
     retention: float = 1.0
 
     @property
