@@ -442,6 +442,9 @@ class RedisStore:
 
     def _ownership(self, owner_value: object, homes: object) -> Ownership:
         holders: list[tuple[int, str]] = []
+        # A home unused for the TTL is no home, as in memory: the hash's own TTL is refreshed by
+        # every use of the system prompt, on any backend, so it would list it for ever.
+        oldest_ms = self._wall_ms() - self.ttl_ms
         if isinstance(homes, dict):
             for raw_backend, raw_ms in homes.items():
                 backend = (
@@ -451,7 +454,7 @@ class RedisStore:
                     ms = int(raw_ms)
                 except ValueError:
                     continue
-                if ms > self._forgotten_ms.get(backend, -1):
+                if ms > self._forgotten_ms.get(backend, -1) and ms > oldest_ms:
                     holders.append((ms, backend))
         system_holders = tuple(b for _, b in sorted(holders, reverse=True)[:MAX_SYSTEM_HOMES])
         parsed = _parse_owner(owner_value)

@@ -286,6 +286,28 @@ def test_router_counts_fallbacks_by_cause_in_both_metrics_views() -> None:
         assert 'kvroute_ownership_fallbacks_total{cause="timeout"} 0.0' in prom
 
 
+async def test_a_system_home_unused_for_the_ttl_is_no_home(redis_url: str, lookup: str) -> None:
+    """As in memory: the homes' hash lives as long as anyone uses the system prompt, so a backend
+    that served it once, long ago (and has evicted it since), must not stay listed."""
+    wall = [1_000_000_000]
+
+    def replica() -> RedisStore:
+        return new_store(
+            redis_url, 0.5, lookup, ttl_s=60, timeout_s=0.5, retry_s=0.2, wall_ms=lambda: wall[0]
+        )
+
+    a, b = replica(), replica()
+    async with writing(a, b):
+        await a.record(keys("old", system="aging"), "b0", 100, claim=True)
+        await settle(a)
+        wall[0] += 59_000
+        assert (await b.lookup(keys("x", system="aging"))).system_holders == ("b0",)
+        await b.record(keys("new", system="aging"), "b1", 100, claim=True)
+        await settle(b)
+        wall[0] += 2_000  # b0's use is now 61 s old, b1's 2 s
+        assert (await b.lookup(keys("y", system="aging"))).system_holders == ("b1",)
+
+
 async def test_replicas_share_in_flight_counts_under_a_lease(redis_url: str, lookup: str) -> None:
     a, b = store_at(redis_url, lookup), store_at(redis_url, lookup)
     a.local_in_flight = lambda: {"b0": 1}
