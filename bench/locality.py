@@ -137,6 +137,7 @@ class Sent:
 
     messages: list[dict[str, str]]
     url: str = ""  # where it went (with several router replicas, which one)
+    worker: int = 0  # the client worker (connection) that sent it
     answer: str = ""
     ttft_s: float | None = None
     status: int = 0
@@ -288,7 +289,8 @@ async def drive(
             while not ready.empty():
                 number, conv, history, turn = ready.get_nowait()
                 messages = [*history, {"role": "user", "content": conv.user_turns[turn]}]
-                record = Sent(messages, urls[(number if pinned else connection) % len(urls)])
+                url = urls[(number if pinned else connection) % len(urls)]
+                record = Sent(messages, url, worker=connection)
                 sent.append(record)
                 status, answer, ttft, stats = await stream_chat(
                     session, record.url, conv.tenant, messages, max_tokens
