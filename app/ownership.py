@@ -35,7 +35,7 @@ from app.redislink import (
     writer_deadline,
 )
 from app.redislink import redis_client as redis_client  # where callers have found it
-from app.resp import ClusterLinks
+from app.resp import ClusterLinks, reset_after_timeout
 from app.routing import Ownership
 
 if TYPE_CHECKING:
@@ -361,9 +361,7 @@ class RedisStore:
             async with redis_deadline(self.timeout_s, self.lag, self.cap_s):
                 owner_value, homes, *load = await self._read(conversation_key, system_key, used)
         except self._trouble as exc:  # serve from memory
-            if isinstance(exc, TimeoutError):
-                for link in used:  # it may have gone silent: the next call opens another
-                    link.reset("a look-up timed out on this connection")
+            reset_after_timeout(used, exc, "a look-up")
             self._failed(exc, "look-up")
             return self._from_memory(keys)
         self.lookup_ms.append((time.perf_counter() - started) * 1000)
@@ -551,9 +549,7 @@ class RedisStore:
                             pipe.execute_command(*command)
                         await pipe.execute()
         except self._trouble as exc:  # the others go on with the last scrape
-            if isinstance(exc, TimeoutError):
-                for link in used:  # it may have gone silent: the next call opens another
-                    link.reset("a load update timed out on this connection")
+            reset_after_timeout(used, exc, "a load update")
             self._failed(exc, "load update")
 
     async def write(self) -> None:

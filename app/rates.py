@@ -26,7 +26,7 @@ from app.redislink import (
     wall_cap_s,
     writer_deadline,
 )
-from app.resp import LuaScript
+from app.resp import LuaScript, reset_after_timeout
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -261,9 +261,7 @@ class RedisRateLimits:
                 else:
                     waits = await self._script(keys=keys, args=args)
         except self._trouble as exc:  # Redis failed: this process's buckets decide
-            if isinstance(exc, TimeoutError):
-                for link in used:  # it may have gone silent: the next call opens another
-                    link.reset("a rate check timed out on this connection")
+            reset_after_timeout(used, exc, "a rate check")
             self.fallbacks += 1
             self.local.check_now(tenant, tokens)
             return

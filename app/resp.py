@@ -390,6 +390,15 @@ class RespLink:
             self._protocol = None
 
 
+def reset_after_timeout(used: Sequence[RespLink], exc: BaseException, call: str) -> None:
+    """After `exc` ended `call` (a look-up, a rate check...) on the links in `used`: a deadline
+    that ran out may mean a connection gone silent (a partition, a frozen host, which leave it
+    open), so each is dropped and the next call opens another."""
+    if isinstance(exc, TimeoutError):
+        for link in used:
+            link.reset(f"{call} timed out on this connection")
+
+
 class ClusterLinks:
     """One lean link per Redis Cluster node. Which node serves a key comes from redis-py's slot
     map, which the ownership store re-reads after a cluster failure or a redirection
