@@ -287,6 +287,7 @@ class RedisStore:
         self.local_in_flight: Callable[[], Mapping[str, int]] | None = None
         self.on_peer_load: Callable[[Mapping[str, float], float], None] | None = None
         self.peer_in_flight: dict[str, float] = {}
+        self.peer_replicas = 0  # the other replicas whose lease was current at the last read
         self._stale_replicas: set[str] = set()
         self._topology_stale = asyncio.Event()
         if isinstance(links, ClusterLinks):  # its redirections (rate checks' too) heal the map
@@ -421,6 +422,7 @@ class RedisStore:
             return
         now_ms = self._wall_ms()
         total: dict[str, float] = {}
+        replicas = 0
         for raw_replica, raw_value in fields.items():
             replica = raw_replica.decode() if isinstance(raw_replica, bytes) else str(raw_replica)
             value = raw_value.decode() if isinstance(raw_value, bytes) else str(raw_value)
@@ -430,11 +432,13 @@ class RedisStore:
             if int(expires) < now_ms:  # its lease ran out: the replica is gone
                 self._stale_replicas.add(replica)
                 continue
+            replicas += 1
             for pair in counts.split(",") if counts else ():
                 backend, _, n = pair.partition(":")
                 if n.isdigit():
                     total[backend] = total.get(backend, 0.0) + int(n)
         self.peer_in_flight = total
+        self.peer_replicas = replicas
         if self.on_peer_load is not None:
             self.on_peer_load(total, self.load_lease_s)
 
@@ -634,4 +638,5 @@ class RedisStore:
             "replica": self.replica,
             "shared_load": self.local_in_flight is not None,
             "peer_in_flight": self.peer_in_flight,
+            "peer_replicas": self.peer_replicas,
         }

@@ -329,8 +329,10 @@ async def test_replicas_share_in_flight_counts_under_a_lease(redis_url: str, loo
         async with writing(b):
             await a_sees({"b0": 3.0, "b1": 2.0})  # b's, never a's own
             assert seen[-1] == ({"b0": 3.0, "b1": 2.0}, 1.0)
+            assert a.peer_replicas == 1  # (shown in /metrics: is the other one seen?)
         # b stopped publishing (a dead replica): its counts expire with its lease...
         await a_sees({})
+        assert a.peer_replicas == 0
         # ...and a drops its entry from Redis.
         import redis
 
