@@ -59,6 +59,14 @@ SMALL = Workload(
     max_tokens=8,
 )
 
+# Its backends: room for every prefix, four running requests each.
+SMALL_FLEET: dict[str, Any] = {
+    "model": "bench-model",
+    "capacity_blocks": 20000,
+    "max_num_seqs": 4,
+    **SIM,
+}
+
 
 def assert_close_to_ideal_within_the_bound(sent: list[Sent], stats: list[dict[str, Any]]) -> None:
     """At least 90 % of the ideal cached share, no backend above 1.5 times the mean."""
@@ -72,9 +80,7 @@ def assert_close_to_ideal_within_the_bound(sent: list[Sent], stats: list[dict[st
 
 def test_multi_turn_workload_lands_close_to_ideal_within_the_load_bound() -> None:
     with (
-        running_simulators(
-            3, model="bench-model", capacity_blocks=20000, max_num_seqs=4, **SIM
-        ) as sims,
+        running_simulators(3, **SMALL_FLEET) as sims,
         running_router([s.url for s in sims], served_model="bench-model") as router,
     ):
         sent = asyncio.run(
@@ -91,9 +97,7 @@ def test_two_replicas_keep_the_small_workload_within_the_load_bound(redis_url: s
     process does. Placing it by the prompt's hash among backends within one prefill of the
     cheapest (so that replicas opening it at once agree on its home) stacked the homes at this
     low load, where that gap spans the fleet: 57 requests on one backend against 24 and 23."""
-    with running_simulators(
-        3, model="bench-model", capacity_blocks=20000, max_num_seqs=4, **SIM
-    ) as sims:
+    with running_simulators(3, **SMALL_FLEET) as sims:
         env = {
             "BACKEND_URLS": ",".join(s.url for s in sims),
             "SERVED_MODEL": "bench-model",
