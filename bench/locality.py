@@ -163,6 +163,10 @@ class RunResult:
     backend_ttft_p99_ms: float = 0.0
     outcomes: dict[str, int] = field(default_factory=dict)
     lost_tokens: dict[str, int] = field(default_factory=dict)  # vs ideal, by outcome/affinity
+    # Where the prompts were kept: backends per system prompt (its copies across the fleet, each
+    # taking KV room from conversations) and conversations served by more than one backend.
+    system_homes: float = 0.0
+    moved_conversations: int = 0
     rounds: list[dict[str, Any]] = field(default_factory=list)  # each round's row, with --rounds
 
 
@@ -211,6 +215,22 @@ def losses(ok: Sequence[Sent], ideal_per_request: Sequence[tuple[int, int]]) -> 
         key = f"{request.stats['cache_outcome']}/{request.stats['affinity']}"
         out[key] = out.get(key, 0) + ideal - int(request.stats["cached_tokens"])
     return out
+
+
+def placement(ok: Sequence[Sent]) -> tuple[float, int]:
+    """(mean backends per system prompt, conversations served by more than one backend), from
+    the backend named in each answer's stats event; a conversation is its system prompt and
+    first user turn."""
+    homes: dict[str, set[str]] = {}
+    conversations: dict[tuple[str, str], set[str]] = {}
+    for request in ok:
+        if request.stats is None:
+            continue
+        system, first = request.messages[0]["content"], request.messages[1]["content"]
+        homes.setdefault(system, set()).add(request.stats["backend"])
+        conversations.setdefault((system, first), set()).add(request.stats["backend"])
+    mean_homes = statistics.mean(len(h) for h in homes.values()) if homes else 0.0
+    return round(mean_homes, 3), sum(len(c) > 1 for c in conversations.values())
 
 
 async def stream_chat(
@@ -454,6 +474,7 @@ async def run_policy(
     ideal_per_request = ideal_cached(ok)  # tokenises every prompt: once per run
     ideal = ratio_of(ideal_per_request)
     mean = statistics.mean(per_backend) if per_backend else 0
+    homes, moved = placement(ok)
     return RunResult(
         policy=name,
         requests=len(sent),
@@ -471,6 +492,8 @@ async def run_policy(
         # From every answer's stats event (ours only), whichever router process served it.
         outcomes=dict(Counter(r.stats["cache_outcome"] for r in sent if r.stats)),
         lost_tokens=losses(ok, ideal_per_request),
+        system_homes=homes,
+        moved_conversations=moved,
     )
 
 
@@ -495,6 +518,11 @@ def print_table(
         if r.lost_tokens:
             worst = sorted(r.lost_tokens.items(), key=lambda kv: -kv[1])
             print(f"  {r.policy}: tokens lost vs ideal by outcome/affinity: {dict(worst)}")
+        if r.system_homes:
+            print(
+                f"  {r.policy}: backends per system prompt {r.system_homes:.2f}, "
+                f"conversations moved {r.moved_conversations}"
+            )
     for line in against_one_process(results):
         print(line)
 
@@ -682,6 +710,8 @@ def median_row(rows: list[RunResult]) -> RunResult:
         wall_s=round(sum(r.wall_s for r in rows), 1),
         outcomes=dict(outcomes),
         lost_tokens=dict(lost),
+        system_homes=med([r.system_homes for r in rows], 3),
+        moved_conversations=sum(r.moved_conversations for r in rows),
         rounds=[asdict(r) for r in rows],
     )
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from bench.locality import (
     Sent,
@@ -112,38 +113,22 @@ def test_replicas_get_the_connections_in_turn_or_with_session_affinity_whole_con
 AFFINITY = "kvroute 2 replicas + Redis with session affinity"
 
 
-def test_locality_bench_runs_each_capacity_with_one_backend_and_two_replicas(
-    tmp_path: Path, redis_url: str
-) -> None:
-    """Every row of a round replays the same tenants: the second Redis row starts from an empty
-    Redis (the first row's owners, on backends restarted since, would count as hits)."""
+def run_bench(tmp_path: Path, capacities: str, rows: list[str], *extra: str) -> tuple[str, Any]:
+    """A small bench run (six conversations); its output and its JSON, each row checked for what
+    holds of any row."""
     out = tmp_path / "locality.json"
     argv = [sys.executable, "-m", "bench.locality", "--conversations", "6", "--concurrency", "2"]
-    argv += ["--open-conversations", "3", "--capacity-blocks", "300,600", "--max-tokens", "4"]
-    rows = "one backend,kvroute (both levels),kvroute x2 + Redis,kvroute x1 + Redis"
-    argv += ["--policies", f"{rows},kvroute again (A/A),{AFFINITY}"]
-    argv += ["--redis-url", redis_url, "--json", str(out)]
+    argv += ["--open-conversations", "3", "--capacity-blocks", capacities, "--max-tokens", "4"]
+    argv += ["--policies", ",".join(rows), "--json", str(out), *extra]
     proc = subprocess.run(
         argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180, check=False
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "(300 blocks x 16 tokens" in proc.stdout
-    assert "(600 blocks x 16 tokens" in proc.stdout
-    # The Redis rows and the identical A/A row are set against one process, in both regimes.
-    for row in ("kvroute x2 + Redis", "kvroute x1 + Redis", "kvroute again (A/A)", AFFINITY):
-        assert proc.stdout.count(f"  {row} vs one process: share ") == 2, proc.stdout
-
     result = json.loads(out.read_text())
-    assert set(result["by_capacity_blocks"]) == {"300", "600"}
-    for rows in result["by_capacity_blocks"].values():
-        one, ours, replicas, one_on_redis, again, pinned = rows
-        assert one["policy"] == "one backend"
-        assert ours["policy"] == "kvroute (both levels)"
-        assert replicas["policy"] == "kvroute x2 + Redis"
-        assert one_on_redis["policy"] == "kvroute x1 + Redis"
-        assert again["policy"] == "kvroute again (A/A)"
-        assert pinned["policy"] == AFFINITY  # two processes, on two ports
-        for row in rows:
+    assert set(result["by_capacity_blocks"]) == set(capacities.split(","))
+    for results in result["by_capacity_blocks"].values():
+        assert [row["policy"] for row in results] == rows
+        for row in results:
             assert row["failed"] == 0
             assert row["requests"] >= 12
             assert 0 < row["ideal_ratio"] <= 1
@@ -154,7 +139,30 @@ def test_locality_bench_runs_each_capacity_with_one_backend_and_two_replicas(
             assert row["backend_ttft_p99_ms"] <= row["ttft_p99_ms"]
             # Every conversation's follow-up turns reach the backend that holds it.
             assert row["outcomes"]["hit"] == row["requests"] - 6, row["outcomes"]
+            assert row["moved_conversations"] == 0
+            assert 1 <= row["system_homes"] <= 3  # three backends
+    return proc.stdout, result
+
+
+def test_locality_bench_runs_each_capacity_on_a_fleet_of_its_own(tmp_path: Path) -> None:
+    stdout, result = run_bench(tmp_path, "300,600", ["one backend", "kvroute (both levels)"])
+    assert "(300 blocks x 16 tokens" in stdout
+    assert "(600 blocks x 16 tokens" in stdout
+    for one, _ours in result["by_capacity_blocks"].values():
         assert one["per_backend"][1:] == [0, 0]
+
+
+def test_locality_bench_sets_replicas_on_redis_against_one_process(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Every row of a round replays the same tenants: the second Redis row starts from an empty
+    Redis (the first row's owners, on backends restarted since, would count as hits)."""
+    against = ["kvroute x2 + Redis", "kvroute x1 + Redis", "kvroute again (A/A)", AFFINITY]
+    stdout, _ = run_bench(
+        tmp_path, "300", ["kvroute (both levels)", *against], "--redis-url", redis_url
+    )
+    for row in against:  # the identical A/A row too; AFFINITY: two processes, on two ports
+        assert stdout.count(f"  {row} vs one process: share ") == 1, stdout
 
 
 def test_rounds_are_compared_in_pairs_with_a_t_interval() -> None:

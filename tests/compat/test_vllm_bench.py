@@ -7,6 +7,7 @@ prompts (fixed seed), 0 failed requests, the same texts and token counts either 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,11 @@ def ttft(result: dict[str, Any]) -> str:
 def test_vllm_bench_serve_has_no_failures_through_kvroute(
     pair: Pair, vllm_tools: tuple[Path, Path], backend: BenchBackend
 ) -> None:
-    direct = run(pair.direct.url, backend, vllm_tools)
-    routed = run(pair.router.url, backend, vllm_tools)
+    # Both at once: each run is mostly the tool's start (about 30 s of imports on one core).
+    with ThreadPoolExecutor(2) as pool:
+        direct_run = pool.submit(run, pair.direct.url, backend, vllm_tools)
+        routed_run = pool.submit(run, pair.router.url, backend, vllm_tools)
+        direct, routed = direct_run.result(), routed_run.result()
     print(f"\n{backend} TTFT direct: {ttft(direct)}; through kvroute: {ttft(routed)}")
     assert routed["failed"] == 0, [e for e in routed["errors"] if e][:3]
     assert routed["completed"] == direct["completed"] == NUM_PROMPTS
