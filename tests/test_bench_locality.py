@@ -17,6 +17,7 @@ from bench.locality import (
     drive,
     paired_interval,
     paired_rounds,
+    placement,
     pooled,
 )
 from tests.conftest import running_simulators
@@ -163,6 +164,23 @@ def test_locality_bench_sets_replicas_on_redis_against_one_process(
     )
     for row in against:  # the identical A/A row too; AFFINITY: two processes, on two ports
         assert stdout.count(f"  {row} vs one process: share ") == 1, stdout
+
+
+def test_placement_counts_each_system_prompts_homes_and_the_conversations_that_moved() -> None:
+    def sent(system: str, first: str, backend: str) -> Sent:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": first}]
+        return Sent(messages, status=200, stats={"backend": backend})
+
+    ok = [
+        sent("A", "hi", "b0"),
+        sent("A", "hi", "b1"),  # the same conversation, moved
+        sent("A", "yo", "b0"),
+        sent("B", "hi", "b2"),
+        Sent([{"role": "system", "content": "C"}, {"role": "user", "content": "x"}], status=200),
+    ]
+    # A on two backends, B on one (C has no stats event: not counted); one conversation moved.
+    assert placement(ok) == (1.5, 1)
+    assert placement([]) == (0.0, 0)
 
 
 def test_rounds_are_compared_in_pairs_with_a_t_interval() -> None:
