@@ -278,6 +278,7 @@ async def drive(
     open_conversations: int = 0,
     *,
     pinned: bool = False,
+    ramp_s: float = 0.0,
 ) -> list[Sent]:
     """Replay `conversations` with `concurrency` requests in flight.
 
@@ -289,7 +290,10 @@ async def drive(
     Several URLs (router replicas): each of the `concurrency` client workers sends to one, in
     turn, as a load balancer spreads connections evenly; `pinned`, every turn of a conversation goes
     to the same one, its conversations dealt out in turn, as a load balancer with session
-    affinity does."""
+    affinity does.
+
+    `ramp_s`: the workers start one after another over that many seconds instead of all at once,
+    so the opening conversations do not all arrive within a few milliseconds of each other."""
     urls = [url] if isinstance(url, str) else list(url)
     sent: list[Sent] = []
     pending = list(enumerate(conversations))[::-1]
@@ -306,6 +310,7 @@ async def drive(
     async with aiohttp.ClientSession(timeout=timeout) as session:
 
         async def worker(connection: int) -> None:
+            await asyncio.sleep(connection * ramp_s / concurrency)
             while not ready.empty():
                 number, conv, history, turn = ready.get_nowait()
                 messages = [*history, {"role": "user", "content": conv.user_turns[turn]}]
@@ -459,6 +464,7 @@ async def run_policy(
                 args.max_tokens,
                 args.open_conversations,
                 pinned=layout(name)[1],
+                ramp_s=args.ramp_s,
             ),
             timeout=args.timeout_s,
         )
@@ -503,7 +509,7 @@ def print_table(
     print(
         f"\nKV locality: {args.backends} simulated backends ({capacity_blocks} blocks x 16 tokens, "
         f"max_num_seqs {args.max_num_seqs}), {w.conversations} conversations of {w.min_turns}-{w.max_turns} "
-        f"turns, {w.tenants} tenants x {w.systems_per_tenant} system prompts (tenant skew {w.tenant_skew}), {args.open_conversations} open conversations, concurrency {args.concurrency}, "
+        f"turns, {w.tenants} tenants x {w.systems_per_tenant} system prompts (tenant skew {w.tenant_skew}), {args.open_conversations} open conversations, concurrency {args.concurrency}{f' (ramp {args.ramp_s:g} s)' if args.ramp_s else ''}, "
         f"seed {w.seed}"
     )
     header = f"{'policy':24} {'reqs':>5} {'fail':>4} {'cached':>7} {'ideal':>6} {'share':>6} {'ttft p50':>9} {'ttft p99':>9} {'at bknd':>9} {'max/mean':>8}  per backend"
@@ -763,6 +769,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=96,
         help="conversations open at once, taking turns (users think between turns)",
+    )
+    p.add_argument(
+        "--ramp-s",
+        type=float,
+        default=0.0,
+        help="start the client's workers one after another over this many seconds (0: at once)",
     )
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument(

@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,20 @@ def test_open_conversations_interleave_and_every_turn_extends_its_own_history() 
     assert openings[:4] == [0, 1, 2, 3]
     last_of_first = max(i for i, r in enumerate(sent) if r.messages[:2] == sent[0].messages[:2])
     assert last_of_first > 3
+
+
+def test_a_ramp_starts_the_workers_one_after_another() -> None:
+    """Workers start `ramp_s / concurrency` apart: the last one 0.3 s in, so the run lasts at
+    least that long, and each conversation is still sent whole."""
+    conversations = build_conversations(workload(conversations=4, min_turns=1, max_turns=1))
+    with running_simulators(1, model="bench-model", decode_tokens_per_s=5000.0) as sims:
+        url = f"{sims[0].url}/v1/chat/completions"
+        started = time.monotonic()
+        sent = asyncio.run(drive(url, conversations, 4, 4, ramp_s=0.4))
+        elapsed = time.monotonic() - started
+    assert elapsed >= 0.3
+    assert len(sent) == 4
+    assert all(r.status == 200 for r in sent)
 
 
 def test_replicas_get_the_connections_in_turn_or_with_session_affinity_whole_conversations() -> (
