@@ -221,14 +221,14 @@ def placement(ok: Sequence[Sent]) -> tuple[float, int]:
     """(mean backends per system prompt, conversations served by more than one backend), from
     the backend named in each answer's stats event; a conversation is its system prompt and
     first user turn."""
-    homes: dict[str, set[str]] = {}
     conversations: dict[tuple[str, str], set[str]] = {}
     for request in ok:
-        if request.stats is None:
-            continue
-        system, first = request.messages[0]["content"], request.messages[1]["content"]
-        homes.setdefault(system, set()).add(request.stats["backend"])
-        conversations.setdefault((system, first), set()).add(request.stats["backend"])
+        if request.stats is not None:
+            key = (request.messages[0]["content"], request.messages[1]["content"])
+            conversations.setdefault(key, set()).add(request.stats["backend"])
+    homes: dict[str, set[str]] = {}  # a system prompt's homes: its conversations' backends
+    for (system, _), backends in conversations.items():
+        homes.setdefault(system, set()).update(backends)
     mean_homes = statistics.mean(len(h) for h in homes.values()) if homes else 0.0
     return round(mean_homes, 3), sum(len(c) > 1 for c in conversations.values())
 
