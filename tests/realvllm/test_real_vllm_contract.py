@@ -710,11 +710,13 @@ async def test_client_disconnect_aborts_request(real_vllm_servers: RealVllmServe
             events += line.startswith(b"data: ")
         # Drop the connection mid-stream at once: a /metrics call first would let it run on.
         response.close()
-    took_s = await wait_metric(url, "vllm:num_requests_running", 0.0, timeout_s=10)
+    took_s = await wait_metric(url, "vllm:num_requests_running", 0.0, timeout_s=20)
     generated = await metric(url, "vllm:generation_tokens_total") - generated_before
-    assert took_s < 3.0, f"request still running {took_s:.1f} s after the client left"
+    # A request vLLM did not abort runs its 15-30 s (idle) to the end. On a loaded 2-core machine
+    # vLLM's API server was seen to deliver nothing for 4.5-5.8 s (direct, no router), so the
+    # bound on when it stopped leaves room for that, and is still well short of the end.
+    assert took_s < 10.0, f"request still running {took_s:.1f} s after the client left"
     # With ignore_eos a request that ran on would generate all of its samples' tokens. How many
-    # come before vLLM notices the disconnect depends on the machine's load (3 on an idle one),
-    # so beyond the time only "not to the end" is asserted.
+    # come before vLLM notices the disconnect depends on the machine's load (3 on an idle one).
     total = max_tokens * samples
-    assert generated < total, f"generation ran on to the end after the disconnect: {generated}"
+    assert generated < total / 2, f"generation went on after the disconnect: {generated}"
