@@ -310,7 +310,8 @@ async def drive(
     async with aiohttp.ClientSession(timeout=timeout) as session:
 
         async def worker(connection: int) -> None:
-            await asyncio.sleep(connection * ramp_s / concurrency)
+            if ramp_s:
+                await asyncio.sleep(connection * ramp_s / concurrency)
             while not ready.empty():
                 number, conv, history, turn = ready.get_nowait()
                 messages = [*history, {"role": "user", "content": conv.user_turns[turn]}]

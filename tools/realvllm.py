@@ -477,6 +477,14 @@ class RealVllmServers:
 # vLLM keeps Responses (for `previous_response_id`) only with this, as the deploy tool starts it.
 RESPONSES_STORE = (("VLLM_ENABLE_RESPONSES_API_STORE", "1"),)
 
+# An answer long enough to be left mid-generation (the disconnect tests): 64 parallel samples of
+# 1900 tokens, 15-30 s of generation here (64 took 30.7 s non-streaming on an idle box). One sample
+# takes 2-5 s, and on a loaded 2-core machine vLLM's API server was seen to deliver nothing for
+# 4.5-5.8 s: the whole answer was then out (or wholly relayed) before a client had read five
+# events. With ignore_eos a request vLLM does not abort runs to its last token.
+OUTLASTING_ANSWER = {"max_tokens": 1900, "n": 64, "ignore_eos": True}
+OUTLASTING_TOKENS = OUTLASTING_ANSWER["max_tokens"] * OUTLASTING_ANSWER["n"]
+
 
 @contextlib.contextmanager
 def serving_pair(

@@ -29,7 +29,7 @@ from app.backends import VllmMetrics, parse_vllm_metrics
 from app.handlers import route_for
 from app.routing import Ownership
 from tests.conftest import RouterServer, running_router, wait_for
-from tools.realvllm import RealVllmServers
+from tools.realvllm import OUTLASTING_ANSWER, OUTLASTING_TOKENS, RealVllmServers
 
 BLOCK_TOKENS = 128  # vLLM's KV block on the CPU backend: prefix hits come in these
 MAX_TOKENS = 8
@@ -732,21 +732,20 @@ def generation_stopped(url: str, *, quiet_s: float, timeout_s: float) -> float:
 def test_client_disconnect_through_router_stops_generation(
     real_vllm_servers: RealVllmServers, router: RouterServer
 ) -> None:
-    # 64 parallel samples of 1900 tokens: 15-30 s of generation on an idle machine (as in
-    # test_real_vllm_contract's disconnect test). With one sample vLLM finished the whole answer
-    # in ~2-5 s: on a loaded machine before the client had read its fifth event (1836 of 1900
-    # tokens were out by then in one run here; in others the router had relayed the whole answer
-    # and the client's departure was no disconnect at all). vLLM's API server, when behind its
-    # engine, counts tokens well after they were made, which reads as "still generating" (most
-    # likely the 3.6 s of one CI run; the router had let go within 60 ms in every run measured).
-    model, max_tokens, samples = real_vllm_servers.model, 1900, 64
+    # A long answer (OUTLASTING_ANSWER): with one sample of 1900 tokens the client often left
+    # after vLLM had finished. vLLM's API server, when behind its engine, counts tokens well
+    # after they were made, which reads as "still generating" (most likely the 3.6 s of one CI
+    # run; the router had let go within 60 ms in every run measured).
+    model = real_vllm_servers.model
     for url in real_vllm_servers.urls:
         wait_idle(url)
     generated_before = [
         vllm_metrics(url)["vllm:generation_tokens_total"] for url in real_vllm_servers.urls
     ]
-    body = chat_body(model, [{"role": "user", "content": "hi"}], stream=True, max_tokens=max_tokens)
-    body["n"] = samples
+    body = {
+        **chat_body(model, [{"role": "user", "content": "hi"}], stream=True),
+        **OUTLASTING_ANSWER,
+    }
     with (
         httpx.Client(timeout=30) as client,
         client.stream("POST", router.url + "/v1/chat/completions", json=body) as response,
@@ -772,7 +771,7 @@ def test_client_disconnect_through_router_stops_generation(
     stopped = generation_stopped(url, quiet_s=1.0, timeout_s=30)
     wait_for(lambda: vllm_metrics(url)["vllm:num_requests_running"] == 0, 10, 0.05)
     generated = vllm_metrics(url)["vllm:generation_tokens_total"] - generated_before[index]
-    total = max_tokens * samples
+    total = OUTLASTING_TOKENS
     assert router.router.metrics.client_disconnects == 1  # it left mid-stream
     assert generated < total / 2, (
         f"generation went on after the disconnect: {generated} of {total} tokens; the router "
