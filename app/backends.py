@@ -188,7 +188,7 @@ class Backend:
     url: str
     healthy: bool = False
     models: frozenset[str] = frozenset()
-    in_flight: int = 0  # changed by `BackendPool.lease` only (it keeps the rosters' totals)
+    in_flight: int = 0  # changed by `BackendPool.lease`/`hold` only (they keep the rosters')
     failures: int = 0
     last_error: str = ""
     metrics: VllmMetrics | None = None
@@ -408,20 +408,32 @@ class BackendPool:
     def lease(self, name: str) -> Iterator[Backend]:
         """One in-flight request on the backend for the body of the `with`."""
         backend = self._by_name[name]
-        backend.in_flight += 1
         backend.dispatched += 1
-        self._count(backend, 1)
-        if self.on_load_change is not None:
-            self.on_load_change()
+        self._add(backend, 1)
         try:
             yield backend
         finally:
-            backend.in_flight -= 1
-            self._count(backend, -1)
-            if self.on_load_change is not None:
-                self.on_load_change()
-            if backend.idle is not None and not backend.in_flight:
-                backend.idle.set()
+            self._add(backend, -1)
+
+    @contextlib.contextmanager
+    def hold(self, name: str) -> Iterator[Backend]:
+        """One request counted in flight on the backend but not dispatched (no `dispatched`):
+        a first home proposed while the request's look-up runs (`Dispatcher.first_home`), so
+        that the next proposals of a burst see it, as they see a dispatched request."""
+        backend = self._by_name[name]
+        self._add(backend, 1)
+        try:
+            yield backend
+        finally:
+            self._add(backend, -1)
+
+    def _add(self, backend: Backend, delta: int) -> None:
+        backend.in_flight += delta
+        self._count(backend, delta)
+        if self.on_load_change is not None:
+            self.on_load_change()
+        if delta < 0 and backend.idle is not None and not backend.in_flight:
+            backend.idle.set()
 
     def _count(self, backend: Backend, delta: int) -> None:
         """Keep each roster's in-flight total in step with its members' (a stale roster, left

@@ -159,6 +159,10 @@ class Settings(BaseSettings):
     # With Redis: replicas publish their per-backend in-flight counts and read each other's with
     # every look-up (no extra round trip), instead of the last vLLM scrape. Ignored without Redis.
     shared_load: bool = True
+    # With Redis: a look-up that finds no home for a new system prompt claims one (the backend
+    # this replica would pick) in the same round trip, so replicas opening it at once agree.
+    # Closer to one process's locality, but a burst of new prompts then queues more (README).
+    first_home_claim: bool = False
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     prefix_window_chars: int = Field(default=2048, ge=16)
     # Second level of affinity: a new conversation prefers a backend holding its system prompt.

@@ -137,7 +137,7 @@ async def generate(svc: Services, call: Call, kind: Kind, rec: RequestRecord) ->
         svc.admission.slot(req.tenant, svc.ready_for(req.model)) as slot,
     ):
         trace.phase("selection")
-        ownership = await lookup(svc, req.route.keys)
+        ownership = await lookup(svc, req.route)
         async with svc.dispatcher.open(req.route, ownership, req.out, trace=trace) as attempt:
             _note_attempt(rec, attempt)
             if req.stream and attempt.response.status == 200:
@@ -414,11 +414,18 @@ def route_for(
     )
 
 
-async def lookup(svc: Services, keys: PrefixKeys) -> Ownership:
-    ownership = await svc.store.lookup(keys)
-    if not svc.settings.system_affinity and ownership.system_holders:
-        return Ownership(owner=ownership.owner, owner_tokens=ownership.owner_tokens)
-    return ownership
+async def lookup(svc: Services, route: RouteRequest) -> Ownership:
+    if not svc.settings.system_affinity:
+        ownership = await svc.store.lookup(route.keys)
+        if ownership.system_holders:
+            return Ownership(owner=ownership.owner, owner_tokens=ownership.owner_tokens)
+        return ownership
+    if not svc.settings.first_home_claim:
+        return await svc.store.lookup(route.keys)
+    # Held to the dispatch that follows (no await between): a first home proposed in the
+    # look-up counts until the request is counted where it goes.
+    with svc.dispatcher.first_home(route) as first_home:
+        return await svc.store.lookup(route.keys, first_home)
 
 
 def upstream_headers(svc: Services, call: Call, content_type: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -35,7 +35,7 @@ from app.redislink import (
     writer_deadline,
 )
 from app.redislink import redis_client as redis_client  # where callers have found it
-from app.resp import ClusterLinks, reset_after_timeout
+from app.resp import ClusterLinks, LuaScript, reset_after_timeout
 from app.routing import Ownership
 
 if TYPE_CHECKING:
@@ -56,8 +56,16 @@ LOOKUP_SAMPLES = 4096  # look-up timings kept for /metrics
 LOAD_LEASE_S = 1.0
 
 
+# Where a request would open a new system prompt (`Dispatcher.first_home`): None when nowhere.
+FirstHome = Callable[[], str | None]
+
+
 class OwnershipStore(Protocol):
-    async def lookup(self, keys: PrefixKeys) -> Ownership: ...
+    async def lookup(self, keys: PrefixKeys, first_home: FirstHome | None = None) -> Ownership:
+        """The conversation's owner and its system prompt's homes. A shared store that finds
+        no home may make `first_home()` the home as it reads, so that replicas opening one new
+        prompt at once agree on it; a store of one process has no one to agree with."""
+        ...
 
     async def record(self, keys: PrefixKeys, backend: str, tokens: int, *, claim: bool) -> str:
         """Make `backend` the owner (or, with `claim`, only if there is none), holding `tokens` of
@@ -115,8 +123,14 @@ class MemoryStore:
             return Ownership(system_holders=holders)
         return Ownership(owner=owner.backend, owner_tokens=owner.tokens, system_holders=holders)
 
-    async def lookup(self, keys: PrefixKeys) -> Ownership:
+    async def lookup(self, keys: PrefixKeys, first_home: FirstHome | None = None) -> Ownership:
         return self.lookup_now(keys)
+
+    def knows_home(self, system: str) -> bool:
+        """Whether the system prompt has a home used within the TTL."""
+        homes = self._systems.get(system)
+        now = self._clock()
+        return homes is not None and any(t > now for t in homes.values())
 
     def record_now(self, keys: PrefixKeys, backend: str, tokens: int, *, claim: bool) -> str:
         now = self._clock()
@@ -204,6 +218,25 @@ return owner
 """
 
 
+# A look-up that may claim a first home: the owner and the system prompt's homes, as GET and
+# HGETALL give them; when no home was used within the TTL, ARGV[1] becomes one first. Redis runs
+# scripts one at a time, so of the replicas opening one new system prompt at once, the first to
+# arrive places it and the others read its choice.
+_CLAIM_FIRST_HOME_SCRIPT = """
+local owner = redis.call('GET', KEYS[1])
+local homes = redis.call('HGETALL', KEYS[2])
+local oldest = tonumber(ARGV[2]) - tonumber(ARGV[3])
+for i = 2, #homes, 2 do
+  if (tonumber(homes[i]) or 0) > oldest then
+    return {owner, homes}
+  end
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return {owner, redis.call('HGETALL', KEYS[2])}
+"""
+
+
 def _parse_owner(value: object) -> tuple[str, int, int] | None:
     """`backend|tokens|claimed_ms` -> parts, or None for a missing or foreign value."""
     if isinstance(value, bytes):
@@ -217,10 +250,18 @@ def _parse_owner(value: object) -> tuple[str, int, int] | None:
 
 
 def _as_dict(flat: object) -> dict[object, object]:
-    """A RESP2 hash reply (`[field, value, ...]`) as redis-py gives it."""
+    """A RESP2 hash reply (`[field, value, ...]`), or the dict redis-py makes of HGETALL's."""
+    if isinstance(flat, dict):
+        return flat
     if not isinstance(flat, list):
         return {}
     return dict(zip(flat[::2], flat[1::2], strict=False))
+
+
+async def _listed(reply: Awaitable[object]) -> list[object]:
+    """A script's array reply (the claim script's `{owner, homes}`)."""
+    value = await reply
+    return value if isinstance(value, list) else [None, []]
 
 
 class RedisStore:
@@ -295,6 +336,8 @@ class RedisStore:
         # The last look-ups' wall time, Redis's round trip and this router's own queue for its
         # loop: what sharing ownership adds to each request.
         self.lookup_ms: deque[float] = deque(maxlen=LOOKUP_SAMPLES)
+        self._claim_script = LuaScript.of(_CLAIM_FIRST_HOME_SCRIPT)
+        self.first_homes_proposed = 0  # look-ups that found no home and offered one
 
     @property
     def fallbacks(self) -> int:
@@ -346,7 +389,7 @@ class RedisStore:
         return self.memory.lookup_now(keys)
 
     # --- OwnershipStore --------------------------------------------------------------------
-    async def lookup(self, keys: PrefixKeys) -> Ownership:
+    async def lookup(self, keys: PrefixKeys, first_home: FirstHome | None = None) -> Ownership:
         now = self._clock()
         if now < self.down_until:
             return self._from_memory(keys)
@@ -356,11 +399,19 @@ class RedisStore:
             # system prompt opened here since): as for a fresh read, they are added.
             return self._with_local(keys, cached[1])
         conversation_key, system_key = self.redis_keys(keys)
+        # Asked only when this replica knows no home: most look-ups of a new prompt's burst
+        # after the first find the home this replica recorded, and read as before.
+        proposal = None
+        if first_home is not None and not self.memory.knows_home(keys.system):
+            proposal = first_home()
+            self.first_homes_proposed += proposal is not None
         started = time.perf_counter()  # (uvloop's loop time moves in whole ms)
         used: list[RespLink] = []
         try:
             async with redis_deadline(self.timeout_s, self.lag, self.cap_s):
-                owner_value, homes, *load = await self._read(conversation_key, system_key, used)
+                owner_value, homes, *load = await self._read(
+                    conversation_key, system_key, used, proposal
+                )
         except self._trouble as exc:  # serve from memory
             reset_after_timeout(used, exc, "a look-up")
             self._failed(exc, "look-up")
@@ -374,34 +425,42 @@ class RedisStore:
         return ownership
 
     async def _read(
-        self, conversation_key: str, system_key: str, used: list[RespLink]
+        self, conversation_key: str, system_key: str, used: list[RespLink], proposal: str | None
     ) -> list[object]:
-        """The owner, the system prompt's homes and, with shared load, the replicas' load: one
-        round trip (two at once on a cluster, where the load lives on another node). The lean
-        links it used go in `used`, a MOVED's too."""
+        """The owner, the system prompt's homes (a dict; with a `proposal`, claimed as the first
+        home if there is none) and, with shared load, the replicas' load: one round trip (two at
+        once on a cluster, where the load lives on another node). The lean links it used go in
+        `used`, a MOVED's too."""
+        keys = [conversation_key, system_key]
+        claim_args = (proposal, self._wall_ms(), self.ttl_ms) if proposal is not None else None
         shared_load = self.local_in_flight is not None
         if self._links is None:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.get(conversation_key)
-                pipe.hgetall(system_key)
+                if claim_args is None:
+                    pipe.get(conversation_key)
+                    pipe.hgetall(system_key)
+                else:
+                    pipe.eval(self._claim_script.text, 2, *keys, *claim_args)
                 if shared_load:
                     pipe.hgetall(self.load_key)
-                return list(await pipe.execute())
+                replies = list(await pipe.execute())
+            if claim_args is not None:
+                replies[:1] = replies[0]
+            return [replies[0], _as_dict(replies[1]), *replies[2:]]
         here = await self._links.on(conversation_key)
-        reads: list[tuple[str, str]] = [("GET", conversation_key), ("HGETALL", system_key)]
+        read: Awaitable[list[object]]
+        if claim_args is not None:
+            read = _listed(here.run_script(self._claim_script, keys, claim_args, used=used))
+        else:
+            read = here.execute([("GET", conversation_key), ("HGETALL", system_key)], used=used)
         if not shared_load:
-            owner_value, homes = await here.execute(reads, used=used)
+            owner_value, homes = await read
             return [owner_value, _as_dict(homes)]
         there = await self._links.on(self.load_key)
-        if there is here:
-            owner_value, homes, load = await here.execute(
-                [*reads, ("HGETALL", self.load_key)], used=used
-            )
-        else:
-            (owner_value, homes), (load,) = await asyncio.gather(
-                here.execute(reads, used=used),
-                there.execute([("HGETALL", self.load_key)], used=used),
-            )
+        # Sent together, on one connection when one node holds both: one round trip.
+        (owner_value, homes), (load,) = await asyncio.gather(
+            read, there.execute([("HGETALL", self.load_key)], used=used)
+        )
         return [owner_value, _as_dict(homes), _as_dict(load)]
 
     def _with_local(self, keys: PrefixKeys, shared: Ownership) -> Ownership:
@@ -634,6 +693,7 @@ class RedisStore:
             "records_queued": self._queue.qsize(),
             "records_dropped": self.records_dropped,
             "lookup_ms": percentiles(self.lookup_ms),
+            "first_homes_proposed": self.first_homes_proposed,
             "local_keys": self.memory.describe()["keys"],
             "replica": self.replica,
             "shared_load": self.local_in_flight is not None,

@@ -135,7 +135,7 @@ async def create(svc: Services, call: Call, rec: RequestRecord) -> None:
         svc.admission.slot(turn.tenant, svc.ready_for(turn.model)) as slot,
     ):
         if turn.previous is None:
-            ownership = await lookup(svc, turn.route.keys)
+            ownership = await lookup(svc, turn.route)
             await send_turn(svc, call, turn, rec, slot, ownership, None)
             return
         owner = await owner_of(svc, call, turn.previous, turn.model)
@@ -342,7 +342,7 @@ async def continue_elsewhere(
         previous=None,
         reassigned=True,
     )
-    ownership = await lookup(svc, rebuilt.route.keys)
+    ownership = await lookup(svc, rebuilt.route)
     await send_turn(svc, call, rebuilt, rec, slot, ownership, None)
 
 

@@ -15,8 +15,9 @@ is not worth as long a queue), else the system prompt if b holds it. A backend w
 max(load_cap_factor * mean in-flight, load_cap_floor) is not a candidate (bounded loads), and ties go to the
 highest rendezvous hash of the placement key, so adding or removing a backend moves few keys. The
 placement key is the conversation key, except for the first conversations on a system prompt
-nobody holds yet: there it is the system key, so that conversations opened at the same moment
-(on this router, or on replicas that cannot see each other's choice yet) pick the same first home.
+nobody holds yet: there it is the system key, so that conversations opened at the same moment on
+this router pick the same first home (replicas sharing Redis agree on it in the look-up:
+`RedisStore.lookup`).
 
 A decision costs the same at 4 backends and at 256: a fleet of up to SCORE_ALL_UP_TO candidates is
 scored whole; a larger one through a bounded shortlist (the owner and system homes by name, and

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from app.backends import Backend, BackendPool
 from app.errors import KvrouteError, NoHealthyBackend, Overloaded, UpstreamUnavailable
 from app.ownership import OwnershipStore
-from app.routing import Decision, Ownership, Policy, RouteRequest
+from app.routing import NO_OWNERSHIP, Decision, Ownership, Policy, RouteRequest
 from app.tracing import NO_TRACE, RequestTrace
 from app.transport import Transport, UpstreamResponse
 
@@ -166,6 +166,32 @@ class Dispatcher:
             log.warning("attempt %d on %s answered %d", n + 1, backend.name, response.status)
             return True
         return False
+
+    @contextlib.contextmanager
+    def first_home(self, route: RouteRequest) -> Iterator[Callable[[], str | None]]:
+        """For the `with`: a call giving where `route` would open its system prompt if no
+        backend held it (the policy's choice without ownership; None without a system prompt or
+        a candidate), for a shared store to claim when it finds no home (`RedisStore.lookup`).
+
+        The backend proposed counts the request in flight until the `with` ends (the look-up),
+        so that the next proposals of a burst see it, as the burst's next decisions see this
+        one's dispatch. Without it they would all see the same loads, and the system keys' hash
+        would place a low load's new prompts, stacking some on one backend. Call it once."""
+        with contextlib.ExitStack() as held:
+
+            def propose() -> str | None:
+                if route.system_tokens <= 0:
+                    return None
+                candidates = self.pool.candidates(
+                    route.model, max_in_flight=self.max_in_flight_per_backend
+                )
+                if candidates.is_empty():
+                    return None
+                backend = self.policy.choose(route, candidates, NO_OWNERSHIP).backend
+                held.enter_context(self.pool.hold(backend))
+                return backend
+
+            yield propose
 
     def _within_budget(self, out: Outgoing) -> bool:
         return self._clock() - out.started_s <= self.retry_budget_s

@@ -87,3 +87,16 @@ async def test_key_count_is_bounded() -> None:
     assert store.describe()["keys"] == 3
     assert store.owned_counts() == {"b0": 3}
     assert (await store.lookup(keys("k9", "s9"))).owner == "b0"
+
+
+async def test_memory_never_asks_for_a_first_home() -> None:
+    """One process has no replica to agree with: its dispatch records the home."""
+
+    def never() -> str:
+        raise AssertionError("asked")
+
+    store = MemoryStore(60)
+    assert await store.lookup(keys("new", "s-new"), never) == Ownership()
+    assert not store.knows_home("s-new")
+    await store.record(keys("new", "s-new"), "b1", 10, claim=True)
+    assert store.knows_home("s-new")

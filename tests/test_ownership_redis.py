@@ -6,7 +6,7 @@ import asyncio
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import urlsplit
@@ -476,3 +476,49 @@ def test_metrics_name_the_request_paths_redis_client(
     assert services.store.describe()["lookup_client"] == expected
     said = "needs redis-py" in caplog.text
     assert said == (client == "lean" and expected == "redis-py")
+
+
+async def test_replicas_opening_one_new_system_prompt_at_once_agree_on_its_first_home(
+    replicas: tuple[RedisStore, RedisStore],
+) -> None:
+    """Each proposes another backend in the same instant: Redis takes the claims one at a time,
+    so the second reads the first's home instead of opening a second one."""
+    a, b = replicas
+    seen = await asyncio.gather(
+        a.lookup(keys("burst-a", "new-prompt"), lambda: "b0"),
+        b.lookup(keys("burst-b", "new-prompt"), lambda: "b1"),
+    )
+    assert [s.system_holders for s in seen] in ([("b0",)] * 2, [("b1",)] * 2), seen
+    assert (a.first_homes_proposed, b.first_homes_proposed) == (1, 1)
+
+
+async def test_a_first_home_is_claimed_only_where_no_home_is_live(
+    replicas: tuple[RedisStore, RedisStore],
+) -> None:
+    a, b = replicas
+    asked: list[str] = []
+
+    def propose(backend: str) -> Callable[[], str]:
+        def first_home() -> str:
+            asked.append(backend)
+            return backend
+
+        return first_home
+
+    # A live home (another replica's record): it stands, the proposal is not written.
+    await a.record(keys("c1", "homed"), "b2", 100, claim=True)
+    await settle(a)
+    assert (await b.lookup(keys("c2", "homed"), propose("b0"))).system_holders == ("b2",)
+    assert asked == ["b0"]
+    assert (await b.lookup(keys("c3", "homed"))).system_holders == ("b2",)
+    # This replica knows the home itself: nothing is asked.
+    assert (await a.lookup(keys("c4", "homed"), propose("b1"))).system_holders == ("b2",)
+    assert asked == ["b0"]
+    # A home unused for the TTL is none: the proposal replaces it.
+    stale_ms = int(time.time() * 1000) - b.ttl_ms - 1000
+    await b._redis.hset(b.redis_keys(keys("c5", "stale"))[1], "b2", stale_ms)
+    assert (await b.lookup(keys("c5", "stale"), propose("b1"))).system_holders == ("b1",)
+    # No proposal when Redis is down: memory answers and nothing is claimed.
+    b.down_until = b._clock() + 60
+    assert (await b.lookup(keys("c6", "unseen"), propose("b0"))).system_holders == ()
+    assert asked == ["b0", "b1"]

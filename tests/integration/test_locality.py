@@ -5,18 +5,45 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
+import uuid
 from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import pytest
 
 from app.stream_stats import read_stats
 from bench.locality import Sent, Workload, build_conversations, drive, ideal_ratio
 from harness.redis import PrivateRedis
+from harness.simulator import SimulatorThread
 from tests.conftest import missing_service, running_router, running_simulators, wait_for
 from tests.integration.router_process import RouterProcess
 
 SIM = {"base_ttft_s": 0.001, "prefill_s_per_token": 0.00002, "decode_tokens_per_s": 2000.0}
+
+
+@contextmanager
+def two_replicas(
+    sims: Sequence[SimulatorThread], model: str, redis_url: str, **extra: str
+) -> Iterator[tuple[RouterProcess, RouterProcess]]:
+    """Two router processes in front of `sims`, sharing ownership and load in Redis."""
+    env = {
+        "BACKEND_URLS": ",".join(s.url for s in sims),
+        "SERVED_MODEL": model,
+        "REDIS_URL": redis_url,
+        **extra,
+    }
+    a = RouterProcess(env).start()
+    try:
+        b = RouterProcess(env).start()
+        try:
+            yield a, b
+        finally:
+            b.stop()
+    finally:
+        a.stop()
 
 
 def stats_of(raw: bytes) -> dict[str, Any]:
@@ -91,27 +118,22 @@ def test_multi_turn_workload_lands_close_to_ideal_within_the_load_bound() -> Non
     assert_close_to_ideal_within_the_bound(sent, stats)
 
 
-def test_two_replicas_keep_the_small_workload_within_the_load_bound(redis_url: str) -> None:
+@pytest.mark.parametrize("claim", ["false", "true"])
+def test_two_replicas_keep_the_small_workload_within_the_load_bound(
+    redis_url: str, claim: str
+) -> None:
     """The same six prompts through two router processes sharing Redis and load, the client's
-    workers sending to them in turn: a replica places a new prompt on its least loaded as one
-    process does. Placing it by the prompt's hash among backends within one prefill of the
-    cheapest (so that replicas opening it at once agree on its home) stacked the homes at this
-    low load, where that gap spans the fleet: 57 requests on one backend against 24 and 23."""
+        workers sending to them in turn: a replica places a new prompt on its least loaded as one
+        process does. Placing it by the prompt's hash among backends within one prefill of the
+        cheapest (so that replicas opening it at once agree on its home) stacked the homes at this
+        low load, where that gap spans the fleet: 57 requests on one backend against 24 and 23. So did
+    first homes claimed in the look-up (`FIRST_HOME_CLAIM`) before a proposal counted in flight."""
     with running_simulators(3, **SMALL_FLEET) as sims:
-        env = {
-            "BACKEND_URLS": ",".join(s.url for s in sims),
-            "SERVED_MODEL": "bench-model",
-            "REDIS_URL": redis_url,
-        }
-        a, b = RouterProcess(env).start(), RouterProcess(env).start()
-        try:
+        with two_replicas(sims, "bench-model", redis_url, FIRST_HOME_CLAIM=claim) as (a, b):
             urls = [f"{r.url}/v1/chat/completions" for r in (a, b)]
             sent = asyncio.run(drive(urls, build_conversations(SMALL), 8, 8))
             assert all(r.status == 200 for r in sent)
             shared = [httpx.get(f"{r.url}/metrics").json()["ownership"] for r in (a, b)]
-        finally:
-            a.stop()
-            b.stop()
         stats = [httpx.get(f"{s.url}/sim/stats").json() for s in sims]
     assert [o["peer_replicas"] for o in shared] == [1, 1], shared  # each saw the other
     assert_close_to_ideal_within_the_bound(sent, stats)
@@ -138,35 +160,77 @@ def test_killing_the_owner_moves_the_key_and_the_conversation_goes_on() -> None:
 
 
 def test_two_router_processes_sharing_redis_agree_on_owners(redis_url: str) -> None:
-    with running_simulators(3, **SIM) as sims:
-        env = {
-            "BACKEND_URLS": ",".join(s.url for s in sims),
-            "SERVED_MODEL": "sim-model",
-            "REDIS_URL": redis_url,
-        }
-        a, b = RouterProcess(env).start(), RouterProcess(env).start()
-        try:
-            for i in range(12):
-                messages = conversation(i)
-                backends = []
-                for t in range(4):
-                    router = (a, b)[(i + t) % 2]  # turns alternate between the replicas
-                    stats = turn(router.url, f"tenant{i % 4}", messages)
-                    backends.append(stats["backend"])
-                    if t:
-                        assert stats["cache_outcome"] == "hit", (i, t, stats)
-                        assert stats["cached_tokens"] > 0
-                    messages = [
-                        *messages,
-                        {"role": "assistant", "content": "x"},
-                        {"role": "user", "content": f"turn {t}"},
-                    ]
-                assert len(set(backends)) == 1, backends
-            for router in (a, b):
-                assert httpx.get(f"{router.url}/metrics").json()["ownership"]["state"] == "up"
-        finally:
-            a.stop()
-            b.stop()
+    with (
+        running_simulators(3, **SIM) as sims,
+        two_replicas(sims, "sim-model", redis_url) as (a, b),
+    ):
+        for i in range(12):
+            messages = conversation(i)
+            backends = []
+            for t in range(4):
+                router = (a, b)[(i + t) % 2]  # turns alternate between the replicas
+                stats = turn(router.url, f"tenant{i % 4}", messages)
+                backends.append(stats["backend"])
+                if t:
+                    assert stats["cache_outcome"] == "hit", (i, t, stats)
+                    assert stats["cached_tokens"] > 0
+                messages = [
+                    *messages,
+                    {"role": "assistant", "content": "x"},
+                    {"role": "user", "content": f"turn {t}"},
+                ]
+            assert len(set(backends)) == 1, backends
+        for router in (a, b):
+            assert httpx.get(f"{router.url}/metrics").json()["ownership"]["state"] == "up"
+
+
+@pytest.mark.parametrize("claim", [True, False])
+def test_two_replicas_opening_new_prompts_at_once_agree_on_their_homes(
+    redis_url: str, claim: bool
+) -> None:
+    """Fifteen first turns on five new long system prompts, all at once, alternating between
+    two replicas: with `FIRST_HOME_CLAIM`, each prompt opens on one backend. Where each replica
+    chooses a new prompt's home alone (the default), the two often open it on two backends
+    (four runs of four), and its later conversations move or spill; nothing is proposed then."""
+    run = uuid.uuid4().hex[:8]  # new prompts in a shared Redis, whatever ran before
+
+    async def first_turns(a: RouterProcess, b: RouterProcess) -> list[tuple[int, str]]:
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def first_turn(i: int) -> tuple[int, str]:
+                prompt = i % 5
+                body = {
+                    "model": "sim-model",
+                    "stream": True,
+                    "max_tokens": 4,
+                    "messages": [
+                        {"role": "system", "content": f"Burst prompt {prompt} {run}. " * 1000},
+                        {"role": "user", "content": f"Conversation {i} opens here."},
+                    ],
+                }
+                url = f"{(a, b)[i % 2].url}/v1/chat/completions"
+                response = await client.post(url, json=body, headers={"X-Tenant-ID": "burst"})
+                assert response.status_code == 200, response.text
+                return prompt, str(stats_of(response.content)["backend"])
+
+            return await asyncio.gather(*(first_turn(i) for i in range(15)))
+
+    with (
+        running_simulators(3, **SIM) as sims,
+        two_replicas(sims, "sim-model", redis_url, FIRST_HOME_CLAIM=str(claim)) as (a, b),
+    ):
+        landed = asyncio.run(first_turns(a, b))
+        proposed = [
+            httpx.get(f"{r.url}/metrics").json()["ownership"]["first_homes_proposed"]
+            for r in (a, b)
+        ]
+    if not claim:
+        assert proposed == [0, 0]
+        return
+    homes = {p: sorted({backend for q, backend in landed if q == p}) for p in range(5)}
+    assert all(len(h) == 1 for h in homes.values()), homes
+    # Every new prompt was proposed a home at least once (by each look-up that found none).
+    assert sum(proposed) >= 5, proposed
 
 
 def test_redis_stopped_mid_run_costs_no_request() -> None:

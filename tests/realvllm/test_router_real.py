@@ -10,9 +10,12 @@ opens with a fresh nonce so that it cannot hit blocks left by an earlier test or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -423,22 +426,28 @@ def test_sticky_routing_caches_more_than_round_robin(real_vllm_servers: RealVllm
 
 # Decisions judged while B queues, out of at most this many new conversations.
 QUEUE_DECISIONS, MAX_QUEUE_DECISIONS = 4, 16
-# Clients holding B's queue. Each answer (1500 tokens, about 2 s with 4 running) must be followed
-# by that client's next request from this process, which two vLLM servers on two cores starve at
-# times: with 40, B's log showed its queue falling to 0-4 waiting between surges and a CI run
-# went 30 s without a scrape of B queueing. 100 hold about 48 s of work queued at any moment.
+# Clients holding B's queue, from a process of their own (`flood`). Each answer (1500 tokens,
+# about 2 s with 4 running) is followed by that client's next request: 100 hold about 48 s of work
+# queued at any moment.
 FLOOD = 100
 
 
-async def hold_load(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> None:
-    """One request after another until cancelled: the server's load lasts as long as the caller
-    needs it, however fast this machine generates (or the random weights reach EOS). Whole
-    answers, not streams: 40 streams of 1500 tokens each took vLLM's API server and this
-    process so long to send and read that clients stopped coming back and B's queue emptied
-    mid-check (46 requests in all, in one run); whole answers leave the queue to the engine."""
-    while True:
-        response = await client.post(url + "/v1/chat/completions", json=body)
-        assert response.status_code == 200
+@contextlib.contextmanager
+def flooding(url: str, body: dict[str, Any], clients: int) -> Iterator[subprocess.Popen[bytes]]:
+    """`clients` clients sending `body` to `url` one request after another, for the `with`; when
+    it ends they leave (the process is stopped, its connections close: vLLM aborts them all)."""
+    command = [sys.executable, "-m", "tests.realvllm.flood", url, str(clients), json.dumps(body)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE)
+    try:
+        yield process
+    finally:
+        ended = process.poll()  # None: still flooding, as it should be
+        process.terminate()
+        process.wait(timeout=30)
+        assert process.stderr is not None
+        errors = process.stderr.read().decode(errors="replace")
+        process.stderr.close()
+        assert (ended, "flood: " in errors) == (None, False), errors[-2000:]
 
 
 async def test_router_reads_real_metrics_and_avoids_a_queueing_server(
@@ -500,66 +509,54 @@ async def test_router_reads_real_metrics_and_avoids_a_queueing_server(
                 stream=False,
                 max_tokens=1500,
             )
-            limits = httpx.Limits(max_connections=FLOOD + 8, max_keepalive_connections=0)
-            async with httpx.AsyncClient(timeout=None, limits=limits) as flood:
-                tasks = [
-                    asyncio.create_task(hold_load(flood, servers.queued_url, long_body))
-                    for _ in range(FLOOD)
-                ]
-                try:
-                    b = pool.backends[1]
+            flood_url = servers.queued_url + "/v1/chat/completions"
+            with flooding(flood_url, long_body, FLOOD) as flood:
+                b = pool.backends[1]
 
-                    def queueing() -> VllmMetrics | None:
-                        # One scrape, read once: the router's thread replaces `b.metrics` at any
-                        # time (read twice, a later scrape failed this test once).
-                        seen = b.metrics
-                        return seen if seen is not None and seen.waiting > 0 else None
+                def queueing() -> VllmMetrics | None:
+                    # One scrape, read once: the router's thread replaces `b.metrics` at any
+                    # time (read twice, a later scrape failed this test once).
+                    seen = b.metrics
+                    return seen if seen is not None and seen.waiting > 0 else None
 
-                    seen = await until(queueing, "router sees B queueing", timeout_s=30)
-                    assert 0 < seen.running <= servers.queued_max_num_seqs, seen
-                    assert seen.kv_usage > 0, seen
-                    # ...and while it queues, the other new conversations go to A. Judged: each
-                    # decision made under one scrape that shows B queueing. On 2 shared cores this
-                    # process is at times not run for 10-30 s (measured: a thread's 50 ms sleep
-                    # overran by 29 s while both vLLM engines ran), the flood's clients cannot
-                    # send again, B's engine empties its queue, and the scrape that lands as this
-                    # process runs again rightly shows B idle: a decision then rests on either
-                    # view and says nothing, so another conversation is tried.
-                    judged, unjudged = 0, 0
-                    for body in fresh:
-                        seen = await until(queueing, "router sees B queueing", timeout_s=30)
-                        stats = await routed_stats(router, body, tenant)
-                        if b.metrics is not seen:
-                            unjudged += 1
-                            continue
-                        if (stats["backend"], stats["cache_outcome"]) != ("b0", "miss"):
-                            # Which layer was wrong: the router's view, vLLM's own gauges now,
-                            # and the flood (a client that died stops loading B).
-                            views = [
-                                (v.name, v.healthy, v.in_flight, v.waiting, v.capacity, v.others)
-                                for v in pool.snapshot()
-                            ]
-                            truth = await asyncio.to_thread(vllm_metrics, servers.queued_url)
-                            flood_alive = sum(not t.done() for t in tasks)
-                            died = [repr(t.exception()) for t in tasks if t.done()][:2]
-                            raise AssertionError(
-                                f"routed to {stats['backend']} ({stats['cache_outcome']}) under "
-                                f"a view of B waiting {seen.waiting}; router's views now "
-                                f"{views}; B's vLLM now: running "
-                                f"{truth['vllm:num_requests_running']}, waiting "
-                                f"{truth['vllm:num_requests_waiting']}; flood clients alive "
-                                f"{flood_alive}/{FLOOD} {died}"
-                            )
-                        judged += 1
-                        if judged == QUEUE_DECISIONS:
-                            break
-                    assert judged == QUEUE_DECISIONS, (judged, unjudged)
-                    # The flood still queues on B at the end (a scrape may lag a moment).
-                    await until(queueing, "B queueing to the end of the check", timeout_s=5)
-                finally:
-                    for task in tasks:
-                        task.cancel()  # the clients leave: vLLM aborts them all
-                    await asyncio.gather(*tasks, return_exceptions=True)
+                # Waits long: B's queue empties for a moment about every 40 s (its answers come
+                # back in surges: `flood`), and on 2 shared cores this process is at times not run
+                # for 10-30 s (measured: a thread's 50 ms sleep overran by 29 s).
+                seen = await until(queueing, "router sees B queueing", timeout_s=120)
+                assert 0 < seen.running <= servers.queued_max_num_seqs, seen
+                assert seen.kv_usage > 0, seen
+                # ...and while it queues, the other new conversations go to A. Judged: each
+                # decision made under one scrape that shows B queueing. Across a stall or B's
+                # queue emptying, a decision may rest on another scrape than the one read before
+                # it: it says nothing, so another conversation is tried.
+                judged, unjudged = 0, 0
+                for body in fresh:
+                    seen = await until(queueing, "router sees B queueing", timeout_s=120)
+                    decided = await routed_decision(router, body, tenant)
+                    if b.metrics is not seen:
+                        unjudged += 1
+                        continue
+                    if decided != ("b0", "miss"):
+                        # Which layer was wrong: the router's view, vLLM's own gauges now, and
+                        # the flood (a flood that died stops loading B).
+                        views = [
+                            (v.name, v.healthy, v.in_flight, v.waiting, v.capacity, v.others)
+                            for v in pool.snapshot()
+                        ]
+                        truth = await asyncio.to_thread(vllm_metrics, servers.queued_url)
+                        raise AssertionError(
+                            f"routed to {decided[0]} ({decided[1]}) under a view of B waiting "
+                            f"{seen.waiting}; router's views now {views}; B's vLLM now: running "
+                            f"{truth['vllm:num_requests_running']}, waiting "
+                            f"{truth['vllm:num_requests_waiting']}; flood exit code "
+                            f"{flood.poll()} (None: running)"
+                        )
+                    judged += 1
+                    if judged == QUEUE_DECISIONS:
+                        break
+                assert judged == QUEUE_DECISIONS, (judged, unjudged)
+                # The flood still queues on B at the end (a scrape may lag a moment).
+                await until(queueing, "B queueing to the end of the check", timeout_s=60)
     await asyncio.to_thread(wait_idle, servers.queued_url)
 
 
@@ -581,6 +578,31 @@ def conversations_for_b(router: RouterServer, model: str, tenant: str, count: in
         if state.policy.choose(route, idle, Ownership()).backend == "b1":
             bodies.append(body)
     return bodies
+
+
+async def routed_decision(
+    router: RouterServer, body: dict[str, Any], tenant: str
+) -> tuple[str, str]:
+    """Where the router sent a stream, and its cache outcome, read from the response's headers.
+
+    Sent to B, the request would wait behind the flood's queue (100 answers of 1500 tokens, four at
+    a time: over a minute here), so this leaves as soon as the headers say where it went; sent to
+    A, it reads the answer and checks the stats event agrees with the headers."""
+    async with (
+        httpx.AsyncClient(timeout=60) as client,
+        client.stream(
+            "POST",
+            router.url + "/v1/chat/completions",
+            json=body,
+            headers={"X-Tenant-ID": tenant},
+        ) as response,
+    ):
+        assert response.status_code == 200, (await response.aread())[:300]
+        decided = (response.headers["x-router-backend"], response.headers["x-router-cache-outcome"])
+        if decided[0] == "b0":
+            stats = parse_stream(response.headers, await response.aread()).stats
+            assert (stats["backend"], stats["cache_outcome"]) == decided, stats
+    return decided
 
 
 async def routed_stats(router: RouterServer, body: dict[str, Any], tenant: str) -> dict[str, Any]:
