@@ -372,12 +372,16 @@ REPLICAS_NO_RETENTION = "kvroute x2 + Redis without retention"
 SPLIT = "kvroute 2 replicas + Redis"
 SPLIT_AFFINITY = "kvroute 2 replicas + Redis with session affinity"
 SPLIT_4 = "kvroute 4 replicas + Redis"
+SPLIT_CLAIM = "kvroute 2 replicas + Redis claiming first homes"
+SPLIT_4_CLAIM = "kvroute 4 replicas + Redis claiming first homes"
 # Rows run as router processes on ports of their own (not uvicorn workers sharing one, which the
 # kernel hands connections unevenly): how many, and whether each conversation sticks to one.
 SEPARATE: dict[str, tuple[int, bool]] = {
     SPLIT: (2, False),
     SPLIT_AFFINITY: (2, True),
     SPLIT_4: (4, False),
+    SPLIT_CLAIM: (2, False),
+    SPLIT_4_CLAIM: (4, False),
 }
 
 
@@ -393,10 +397,17 @@ COMPARED = (SAME_AGAIN, NO_RETENTION, *SHARED)  # the rows set against one proce
 ROUTER_ENV = {"METRICS_INTERVAL_S": "0.25", "HEALTH_INTERVAL_S": "1", "REDIS_URL": ""}
 # Our router with both levels of affinity, as deployed by default. Defaults are set all the
 # same, so that a setting in the caller's environment or .env cannot turn one row into another.
-STICKY = {"ROUTING_POLICY": "sticky", "SYSTEM_AFFINITY": "true", "KV_RETENTION": "true"}
+STICKY = {
+    "ROUTING_POLICY": "sticky",
+    "SYSTEM_AFFINITY": "true",
+    "KV_RETENTION": "true",
+    "FIRST_HOME_CLAIM": "false",
+}
 
 
-def replicas(workers: int, *, shared_load: bool = True, retention: bool = True) -> dict[str, str]:
+def replicas(
+    workers: int, *, shared_load: bool = True, retention: bool = True, claim: bool = False
+) -> dict[str, str]:
     """Router processes (uvicorn workers on one port, the kernel spreads the connections)
     agreeing on owners through Redis."""
     return {
@@ -404,6 +415,7 @@ def replicas(workers: int, *, shared_load: bool = True, retention: bool = True) 
         "WORKERS": str(workers),
         "SHARED_LOAD": str(shared_load).lower(),
         "KV_RETENTION": str(retention).lower(),
+        "FIRST_HOME_CLAIM": str(claim).lower(),
     }
 
 
@@ -435,6 +447,8 @@ POLICIES: dict[str, dict[str, str]] = {
     # load balancer; and two behind one with session affinity, which sends every turn of a
     # conversation to the same replica.
     **dict.fromkeys(SEPARATE, replicas(1)),
+    # The same with new system prompts' first homes claimed in the look-up (FIRST_HOME_CLAIM).
+    **dict.fromkeys((SPLIT_CLAIM, SPLIT_4_CLAIM), replicas(1, claim=True)),
 }
 
 

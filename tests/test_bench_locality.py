@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.locality import (
+    POLICIES,
+    SHARED,
     Sent,
     Workload,
     build_conversations,
@@ -127,6 +129,14 @@ def test_replicas_get_the_connections_in_turn_or_with_session_affinity_whole_con
 
 
 AFFINITY = "kvroute 2 replicas + Redis with session affinity"
+CLAIM = "kvroute 2 replicas + Redis claiming first homes"
+
+
+def test_only_the_claiming_rows_claim_first_homes() -> None:
+    """Set in every replicas row, so that the caller's environment cannot turn one into another."""
+    claiming = {row for row, env in POLICIES.items() if env.get("FIRST_HOME_CLAIM") == "true"}
+    assert claiming == {CLAIM, "kvroute 4 replicas + Redis claiming first homes"}
+    assert all(POLICIES[row]["FIRST_HOME_CLAIM"] in ("true", "false") for row in SHARED)
 
 
 def run_bench(tmp_path: Path, capacities: str, rows: list[str], *extra: str) -> tuple[str, Any]:
@@ -173,7 +183,7 @@ def test_locality_bench_sets_replicas_on_redis_against_one_process(
 ) -> None:
     """Every row of a round replays the same tenants: the second Redis row starts from an empty
     Redis (the first row's owners, on backends restarted since, would count as hits)."""
-    against = ["kvroute x2 + Redis", "kvroute x1 + Redis", "kvroute again (A/A)", AFFINITY]
+    against = ["kvroute x2 + Redis", "kvroute x1 + Redis", "kvroute again (A/A)", AFFINITY, CLAIM]
     stdout, _ = run_bench(
         tmp_path, "300", ["kvroute (both levels)", *against], "--redis-url", redis_url
     )
