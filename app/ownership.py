@@ -114,11 +114,7 @@ class MemoryStore:
         now = self._clock()
         self._expire(now)
         owner = self._owners.get(keys.conversation)
-        homes = self._systems.get(keys.system)
-        holders: tuple[str, ...] = ()
-        if homes:
-            live = [(t, b) for b, t in homes.items() if t > now]
-            holders = tuple(b for _, b in sorted(live, reverse=True))
+        holders = self._live_homes(keys.system, now)
         if owner is None:
             return Ownership(system_holders=holders)
         return Ownership(owner=owner.backend, owner_tokens=owner.tokens, system_holders=holders)
@@ -128,9 +124,15 @@ class MemoryStore:
 
     def knows_home(self, system: str) -> bool:
         """Whether the system prompt has a home used within the TTL."""
+        return bool(self._live_homes(system, self._clock()))
+
+    def _live_homes(self, system: str, now: float) -> tuple[str, ...]:
+        """The system prompt's homes not yet expired, the most recently used first."""
         homes = self._systems.get(system)
-        now = self._clock()
-        return homes is not None and any(t > now for t in homes.values())
+        if not homes:
+            return ()
+        live = [(t, b) for b, t in homes.items() if t > now]
+        return tuple(b for _, b in sorted(live, reverse=True))
 
     def record_now(self, keys: PrefixKeys, backend: str, tokens: int, *, claim: bool) -> str:
         now = self._clock()

@@ -16,8 +16,8 @@ max(load_cap_factor * mean in-flight, load_cap_floor) is not a candidate (bounde
 highest rendezvous hash of the placement key, so adding or removing a backend moves few keys. The
 placement key is the conversation key, except for the first conversations on a system prompt
 nobody holds yet: there it is the system key, so that conversations opened at the same moment on
-this router pick the same first home (replicas sharing Redis agree on it in the look-up:
-`RedisStore.lookup`).
+this router pick the same first home (replicas sharing Redis agree on it in the look-up with
+`first_home_claim`: `RedisStore.lookup`).
 
 A decision costs the same at 4 backends and at 256: a fleet of up to SCORE_ALL_UP_TO candidates is
 scored whole; a larger one through a bounded shortlist (the owner and system homes by name, and
