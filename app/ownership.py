@@ -435,7 +435,33 @@ class RedisStore:
         `used`, a MOVED's too."""
         keys = [conversation_key, system_key]
         claim_args = (proposal, self._wall_ms(), self.ttl_ms) if proposal is not None else None
-        shared_load = self.local_in_flight is not None
+        in_flight = self.local_in_flight  # (None: load is not shared)
+        # This replica's counts, when they changed since they were last published, go with the
+        # read of the others': in a burst each replica then sees the others' decisions (a first
+        # home proposed, held in flight meanwhile, among them) at its next look-up, not a
+        # publisher's cycle later. Unsent (the look-up failed or was cancelled), they are the
+        # publisher's again.
+        load_commands: list[Command] = []
+        if in_flight is not None:
+            load_commands.append(("HGETALL", self.load_key))
+            if self.load_changed.is_set():
+                self.load_changed.clear()
+                load_commands[:0] = self._load_update(in_flight())
+        try:
+            return await self._send_read(keys, used, claim_args, load_commands)
+        except BaseException:
+            if len(load_commands) > 1:
+                self.load_changed.set()
+            raise
+
+    async def _send_read(
+        self,
+        keys: list[str],
+        used: list[RespLink],
+        claim_args: tuple[str, int, int] | None,
+        load_commands: list[Command],
+    ) -> list[object]:
+        conversation_key, system_key = keys
         if self._links is None:
             async with self._redis.pipeline(transaction=False) as pipe:
                 if claim_args is None:
@@ -443,27 +469,28 @@ class RedisStore:
                     pipe.hgetall(system_key)
                 else:
                     pipe.eval(self._claim_script.text, 2, *keys, *claim_args)
-                if shared_load:
-                    pipe.hgetall(self.load_key)
+                for command in load_commands:
+                    pipe.execute_command(*command)
                 replies = list(await pipe.execute())
             if claim_args is not None:
                 replies[:1] = replies[0]
-            return [replies[0], _as_dict(replies[1]), *replies[2:]]
+            shared = [_as_dict(replies[-1])] if load_commands else []
+            return [replies[0], _as_dict(replies[1]), *shared]
         here = await self._links.on(conversation_key)
         read: Awaitable[list[object]]
         if claim_args is not None:
             read = _listed(here.run_script(self._claim_script, keys, claim_args, used=used))
         else:
             read = here.execute([("GET", conversation_key), ("HGETALL", system_key)], used=used)
-        if not shared_load:
+        if not load_commands:
             owner_value, homes = await read
             return [owner_value, _as_dict(homes)]
         there = await self._links.on(self.load_key)
         # Sent together, on one connection when one node holds both: one round trip.
-        (owner_value, homes), (load,) = await asyncio.gather(
-            read, there.execute([("HGETALL", self.load_key)], used=used)
+        (owner_value, homes), replies = await asyncio.gather(
+            read, there.execute(load_commands, used=used)
         )
-        return [owner_value, _as_dict(homes), _as_dict(load)]
+        return [owner_value, _as_dict(homes), _as_dict(replies[-1])]
 
     def _with_local(self, keys: PrefixKeys, shared: Ownership) -> Ownership:
         """Redis's records plus what this replica recorded itself (memory holds every record it
@@ -581,7 +608,8 @@ class RedisStore:
         An update follows a change of the counts within `load_interval_s` (the others' view of
         this replica lags by that and a round trip, not by a fixed period: a stale count reads
         as load that is not there, and each replica then spills more than one process would),
-        and renews the lease four times per lease when nothing changes."""
+        sooner when a look-up carries it first (`_read`), and renews the lease four times per
+        lease when nothing changes."""
         while True:
             if self.local_in_flight is not None and self.is_up():
                 await self._publish_load(self.local_in_flight())
@@ -591,15 +619,19 @@ class RedisStore:
                     await self.load_changed.wait()
             self.load_changed.clear()
 
-    async def _publish_load(self, in_flight: Mapping[str, int]) -> None:
+    def _load_update(self, in_flight: Mapping[str, int]) -> list[Command]:
+        """This replica's counts under a fresh lease (`expires_ms|b0:3,b1:1`)."""
         counts = ",".join(f"{b}:{n}" for b, n in in_flight.items() if n > 0)
         lease_ms = int(self.load_lease_s * 1000)
         value = f"{self._wall_ms() + lease_ms}|{counts}"
-        stale, self._stale_replicas = self._stale_replicas, set()
-        commands: list[Command] = [
+        return [
             ("HSET", self.load_key, self.replica, value),
             ("PEXPIRE", self.load_key, lease_ms * 10),
         ]
+
+    async def _publish_load(self, in_flight: Mapping[str, int]) -> None:
+        stale, self._stale_replicas = self._stale_replicas, set()
+        commands = self._load_update(in_flight)
         if stale:
             commands.append(("HDEL", self.load_key, *stale))
         used: list[RespLink] = []

@@ -397,6 +397,51 @@ async def test_a_change_of_the_counts_is_published_at_once_not_at_the_renewal(
         await a_sees({"b0": 1.0, "b1": 4.0})
 
 
+async def test_a_lookup_sends_this_replicas_changed_counts_in_its_own_round_trip(
+    redis_url: str, lookup: str
+) -> None:
+    """No publisher runs here: a's look-ups alone carry its counts when they changed (a first
+    home proposed, held while the look-up runs, among them), and b sees them at its next one.
+    In a burst the publisher's cycle came too late: two replicas sent a shared first home both
+    their first conversations before either saw the other's."""
+    a, b = store_at(redis_url, lookup), store_at(redis_url, lookup)
+    counts = {"b0": 2}
+    a.local_in_flight = lambda: counts
+    b.local_in_flight = dict
+    a.load_changed.set()  # as the pool's leases do (`services`)
+    await a.lookup(keys("x"))
+    assert not a.load_changed.is_set()  # sent: nothing left for the publisher
+    await b.lookup(keys("y"))
+    assert b.peer_in_flight == {"b0": 2.0}
+
+    counts = {"b0": 2, "b1": 1}  # no change signalled: nothing sent
+    await a.lookup(keys("x"))
+    await b.lookup(keys("y"))
+    assert b.peer_in_flight == {"b0": 2.0}
+
+    def propose() -> str:  # as `Dispatcher.first_home` holds its proposal
+        counts["b2"] = 1
+        a.load_changed.set()
+        return "b2"
+
+    await a.lookup(keys("z", system="new"), first_home=propose)
+    await b.lookup(keys("y"))
+    assert b.peer_in_flight == {"b0": 2.0, "b1": 1.0, "b2": 1.0}
+
+
+async def test_counts_a_failed_lookup_could_not_send_are_left_to_the_publisher(
+    lookup: str,
+) -> None:
+    store = new_store(
+        f"redis://127.0.0.1:{free_port()}/0", 0.2, lookup, ttl_s=60, timeout_s=0.2, retry_s=5
+    )
+    store.local_in_flight = lambda: {"b0": 1}
+    store.load_changed.set()
+    await store.lookup(keys("x"))  # refused: served from memory
+    assert store.fallbacks == 1
+    assert store.load_changed.is_set()
+
+
 async def test_a_cancelled_lookup_or_store_always_stops(redis_url: str, lookup: str) -> None:
     """redis-py on Python 3.11 lets most cancellations that reach a command pass unseen (1490 of
     2000 cancelled at random): a look-up whose client left must not go on to a backend, and
