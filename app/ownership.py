@@ -430,10 +430,9 @@ class RedisStore:
         self, conversation_key: str, system_key: str, used: list[RespLink], proposal: str | None
     ) -> list[object]:
         """The owner, the system prompt's homes (a dict; with a `proposal`, claimed as the first
-        home if there is none) and, with shared load, the replicas' load: one round trip (two at
-        once on a cluster, where the load lives on another node). The lean links it used go in
-        `used`, a MOVED's too."""
-        keys = [conversation_key, system_key]
+        home if there is none) and, with shared load, the replicas' load (this replica's own sent
+        with it when it changed): one round trip (two at once on a cluster, where the load lives
+        on another node). The lean links it used go in `used`, a MOVED's too."""
         claim_args = (proposal, self._wall_ms(), self.ttl_ms) if proposal is not None else None
         in_flight = self.local_in_flight  # (None: load is not shared)
         # This replica's counts, when they changed since they were last published, go with the
@@ -448,7 +447,9 @@ class RedisStore:
                 self.load_changed.clear()
                 load_commands[:0] = self._load_update(in_flight())
         try:
-            return await self._send_read(keys, used, claim_args, load_commands)
+            return await self._send_read(
+                conversation_key, system_key, used, claim_args, load_commands
+            )
         except BaseException:
             if len(load_commands) > 1:
                 self.load_changed.set()
@@ -456,12 +457,13 @@ class RedisStore:
 
     async def _send_read(
         self,
-        keys: list[str],
+        conversation_key: str,
+        system_key: str,
         used: list[RespLink],
         claim_args: tuple[str, int, int] | None,
         load_commands: list[Command],
     ) -> list[object]:
-        conversation_key, system_key = keys
+        keys = [conversation_key, system_key]
         if self._links is None:
             async with self._redis.pipeline(transaction=False) as pipe:
                 if claim_args is None:
